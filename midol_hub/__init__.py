@@ -1,0 +1,75 @@
+"""midol-hub: load M-IDoL medical foundation models and embed X-ray, fundus, OCT,
+dermoscopy and pathology images in their modality's expert subspace.
+
+    >>> from midol_hub import load_model
+    >>> model = load_model("midol-micro", pretrained=False)
+    >>> enc = model.encode(image, modality="oct")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .configuration_midol import MIDoLConfig
+from .encoding import Encoding, Failure
+from .errors import (
+    ImageReadError,
+    MIDoLInputWarning,
+    ModalityMismatchError,
+    ModalityMismatchWarning,
+    ModelNotFoundError,
+    WeightsMismatchError,
+    WeightsNotAvailableError,
+)
+from .loading import load_model
+from .modalities import MODALITIES, ModalityProfile, canonical_modality
+from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
+from .preprocessing import ModalityTransform
+from .registry import get_entry, list_models
+
+__version__ = "0.1.0"
+
+
+def get_transform(model_or_name: MIDoLModel | MIDoLConfig | str, modality: str) -> ModalityTransform:
+    """A picklable per-image transform for DataLoaders: image -> normalised (3, S, S) tensor.
+
+    ``model_or_name`` is a model, a config, or a registry name (only its config is used).
+    """
+    if isinstance(model_or_name, MIDoLModel):
+        config = model_or_name.config
+    elif isinstance(model_or_name, MIDoLConfig):
+        config = model_or_name
+    else:
+        entry = get_entry(str(model_or_name))
+        if entry is None:
+            raise ModelNotFoundError(
+                f"get_transform: {model_or_name!r} is not a registry name ({', '.join(list_models())}); "
+                "pass a loaded model or its config instead"
+            )
+        config = entry.make_config()
+    return ModalityTransform(config.profile(modality))
+
+
+__all__: list[Any] = [
+    "MODALITIES",
+    "Encoding",
+    "Failure",
+    "ImageReadError",
+    "MIDoLConfig",
+    "MIDoLInputWarning",
+    "MIDoLModel",
+    "MIDoLOutput",
+    "ModalityMismatchError",
+    "ModalityMismatchWarning",
+    "ModalityProfile",
+    "ModalityTransform",
+    "ModelNotFoundError",
+    "MoEProjector",
+    "WeightsMismatchError",
+    "WeightsNotAvailableError",
+    "canonical_modality",
+    "get_entry",
+    "get_transform",
+    "list_models",
+    "load_model",
+]

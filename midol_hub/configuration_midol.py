@@ -1,0 +1,119 @@
+"""Configuration of an M-IDoL model: backbone, MoE head, experts and preprocessing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import field
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from .modalities import AUTO, MODALITIES, ModalityProfile, canonical_modality, default_profiles
+
+
+class MIDoLConfig(PreTrainedConfig):
+    r"""Everything needed to rebuild an M-IDoL model and feed it correctly.
+
+    Backbone (a timm Swin Transformer):
+        backbone: timm architecture name, e.g. ``"swin_base_patch4_window7_224"``.
+        embed_dim, depths, num_heads, window_size, img_size, patch_size: overrides of the
+            timm defaults; the paper's Swin-B is 128 / (2, 2, 18, 2) / (4, 8, 16, 32) / 7 / 224 / 4.
+    MoE projection head:
+        num_experts: expert FFNs (one per modality in the paper's framing).
+        top_k: experts mixed per image in the training forward (Tutel weights them by their
+            softmax gate probability). ``encode`` always reads one expert's subspace.
+        hidden_dim: hidden width of each expert FFN (d -> hidden -> d, GELU).
+        num_prototypes: width K of the weight-normalised prototype layer used in pretraining.
+        keep_prototypes: whether this checkpoint holds the prototype layer (inference does
+            not need it; training and conversions of training checkpoints do).
+    Experts and modalities:
+        expert_modalities: the modality each expert serves, indexed by expert.
+        modality_calibration: ``None`` until experts were assigned to modalities by routing a
+            labelled set (``training.export``); then ``{"purity": {modality: share}, ...}``.
+            Only a calibrated model warns when an image looks like another modality.
+        mismatch_threshold: router probability above which a calibrated model considers an
+            image to belong to another modality than the one requested.
+    Preprocessing:
+        preprocessing: one :class:`~midol_hub.modalities.ModalityProfile` dict per modality,
+            plus ``"auto"``.
+        default_output: the ``encode`` outputs returned when none are requested.
+    """
+
+    model_type = "midol"
+
+    backbone: str = "swin_base_patch4_window7_224"
+    embed_dim: int = 128
+    depths: list[int] = field(default_factory=lambda: [2, 2, 18, 2])
+    num_heads: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    window_size: int = 7
+    img_size: int = 224
+    patch_size: int = 4
+    drop_path_rate: float = 0.0
+    num_experts: int = 5
+    top_k: int = 1
+    hidden_dim: int = 2048
+    num_prototypes: int = 65536
+    keep_prototypes: bool = False
+    expert_modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    modality_calibration: dict | None = None
+    mismatch_threshold: float = 0.6
+    preprocessing: dict | None = None
+    default_output: list[str] = field(default_factory=lambda: ["embedding"])
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if self.preprocessing is None:
+            self.preprocessing = {k: p.to_dict() for k, p in default_profiles(self.img_size).items()}
+        self.depths = [int(d) for d in self.depths]
+        self.num_heads = [int(h) for h in self.num_heads]
+        self.expert_modalities = [canonical_modality(m) for m in self.expert_modalities]
+        self.default_output = list(self.default_output)
+        super().__post_init__(**kwargs)
+        self.validate_midol()
+
+    def validate_midol(self) -> None:
+        """Check the values that would otherwise fail deep inside the model."""
+        if len(self.depths) != len(self.num_heads):
+            raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need the same length")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if len(self.expert_modalities) != self.num_experts:
+            raise ValueError(
+                f"expert_modalities lists {len(self.expert_modalities)} modalities "
+                f"but the head has num_experts={self.num_experts}"
+            )
+        for name, profile in self.preprocessing.items():
+            if name != AUTO:
+                canonical_modality(name)
+            ModalityProfile.from_dict(profile)
+        if AUTO not in self.preprocessing:
+            raise ValueError("preprocessing needs an 'auto' profile for modality='auto'")
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled backbone feature (and of each expert embedding)."""
+        return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+    def profile(self, modality: str) -> ModalityProfile:
+        """The preprocessing profile of ``modality`` (a name, alias or ``"auto"``)."""
+        key = canonical_modality(modality, allow_auto=True)
+        if key not in self.preprocessing:
+            raise ValueError(
+                f"this model has no preprocessing profile for {key!r}; "
+                f"it has {', '.join(sorted(self.preprocessing))}"
+            )
+        return ModalityProfile.from_dict(self.preprocessing[key])
+
+    def expert_for(self, modality: str) -> int:
+        """Index of the expert that serves ``modality``."""
+        key = canonical_modality(modality)
+        if key not in self.expert_modalities:
+            raise ValueError(
+                f"this model has no expert for {key!r}; its experts serve {', '.join(self.expert_modalities)}"
+            )
+        return self.expert_modalities.index(key)
+
+    def preprocessing_hash(self) -> str:
+        """sha256 of the canonical preprocessing settings, to key caches and provenance."""
+        blob = json.dumps(self.preprocessing, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,36 @@
+"""Exceptions and warnings raised by midol_hub; each message names the input and the fix."""
+
+from __future__ import annotations
+
+
+class ImageReadError(ValueError):
+    """An input could not be turned into an image (unreadable, truncated, empty, wrong shape...)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``load_model`` could not resolve a name, path or Hub id to a model."""
+
+
+class WeightsNotAvailableError(RuntimeError):
+    """A registry model has no published weights to load."""
+
+
+class WeightsMismatchError(RuntimeError):
+    """A weights file does not fit its config (missing, unexpected or mis-shaped tensors)."""
+
+
+class ModalityMismatchError(ValueError):
+    """``strict_modality=True`` and the router is confident an image is another modality."""
+
+
+class MIDoLInputWarning(UserWarning):
+    """An input looks suspicious (value range, size) but can still be encoded."""
+
+
+class ModalityMismatchWarning(UserWarning):
+    """The requested modality disagrees with a calibrated router's confident choice."""

@@ -1,0 +1,222 @@
+"""Turn whatever the user passes (paths, PIL images, arrays, tensors) into pixel arrays.
+
+Every reader returns a :class:`RawImage`: an (H, W, C) array plus a ``source`` string that
+names the input in error messages. Intensities are scaled to [0, 1] here, because only the
+reader knows what the numbers mean (8-bit, 16-bit, DICOM rescale and VOI LUT...).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageReadError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+Warn = Callable[[str, str], None]
+"""``warn(kind, message)``: report a suspicious input once per kind."""
+
+
+@dataclass
+class RawImage:
+    """Pixels as float32 (H, W, C) in [0, 1], C in {1, 2, 3, 4}, and where they came from."""
+
+    pixels: np.ndarray
+    source: str
+
+
+def describe(item: Any, index: int) -> str:
+    """A short name for an input, used in every message about it."""
+    if isinstance(item, (str, os.PathLike)):
+        return str(item)
+    return f"input[{index}] ({type(item).__module__.split('.')[0]}.{type(item).__name__})"
+
+
+def read_any(item: Any, index: int, warn: Warn) -> RawImage:
+    """Read one user input of any supported type."""
+    source = describe(item, index)
+    if isinstance(item, (str, os.PathLike)):
+        return read_file(Path(item))
+    if isinstance(item, Image.Image):
+        return RawImage(_pil_to_unit(item, source, from_file=False, warn=warn), source)
+    if isinstance(item, np.ndarray):
+        return RawImage(array_to_unit(_hwc(item, source, channels_first=False), source, warn), source)
+    if isinstance(item, torch.Tensor):
+        array = item.detach().cpu()
+        if array.dtype == torch.bfloat16 or array.dtype == torch.float16:
+            array = array.float()
+        return RawImage(array_to_unit(_hwc(array.numpy(), source, channels_first=True), source, warn), source)
+    raise ImageReadError(
+        source,
+        "unsupported input type; pass a file path, PIL image, numpy array, torch tensor or a list of them",
+    )
+
+
+def read_file(path: Path) -> RawImage:
+    """Decode an image file (PNG, JPEG, TIFF, BMP, DICOM), honouring EXIF orientation."""
+    source = str(path)
+    if not path.exists():
+        raise ImageReadError(source, "no such file")
+    if path.is_dir():
+        raise ImageReadError(source, "is a directory; pass the image files inside it")
+    if path.stat().st_size == 0:
+        raise ImageReadError(source, "file is empty (0 bytes)")
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        return RawImage(_read_dicom(path, source), source)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            pixels = _pil_to_unit(image, source, from_file=True, warn=None)
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(
+            source,
+            f"image is larger than Pillow's decompression-bomb limit ({error}); if you trust the file, "
+            "raise PIL.Image.MAX_IMAGE_PIXELS before encoding",
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageReadError(
+            source, "not an image Pillow can read (supported: PNG, JPEG, TIFF, BMP; DICOM with midol-hub[dicom])"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(source, f"could not decode the image, the file may be truncated or corrupt ({error})") from None
+    return RawImage(pixels, source)
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(128)
+        return handle.read(4) == b"DICM"
+
+
+def _pil_to_unit(image: Image.Image, source: str, *, from_file: bool, warn: Warn | None) -> np.ndarray:
+    mode = image.mode
+    if mode == "1":
+        image = image.convert("L")
+    elif mode in ("P", "PA"):
+        image = image.convert("RGBA" if "transparency" in image.info or mode == "PA" else "RGB")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    array = np.asarray(image)
+    if array.size == 0:
+        raise ImageReadError(source, f"image is empty ({image.width}x{image.height} pixels)")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if from_file and array.dtype != np.uint8:
+        return _minmax(array)  # 16-bit and float files: use the image's own range
+    return array_to_unit(array, source, warn)
+
+
+def _hwc(array: np.ndarray, source: str, *, channels_first: bool) -> np.ndarray:
+    """Bring a 2-D or 3-D array to (H, W, C); tensors are CHW, numpy arrays HWC or CHW."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3:
+        channels_last = array.shape[-1] in (1, 2, 3, 4)
+        channels_lead = array.shape[0] in (1, 2, 3, 4)
+        if channels_first and channels_lead:
+            array = array.transpose(1, 2, 0)
+        elif not channels_first and not channels_last and channels_lead:
+            array = array.transpose(1, 2, 0)
+        elif not channels_last:
+            layout = "(C, H, W)" if channels_first else "(H, W, C) or (C, H, W)"
+            raise ImageReadError(
+                source, f"shape {tuple(array.shape)} has no channel axis of size 1, 3 or 4; expected {layout}"
+            )
+    else:
+        raise ImageReadError(
+            source,
+            f"expected a 2-D (H, W) or 3-D image, got {array.ndim}-D shape {tuple(array.shape)}; "
+            "pass a batch as a list of images or a 4-D torch tensor (B, C, H, W)",
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageReadError(source, f"image is empty (shape {tuple(array.shape)})")
+    return array
+
+
+def array_to_unit(array: np.ndarray, source: str, warn: Warn | None) -> np.ndarray:
+    """Scale an (H, W, C) array to float32 [0, 1] by its dtype's convention.
+
+    uint8 is divided by 255; wider integers (12/16-bit scans) use the image's own min..max;
+    floats are taken to be in [0, 1] already. Suspicious ranges are reported through ``warn``.
+    """
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        if warn is not None and 0 < array.max() <= 1:
+            warn("uint8-range", f"{source}: uint8 image with values only in 0..1 (a mask or pre-scaled image?)")
+        return array.astype(np.float32) / 255.0
+    if np.issubdtype(array.dtype, np.integer):
+        return _minmax(array)
+    if np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32, copy=False)
+        if not np.isfinite(array).all():
+            raise ImageReadError(source, "contains NaN or Inf values; clean or mask them before encoding")
+        low, high = float(array.min()), float(array.max())
+        if warn is not None and (low < -1e-3 or high > 1 + 1e-3):
+            warn(
+                "float-range",
+                f"{source}: float image with values in [{low:.3g}, {high:.3g}], expected [0, 1] "
+                "(divide 0..255 data by 255; pass normalised tensors with preprocessed=True)",
+            )
+        return array
+    raise ImageReadError(source, f"unsupported pixel dtype {array.dtype}")
+
+
+def _minmax(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        array = np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros_like(array)
+    return (array - low) / (high - low)
+
+
+def _read_dicom(path: Path, source: str) -> np.ndarray:
+    """Read a DICOM slice: modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise ImportError(
+            f"{source} is a DICOM file; reading DICOM needs the dicom extra: pip install 'midol-hub[dicom]'"
+        ) from None
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as error:  # pydicom raises many types for broken files
+        raise ImageReadError(source, f"not a readable DICOM file ({error})") from None
+    if "PixelData" not in dataset:
+        raise ImageReadError(source, "DICOM file has no pixel data (a structured report or presentation state?)")
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise ImageReadError(
+            source, f"multi-frame DICOM with {frames} frames; M-IDoL encodes 2-D images, pass single frames as arrays"
+        )
+    try:
+        pixels = dataset.pixel_array
+    except Exception as error:
+        syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax)
+        raise ImageReadError(
+            source,
+            f"cannot decode compressed DICOM pixel data ({name}): {error}. "
+            "Install the decoders with: pip install 'midol-hub[dicom]'",
+        ) from None
+    if getattr(dataset, "SamplesPerPixel", 1) == 3:
+        return array_to_unit(pixels[:, :, :3].astype(np.uint8, copy=False), source, None)
+    pixels = apply_modality_lut(pixels, dataset)
+    if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
+        pixels = apply_voi_lut(pixels, dataset, prefer_lut=True)
+    unit = _minmax(np.asarray(pixels))
+    if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
+        unit = 1.0 - unit
+    return unit[:, :, None]

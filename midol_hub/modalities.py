@@ -1,0 +1,136 @@
+"""Imaging modalities and their preprocessing profiles.
+
+M-IDoL routes every image to one expert subspace, one per modality in the paper's framing.
+Each modality also has a *profile*: how raw pixels become the model's input tensor. Profiles
+are plain data stored in the model config, so a checkpoint carries its own preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MODALITIES: tuple[str, ...] = ("xray", "fundus", "oct", "dermoscopy", "pathology")
+"""Canonical modality names, in the order of the default expert assignment."""
+
+AUTO = "auto"
+
+_ALIASES: dict[str, str] = {
+    "x-ray": "xray",
+    "x_ray": "xray",
+    "cxr": "xray",
+    "radiograph": "xray",
+    "chest-xray": "xray",
+    "chest_xray": "xray",
+    "cfp": "fundus",
+    "retina": "fundus",
+    "fundus-photo": "fundus",
+    "fundus_photo": "fundus",
+    "octa": "oct",
+    "retinal-oct": "oct",
+    "derm": "dermoscopy",
+    "dermatoscopy": "dermoscopy",
+    "skin": "dermoscopy",
+    "histopathology": "pathology",
+    "histology": "pathology",
+    "path": "pathology",
+    "wsi": "pathology",
+    "h&e": "pathology",
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def canonical_modality(name: str, *, allow_auto: bool = False) -> str:
+    """Map a modality name or alias (case-insensitive) to its canonical name.
+
+    Raises ``ValueError`` listing the valid names when ``name`` is unknown.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"modality must be a string such as 'xray', got {type(name).__name__}")
+    key = name.strip().lower()
+    if allow_auto and key == AUTO:
+        return AUTO
+    if key in MODALITIES:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key]
+    valid = ", ".join(((AUTO,) if allow_auto else ()) + MODALITIES)
+    raise ValueError(
+        f"unknown modality {name!r}; valid names are {valid} "
+        f"(aliases such as 'cxr', 'cfp', 'derm', 'histopathology' also work)"
+    )
+
+
+ResizePolicy = Literal["crop", "whole"]
+ChannelPolicy = Literal["gray", "rgb"]
+
+
+@dataclass(frozen=True)
+class ModalityProfile:
+    """How one modality's images become model input.
+
+    Attributes:
+        size: side of the square input, in pixels.
+        resize: ``"crop"`` scales the shortest side to ``size`` and takes the centre square
+            (keeps aspect; for lesion photos and tiles); ``"whole"`` scales the whole image to
+            ``size`` x ``size`` (keeps the full field of view; for radiographs and OCT B-scans).
+        channels: ``"gray"`` reads the image as one luminance channel and replicates it to three
+            (the network always sees three channels); ``"rgb"`` keeps colour.
+        mean, std: per-channel normalisation applied after scaling intensities to [0, 1].
+        crop_border: remove the black frame around a fundus photograph before resizing.
+        border_threshold: intensity in [0, 1] below which a border pixel counts as black.
+    """
+
+    size: int
+    resize: ResizePolicy = "crop"
+    channels: ChannelPolicy = "rgb"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_border: bool = False
+    border_threshold: float = 0.04
+
+    def __post_init__(self) -> None:
+        if self.size <= 0:
+            raise ValueError(f"profile size must be positive, got {self.size}")
+        if self.resize not in ("crop", "whole"):
+            raise ValueError(f"profile resize must be 'crop' or 'whole', got {self.resize!r}")
+        if self.channels not in ("gray", "rgb"):
+            raise ValueError(f"profile channels must be 'gray' or 'rgb', got {self.channels!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("profile mean and std need three values each, std > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModalityProfile:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; valid keys are {sorted(known)}")
+        values = dict(data)
+        for key in ("mean", "std"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        return cls(**values)
+
+
+def default_profiles(size: int) -> dict[str, ModalityProfile]:
+    """The profiles used by the registry models, plus the generic ``auto`` profile.
+
+    All modalities share ImageNet statistics because M-IDoL's official pretraining
+    normalises every image that way (grayscale scans are replicated to RGB first).
+    ``auto`` is what ``modality="auto"`` uses before the router has picked an expert:
+    the whole field of view in colour, which matches every grayscale profile exactly.
+    """
+    return {
+        "xray": ModalityProfile(size=size, resize="whole", channels="gray"),
+        "fundus": ModalityProfile(size=size, resize="crop", channels="rgb", crop_border=True),
+        "oct": ModalityProfile(size=size, resize="whole", channels="gray"),
+        "dermoscopy": ModalityProfile(size=size, resize="crop", channels="rgb"),
+        "pathology": ModalityProfile(size=size, resize="crop", channels="rgb"),
+        AUTO: ModalityProfile(size=size, resize="whole", channels="rgb"),
+    }

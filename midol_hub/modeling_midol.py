@@ -1,0 +1,228 @@
+"""M-IDoL network: a timm Swin backbone and the mixture-of-experts projection head.
+
+Reads top to bottom: the MoE head, the model output, the model (forward, encode, save),
+and the Auto-class registration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.utils import ModelOutput
+
+from .configuration_midol import MIDoLConfig
+
+if TYPE_CHECKING:
+    from .encoding import Encoding
+    from .provenance import Provenance
+
+
+class MoEProjector(nn.Module):
+    """M-IDoL's projection head: router -> expert FFNs -> L2-normalise -> prototypes.
+
+    The experts' weights live in stacked tensors laid out like Tutel's MoE layer
+    (``fc1_weight`` [E, H, D], ``fc2_weight`` [E, H, D] used transposed, biases [E, H] and
+    [E, D]), so every expert runs in one batched matmul and official checkpoints map 1:1.
+    With E experts of a few MFLOPs each against a backbone of GFLOPs, computing all experts
+    densely is cheaper than dispatching samples.
+    """
+
+    def __init__(self, dim: int, num_experts: int, hidden_dim: int, top_k: int, num_prototypes: int = 0) -> None:
+        super().__init__()
+        self.dim, self.num_experts, self.hidden_dim, self.top_k = dim, num_experts, hidden_dim, top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_dim))
+        self.fc2_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.fc2_bias = nn.Parameter(torch.empty(num_experts, dim))
+        self.prototypes = None
+        if num_prototypes:
+            layer = nn.Linear(dim, num_prototypes, bias=False)
+            self.prototypes = nn.utils.parametrizations.weight_norm(layer)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """DINO/Tutel initialisation: truncated normal (std 0.02), zero biases, unit prototype norms."""
+        for weight in (self.router.weight, self.fc1_weight, self.fc2_weight):
+            hf_init.trunc_normal_(weight, std=0.02)
+        hf_init.zeros_(self.fc1_bias)
+        hf_init.zeros_(self.fc2_bias)
+        if self.prototypes is not None:
+            weight_v = self.prototypes.parametrizations.weight.original1
+            hf_init.trunc_normal_(weight_v, std=0.02)
+            hf_init.ones_(self.prototypes.parametrizations.weight.original0)
+
+    def route(self, features: torch.Tensor) -> torch.Tensor:
+        """Routing logits (B, E), computed in fp32 as Tutel's ``fp32_gate`` does."""
+        return F.linear(features.float(), self.router.weight.float())
+
+    def expert_outputs(self, features: torch.Tensor) -> torch.Tensor:
+        """Every expert's output for every sample: (B, D) -> (B, E, D)."""
+        batch = features.shape[0]
+        fc1 = self.fc1_weight.reshape(self.num_experts * self.hidden_dim, self.dim)
+        hidden = F.linear(features, fc1).view(batch, self.num_experts, self.hidden_dim)
+        hidden = F.gelu(hidden + self.fc1_bias)
+        out = torch.bmm(hidden.transpose(0, 1), self.fc2_weight)  # (E, B, D)
+        return out.transpose(0, 1) + self.fc2_bias
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns routing logits (B, E), all expert outputs (B, E, D) and prototype logits (B, K) or None.
+
+        The prototype logits use the top-k experts weighted by their softmax gate
+        probabilities (not renormalised), as the official Tutel head does.
+        """
+        logits = self.route(features)
+        outputs = self.expert_outputs(features)
+        prototype_logits = None
+        if self.prototypes is not None:
+            probs = logits.softmax(dim=-1)
+            top_p, top_i = probs.topk(self.top_k, dim=-1)
+            gates = torch.zeros_like(probs).scatter_(1, top_i, top_p).to(outputs.dtype)
+            mixed = torch.einsum("be,bed->bd", gates, outputs)
+            prototype_logits = self.prototypes(F.normalize(mixed, dim=-1))
+        return logits, outputs, prototype_logits
+
+
+@dataclass
+class MIDoLOutput(ModelOutput):
+    """Output of :meth:`MIDoLModel.forward`.
+
+    Attributes:
+        embedding: (B, D) output of the selected expert (un-normalised).
+        pooled: (B, D) globally pooled backbone feature, shared by all experts.
+        routing_logits: (B, E) router logits.
+        expert_index: (B,) the expert that produced ``embedding``.
+        prototype_logits: (B, K) prototype logits when the model keeps prototypes.
+        patch_tokens: (B, D, h, w) final-stage tokens after the last norm, NCHW.
+        pyramid: the four Swin stage outputs, NCHW, from high to low resolution.
+    """
+
+    embedding: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    routing_logits: torch.Tensor | None = None
+    expert_index: torch.Tensor | None = None
+    prototype_logits: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+    pyramid: tuple[torch.Tensor, ...] | None = None
+
+
+class MIDoLModel(PreTrainedModel):
+    """M-IDoL encoder: Swin backbone + MoE projector, with modality-aware ``encode``.
+
+    Load one with :func:`midol_hub.load_model`, which also attaches provenance.
+    """
+
+    config_class = MIDoLConfig
+    base_model_prefix = "midol"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["SwinTransformerBlock"]
+
+    def __init__(self, config: MIDoLConfig) -> None:
+        super().__init__(config)
+        self.backbone = timm.create_model(
+            config.backbone,
+            pretrained=False,
+            num_classes=0,
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            window_size=config.window_size,
+            embed_dim=config.embed_dim,
+            depths=tuple(config.depths),
+            num_heads=tuple(config.num_heads),
+            drop_path_rate=config.drop_path_rate,
+        )
+        self.head = MoEProjector(
+            dim=self.backbone.num_features,
+            num_experts=config.num_experts,
+            hidden_dim=config.hidden_dim,
+            top_k=config.top_k,
+            num_prototypes=config.num_prototypes if config.keep_prototypes else 0,
+        )
+        self.provenance: Provenance | None = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # timm initialises the backbone in its constructor; after a meta-device load only its
+        # non-persistent buffers (relative position index, shift masks) need recomputing.
+        if hasattr(module, "_init_buffers"):
+            module._init_buffers()
+        elif isinstance(module, MoEProjector):
+            module.reset_parameters()
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        expert_index: torch.Tensor | None = None,
+        output_patch_tokens: bool = False,
+        output_pyramid: bool = False,
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> MIDoLOutput | tuple:
+        """Run the network on normalised images (B, 3, S, S).
+
+        ``expert_index`` (B,) picks the expert whose output becomes ``embedding``; by default
+        the router's most probable expert is used.
+        """
+        if output_pyramid:
+            final, pyramid = self.backbone.forward_intermediates(pixel_values, output_fmt="NCHW")
+            pyramid = tuple(pyramid)
+        else:
+            final, pyramid = self.backbone.forward_features(pixel_values), None
+        pooled = self.backbone.forward_head(final, pre_logits=True)
+        routing_logits, expert_outputs, prototype_logits = self.head(pooled)
+        if expert_index is None:
+            expert_index = routing_logits.argmax(dim=-1)
+        rows = torch.arange(pooled.shape[0], device=pooled.device)
+        embedding = expert_outputs[rows, expert_index]
+        output = MIDoLOutput(
+            embedding=embedding,
+            pooled=pooled,
+            routing_logits=routing_logits,
+            expert_index=expert_index,
+            prototype_logits=prototype_logits,
+            patch_tokens=final.permute(0, 3, 1, 2) if output_patch_tokens else None,
+            pyramid=pyramid,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def encode(self, images: Any, modality: str = "auto", **kwargs: Any) -> Encoding:
+        """Embed images of one modality; see :func:`midol_hub.encoding.encode` for the contract."""
+        from .encoding import encode
+
+        return encode(self, images, modality=modality, **kwargs)
+
+    def preprocess(self, images: Any, modality: str) -> torch.Tensor:
+        """Turn images into the normalised batch (B, 3, S, S) that ``forward`` expects."""
+        from .preprocessing import Preprocessor
+
+        return Preprocessor(self.config.profile(modality)).batch(images)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md``."""
+        from .model_card import render_model_card
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = render_model_card(self.config, name=getattr(self.config, "name_or_path", None))
+        (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
+
+    def expert_names(self) -> Sequence[str]:
+        return tuple(self.config.expert_modalities)
+
+
+AutoConfig.register(MIDoLConfig.model_type, MIDoLConfig, exist_ok=True)
+AutoModel.register(MIDoLConfig, MIDoLModel, exist_ok=True)

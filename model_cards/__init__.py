@@ -1,0 +1,1 @@
+"""Model card templates, shipped as package data of midol_hub."""

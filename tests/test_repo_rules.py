@@ -1,0 +1,38 @@
+"""Project rules that code review would otherwise have to catch."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY_FILES = [p for p in REPO.rglob("*.py") if ".git" not in p.parts and "venv" not in str(p)]
+
+
+def test_torch_load_is_always_weights_only():
+    offenders = []
+    for path in PY_FILES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_inference_package_never_imports_training():
+    pattern = re.compile(r"^\s*(from|import)\s+training\b", re.MULTILINE)
+    offenders = [p.name for p in (REPO / "midol_hub").rglob("*.py") if pattern.search(p.read_text())]
+    assert offenders == []
+
+
+def test_examples_use_only_the_public_api():
+    import midol_hub
+
+    for path in (REPO / "examples").glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("midol_hub"):
+                assert node.module == "midol_hub", f"{path.name} imports {node.module}"
+                assert all(alias.name in midol_hub.__all__ for alias in node.names), path.name
