@@ -151,3 +151,33 @@ def test_transformers_auto_classes_round_trip(micro, micro_dir):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(micro(x).embedding, auto(x).embedding)
+
+
+MEMORY_PROBE = """
+import os, resource, sys
+import torch, midol_hub
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+before = rss_mb()
+model = midol_hub.load_model(sys.argv[1])
+with torch.no_grad():
+    model(torch.zeros(1, 3, 224, 224))  # touch every weight
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print((peak - before) / (os.path.getsize(os.path.join(sys.argv[1], "model.safetensors")) / 2**20))
+"""
+
+
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """Peak memory added by load + one forward stays near one weights file (two copies would be >= 2)."""
+    import subprocess
+    import sys
+
+    with pytest.warns(UserWarning):
+        load_model("midol-swin-tiny", pretrained=False).save_pretrained(tmp_path)
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ratio = float(result.stdout.strip().splitlines()[-1])
+    assert ratio < 1.5, f"load_model added {ratio:.2f}x the weights file to peak memory"
