@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .configuration_midol import MIDoLConfig
+from .convert import CheckpointError, convert_checkpoint
 from .encoding import Encoding, Failure
 from .errors import (
     ImageReadError,
@@ -52,6 +53,7 @@ def get_transform(model_or_name: MIDoLModel | MIDoLConfig | str, modality: str) 
 
 __all__: list[Any] = [
     "MODALITIES",
+    "CheckpointError",
     "Encoding",
     "Failure",
     "ImageReadError",
@@ -68,6 +70,7 @@ __all__: list[Any] = [
     "WeightsMismatchError",
     "WeightsNotAvailableError",
     "canonical_modality",
+    "convert_checkpoint",
     "get_entry",
     "get_transform",
     "list_models",
