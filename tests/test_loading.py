@@ -154,18 +154,20 @@ def test_transformers_auto_classes_round_trip(micro, micro_dir):
 
 
 MEMORY_PROBE = """
-import os, resource, sys
+import os, sys
 import torch, midol_hub
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
 
-before = rss_mb()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size, so imports do not count
+before = status_mb("VmRSS:")
 model = midol_hub.load_model(sys.argv[1])
 with torch.no_grad():
     model(torch.zeros(1, 3, 224, 224))  # touch every weight
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb("VmHWM:")
 print((peak - before) / (os.path.getsize(os.path.join(sys.argv[1], "model.safetensors")) / 2**20))
 """
 
