@@ -135,8 +135,9 @@ def encode(
     kept: list[int] = []
     chunks: dict[str, list] = {"routing": [], "expert": [], **{name: [] for name in requested}}
 
-    progress_bar = _progress(len(items), progress)
-    with torch.inference_mode(), _autocast(device, compute_dtype, model_dtype):
+    with _progress(len(items), progress) as progress_bar, torch.inference_mode(), _autocast(
+        device, compute_dtype, model_dtype
+    ):
         for start, chunk in iter_chunks(items, batch_size):
             batch, ok = _prepare(chunk, start, preprocessor, preprocessed, errors, collector, failures, config.img_size)
             progress_bar.update(len(chunk))
@@ -164,7 +165,6 @@ def encode(
                 chunks["patch_tokens"].append(out.patch_tokens.float().cpu())
             if "pyramid" in requested:
                 chunks["pyramid"].append([stage.float().cpu() for stage in out.pyramid])
-    progress_bar.close()
     collector.emit(stacklevel=4)
 
     if failures:

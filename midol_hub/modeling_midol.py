@@ -212,12 +212,24 @@ class MIDoLModel(PreTrainedModel):
 
         return Preprocessor(self.config.profile(modality)).batch(images)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md``."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *args: Any,
+        results: dict | str | os.PathLike | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md``.
+
+        ``results`` (``{dataset: {protocol: {metric: value}}}`` or a JSON file) fills the card's
+        evaluation table; ``base_model`` records what a derived model started from.
+        """
         from .model_card import render_model_card
 
         super().save_pretrained(save_directory, *args, **kwargs)
-        card = render_model_card(self.config, name=getattr(self.config, "name_or_path", None))
+        name = getattr(self.config, "name_or_path", None) or None
+        card = render_model_card(self.config, name=name, results=results, base_model=base_model)
         (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
 
     def expert_names(self) -> Sequence[str]:

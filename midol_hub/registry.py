@@ -29,6 +29,8 @@ class ModelEntry:
     hub_id: str | None = None
     license: str = "apache-2.0"
     citation: str = PAPER_CITATION
+    datasets: tuple[str, ...] = ()
+    data_citations: tuple[str, ...] = ()
 
     def make_config(self) -> MIDoLConfig:
         return MIDoLConfig(**self.config, name_or_path=self.name)

@@ -187,3 +187,18 @@ def test_unreadable_and_empty_checkpoints_are_named(tmp_path):
     torch.save({"epoch": 3}, tmp_path / "empty.pth")
     with pytest.raises(CheckpointError, match="no tensors"):
         convert_checkpoint(tmp_path / "empty.pth")
+
+
+def test_parametrized_weight_norm_keys_convert_like_weight_g_and_v(official, tmp_path):
+    _, teacher, _ = official
+    renamed = {
+        k.replace("last_layer.weight_g", "last_layer.parametrizations.weight.original0").replace(
+            "last_layer.weight_v", "last_layer.parametrizations.weight.original1"
+        ): v
+        for k, v in teacher.items()
+    }
+    torch.save(teacher, tmp_path / "a.pth")
+    torch.save(renamed, tmp_path / "b.pth")
+    a, b = convert_checkpoint(tmp_path / "a.pth"), convert_checkpoint(tmp_path / "b.pth")
+    torch.testing.assert_close(a.head.prototypes.weight, b.head.prototypes.weight)
+    assert a.config.keep_prototypes and a.config.num_prototypes == K

@@ -1,0 +1,456 @@
+"""The ``midol`` command line: encode, info, list, convert, push, cache and plot.
+
+Every subcommand exits 0 on success and 1 with a one-line ``midol: error: ...`` otherwise
+(2 for usage errors); ``--debug`` shows the traceback. Output files are written to a
+temporary file and renamed, so a failed run never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES
+from .modalities import AUTO, MODALITIES
+
+ENCODE_FORMATS = (".npy", ".npz", ".safetensors")
+ENCODE_OUTPUTS = ("embedding", "pooled", "routing")
+
+
+class CLIError(Exception):
+    """A user-facing failure: printed as one line, exit code 1."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        args.handler(args)
+    except KeyboardInterrupt:
+        print("midol: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure becomes one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"midol: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="midol", description="M-IDoL medical image encoders: embed, inspect, convert, publish.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    encode = commands.add_parser("encode", help="embed image files or folders into an array file")
+    encode.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    encode.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    encode.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)} (aliases work)")
+    encode.add_argument("--out", required=True, help="output file: .npy (embeddings only), .npz or .safetensors")
+    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision")
+    encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
+    encode.add_argument("--skip-errors", action="store_true", help="skip unreadable files and list them instead of stopping")
+    encode.add_argument("--random-weights", action="store_true", help="allow a registry model without published weights")
+    encode.set_defaults(handler=run_encode)
+
+    info = commands.add_parser("info", help="architecture, parameters, experts, preprocessing and provenance")
+    info.add_argument("model", help="registry name, model directory, .safetensors file or Hub id")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(handler=run_info)
+
+    listing = commands.add_parser("list", help="the registered model names")
+    listing.set_defaults(handler=run_list)
+
+    convert = commands.add_parser("convert", help="convert an official M-IDoL or Swin checkpoint to a model directory")
+    convert.add_argument("src", help="checkpoint (.pth, .pt, .safetensors)")
+    convert.add_argument("out_dir", help="directory to write config.json, model.safetensors and README.md")
+    convert.add_argument("--use", choices=("teacher", "student"), default="teacher")
+    convert.add_argument("--arch", default=None, help="registry name to take the architecture from")
+    convert.add_argument("--img-size", type=int, default=None, help="input size when the checkpoint does not tell")
+    convert.set_defaults(handler=run_convert)
+
+    push = commands.add_parser("push", help="upload a model directory to the Hugging Face Hub")
+    push.add_argument("model_dir")
+    push.add_argument("repo_id", help="org/name")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing)")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    push.set_defaults(handler=run_push)
+
+    cache = commands.add_parser("cache", help="manage models in the Hugging Face cache")
+    cache_commands = cache.add_subparsers(title="cache commands", metavar="ACTION")
+    prefetch = cache_commands.add_parser("prefetch", help="download a model so later runs work offline")
+    prefetch.add_argument("model", help="Hub id or registry name with published weights")
+    prefetch.add_argument("--revision", default=None)
+    prefetch.add_argument("--cache-dir", default=None)
+    prefetch.set_defaults(handler=run_cache_prefetch)
+    listing_cache = cache_commands.add_parser("ls", help="list the M-IDoL models in the cache")
+    listing_cache.add_argument("--cache-dir", default=None)
+    listing_cache.set_defaults(handler=run_cache_ls)
+
+    plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
+    plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
+    plot.add_argument("--by", choices=("modality", "label"), default="modality")
+    plot.add_argument("--out", required=True, help="image file, e.g. map.png")
+    plot.add_argument("--method", choices=("pca", "umap"), default=None, help="default: umap when installed, else pca")
+    plot.set_defaults(handler=run_plot)
+    return parser
+
+
+# ----------------------------------------------------------------------------- encode
+
+
+def collect_images(paths: Sequence[str]) -> list[Path]:
+    """Files as given, plus every image below each folder (sorted, recursive)."""
+    suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                raise CLIError(f"{path}: folder holds no images ({', '.join(suffixes)})")
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise CLIError(f"{path}: no such file or folder")
+    return files
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import load_model
+    from .errors import WeightsNotAvailableError
+
+    out = Path(args.out)
+    check_writable(out, ENCODE_FORMATS)
+    outputs = [name.strip() for name in args.output.split(",") if name.strip()]
+    unknown = sorted(set(outputs) - set(ENCODE_OUTPUTS))
+    if unknown:
+        raise CLIError(f"--output {','.join(unknown)}: choose from {','.join(ENCODE_OUTPUTS)}")
+    if out.suffix == ".npy" and outputs != ["embedding"]:
+        raise CLIError(f"{out}: .npy holds one array (the embeddings); use .npz or .safetensors for {args.output}")
+    files = collect_images(args.paths)
+    try:
+        model = load_model(args.model, device=args.device)
+    except WeightsNotAvailableError:
+        if not args.random_weights:
+            raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_model(args.model, pretrained=False, device=args.device)
+        print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="skipped")  # failures are listed below
+        encoding = model.encode(
+            [str(f) for f in files],
+            modality=args.modality,
+            output=[o for o in outputs if o != "routing"] or ["embedding"],
+            batch_size=args.batch_size,
+            dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+            progress=True,
+            errors="skip" if args.skip_errors else "raise",
+        )
+    arrays = {name: getattr(encoding, name).numpy() for name in outputs if name != "routing"}
+    if "routing" in outputs:
+        arrays["routing"] = encoding.routing.numpy()
+    kept = [str(files[i]) for i in encoding.indices]
+    manifest = {
+        "model": args.model,
+        "provenance": encoding.provenance,
+        "experts": list(encoding.experts),
+        "rows": [
+            {"row": row, "path": path, "modality": modality, "confidence": round(float(confidence), 6)}
+            for row, (path, modality, confidence) in enumerate(zip(kept, encoding.modality, encoding.confidence))
+        ],
+        "failures": [{"path": f.source, "error": f.error} for f in encoding.failures],
+    }
+    write_features(out, arrays, kept, encoding.modality, manifest)
+    print(f"wrote {len(kept)} row(s) to {out} and {manifest_path(out)}; {len(encoding.failures)} failure(s)")
+    for failure in encoding.failures:
+        print(f"  skipped {failure.source}: {failure.error}", file=sys.stderr)
+
+
+def manifest_path(out: Path) -> Path:
+    return out.with_name(out.name + ".manifest.json")
+
+
+def write_features(out: Path, arrays: dict[str, np.ndarray], paths: list[str], modality: list[str], manifest: dict) -> None:
+    if out.suffix == ".npy":
+        with atomic_write(out) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, arrays["embedding"])
+    elif out.suffix == ".npz":
+        with atomic_write(out) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays, paths=np.array(paths), modality=np.array(modality))
+    else:
+        import torch
+        from safetensors.torch import save_file
+
+        with atomic_write(out) as tmp:
+            tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in arrays.items()}
+            save_file(tensors, tmp, metadata={"paths": json.dumps(paths), "modality": json.dumps(modality)})
+    with atomic_write(manifest_path(out)) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+
+
+def check_writable(out: Path, formats: Sequence[str]) -> None:
+    if out.suffix.lower() not in formats:
+        raise CLIError(f"{out}: unknown output format {out.suffix or '(none)'}; use {', '.join(formats)}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise CLIError(f"{out}: the folder {parent} does not exist")
+    if out.is_dir():
+        raise CLIError(f"{out}: is a directory; give a file name")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise CLIError(f"{out}: not writable")
+
+
+@contextmanager
+def atomic_write(target: Path) -> Iterator[str]:
+    """Yield a temporary path beside ``target``; rename it into place only on success."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- info, list, convert
+
+
+def describe_model(spec: str) -> dict[str, Any]:
+    """What `midol info` prints: from the config alone when no weights are published."""
+    import torch
+
+    from . import load_model
+    from .modeling_midol import MIDoLModel
+    from .registry import get_entry
+
+    entry = get_entry(spec)
+    if entry is not None and not entry.has_weights:
+        config, provenance = entry.make_config(), {"source": "registry", "weights": "not published"}
+    else:
+        model = load_model(spec)
+        config, provenance = model.config, model.provenance.to_dict()
+    with torch.device("meta"):
+        skeleton = MIDoLModel(config)
+    backbone = sum(p.numel() for p in skeleton.backbone.parameters())
+    head = sum(p.numel() for p in skeleton.head.parameters())
+    return {
+        "name": spec,
+        "architecture": {
+            "backbone": config.backbone,
+            "embed_dim": config.embed_dim,
+            "depths": config.depths,
+            "num_heads": config.num_heads,
+            "window_size": config.window_size,
+            "patch_size": config.patch_size,
+            "img_size": config.img_size,
+            "embedding_dim": config.num_features,
+        },
+        "parameters": {"backbone": backbone, "head": head, "total": backbone + head},
+        "experts": {str(i): m for i, m in enumerate(config.expert_modalities)},
+        "top_k": config.top_k,
+        "calibration": config.modality_calibration,
+        "preprocessing": config.preprocessing,
+        "provenance": provenance,
+    }
+
+
+def run_info(args: argparse.Namespace) -> None:
+    info = describe_model(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    arch, params = info["architecture"], info["parameters"]
+    print(f"{info['name']}")
+    print(
+        f"  backbone     {arch['backbone']}: embed {arch['embed_dim']}, depths {arch['depths']}, heads "
+        f"{arch['num_heads']}, window {arch['window_size']}, patch {arch['patch_size']}, {arch['img_size']} px"
+    )
+    print(f"  parameters   {params['total'] / 1e6:.2f} M (backbone {params['backbone'] / 1e6:.2f} M, head {params['head'] / 1e6:.2f} M)")
+    print(f"  embedding    {arch['embedding_dim']}-d")
+    print(f"  experts      {', '.join(f'{i}: {m}' for i, m in info['experts'].items())} (top-k {info['top_k']})")
+    print(f"  calibrated   {'yes' if info['calibration'] else 'no'}")
+    for modality, profile in info["preprocessing"].items():
+        print(f"  {modality:<12} {profile['channels']}, {profile['resize']}, {profile['size']} px"
+              f"{', border removed' if profile['crop_border'] else ''}")
+    print("  provenance   " + ", ".join(f"{k}={v}" for k, v in info["provenance"].items() if v is not None))
+
+
+def run_list(args: argparse.Namespace) -> None:
+    from .registry import get_entry, list_models
+
+    for name in list_models():
+        entry = get_entry(name)
+        weights = entry.hub_id or "no published weights"
+        print(f"{name:<18} {weights:<24} {entry.description}")
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .convert import convert_checkpoint
+
+    out_dir = Path(args.out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise CLIError(f"{out_dir}: exists and is not an empty directory; choose a new one")
+    if not out_dir.absolute().parent.is_dir():
+        raise CLIError(f"{out_dir}: the folder {out_dir.absolute().parent} does not exist")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent))
+    try:
+        model = convert_checkpoint(args.src, staging, use=args.use, arch=args.arch, img_size=args.img_size)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staging, out_dir)
+    finally:
+        if staging.exists():
+            for file in staging.iterdir():
+                file.unlink()
+            staging.rmdir()
+    print(f"converted {args.src} -> {out_dir} ({model.config.num_features}-d, {model.config.num_experts} experts)")
+
+
+# ----------------------------------------------------------------------------- push and cache
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from huggingface_hub import HfApi, ModelCard
+
+    from . import load_model
+
+    model_dir = Path(args.model_dir)
+    load_model(model_dir)  # refuses a directory that does not load
+    card_path = model_dir / "README.md"
+    if not card_path.is_file():
+        raise CLIError(f"{model_dir}: no model card README.md; save the model with save_pretrained")
+    card = ModelCard.load(card_path)
+    if not card.data.to_dict().get("license") or card.data.to_dict().get("library_name") != "midol-hub":
+        raise CLIError(f"{card_path}: the card's YAML front matter lacks license or library_name: midol-hub")
+    api = HfApi(token=args.token)
+    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    if args.revision:
+        api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=args.repo_id,
+        folder_path=model_dir,
+        revision=args.revision,
+        allow_patterns=["config.json", "model.safetensors", "README.md"],
+        commit_message="Upload M-IDoL model with midol-hub",
+    )
+    print(f"pushed {model_dir} to {args.repo_id} ({commit.oid if hasattr(commit, 'oid') else commit})")
+
+
+def run_cache_prefetch(args: argparse.Namespace) -> None:
+    from huggingface_hub import snapshot_download
+
+    from .loading import HUB_FILES
+    from .registry import get_entry
+
+    entry = get_entry(args.model)
+    repo_id = args.model
+    if entry is not None:
+        if entry.hub_id is None:
+            raise CLIError(f"{entry.name} has no published weights to prefetch")
+        repo_id = entry.hub_id
+    path = snapshot_download(repo_id, revision=args.revision, cache_dir=args.cache_dir, allow_patterns=HUB_FILES)
+    print(f"{repo_id} is cached at {path}")
+
+
+def run_cache_ls(args: argparse.Namespace) -> None:
+    from huggingface_hub import scan_cache_dir
+
+    found = 0
+    for repo in sorted(scan_cache_dir(args.cache_dir).repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        for revision in repo.revisions:
+            config = next((f.file_path for f in revision.files if f.file_name == "config.json"), None)
+            if config is None or json.loads(Path(config).read_text()).get("model_type") != "midol":
+                continue
+            refs = ",".join(sorted(revision.refs)) or "-"
+            print(f"{repo.repo_id:<32} {revision.commit_hash[:12]}  refs={refs:<12} {revision.size_on_disk / 2**20:8.1f} MiB")
+            found += 1
+    if not found:
+        print("no M-IDoL models in the cache")
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("plotting needs matplotlib: pip install 'midol-hub[plot]'") from None
+    out = Path(args.out)
+    check_writable(out, (".png", ".pdf", ".svg", ".jpg"))
+    path = Path(args.features)
+    if not path.is_file():
+        raise CLIError(f"{path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise CLIError(f"{path}: not a readable .npz file ({error})") from None
+    key = "modality" if args.by == "modality" else "labels"
+    for needed in ("embedding", key):
+        if needed not in data:
+            raise CLIError(f"{path}: has no '{needed}' array (it has {', '.join(data.files)})")
+    features, groups = data["embedding"].astype(np.float64), data[key].astype(str)
+    if len(features) < 3:
+        raise CLIError(f"{path}: needs at least 3 rows to draw a map, has {len(features)}")
+    points, method = project_2d(features, args.method)
+    figure, axes = plt.subplots(figsize=(6, 5), dpi=120)
+    for group in sorted(set(groups)):
+        mask = groups == group
+        axes.scatter(points[mask, 0], points[mask, 1], s=12, label=f"{group} ({mask.sum()})")
+    axes.set_title(f"{path.name}: {method.upper()} by {args.by}")
+    axes.legend(fontsize=8, markerscale=1.5)
+    figure.tight_layout()
+    with atomic_write(out) as tmp:
+        figure.savefig(tmp, format=out.suffix.lstrip("."))
+    plt.close(figure)
+    print(f"wrote {out} ({method}, {len(features)} points)")
+
+
+def project_2d(features: np.ndarray, method: str | None) -> tuple[np.ndarray, str]:
+    """UMAP when requested or installed, else PCA via SVD of the centred features."""
+    if method in (None, "umap"):
+        try:
+            import umap
+
+            return umap.UMAP(n_components=2, random_state=0).fit_transform(features), "umap"
+        except ImportError:
+            if method == "umap":
+                raise CLIError("--method umap needs umap-learn: pip install umap-learn") from None
+    centred = features - features.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    return centred @ components[:2].T, "pca"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

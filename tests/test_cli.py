@@ -1,0 +1,191 @@
+"""The `midol` command line: exit codes, one-line errors, outputs and manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from midol_hub import load_model
+from midol_hub.cli import main
+
+from .test_hub import COMMIT_NEW, add_snapshot
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh interpreter."""
+    return subprocess.run(
+        [sys.executable, "-m", "midol_hub.cli", *args],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def image_dirs(data_root):
+    return [str(data_root / "oct" / "kermany_oct2017_samples_b"), str(data_root / "pathology" / "crc_val_he_7k_examples")]
+
+
+def test_every_subcommand_has_help(capsys):
+    for command in ([], ["encode"], ["info"], ["list"], ["convert"], ["push"], ["cache"], ["cache", "prefetch"], ["cache", "ls"], ["plot"]):
+        with pytest.raises(SystemExit) as done:
+            main([*command, "--help"])
+        assert done.value.code == 0
+        assert "usage: midol" in capsys.readouterr().out
+
+
+def test_list_and_info(capsys):
+    code, out, _ = cli(capsys, "list")
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["midol-swin-base", "midol-swin-tiny", "midol-micro"]
+    code, out, _ = cli(capsys, "info", "midol-swin-base", "--json")
+    info = json.loads(out)
+    assert info["architecture"]["depths"] == [2, 2, 18, 2] and info["architecture"]["embedding_dim"] == 1024
+    assert 86e6 < info["parameters"]["backbone"] < 88e6
+    assert info["experts"] == {"0": "xray", "1": "fundus", "2": "oct", "3": "dermoscopy", "4": "pathology"}
+    code, out, _ = cli(capsys, "info", "midol-micro")
+    assert code == 0 and "4.39 M" in out and "oct          gray, whole, 64 px" in out
+
+
+def test_encode_folders_to_npz_with_a_manifest(capsys, tmp_path, image_dirs):
+    out = tmp_path / "feats.npz"
+    code, stdout, _ = cli(capsys, "encode", *image_dirs, "--out", str(out), "--random-weights", "--output", "embedding,pooled,routing")
+    assert code == 0 and "wrote 19 row(s)" in stdout
+    data = np.load(out)
+    assert data["embedding"].shape == (19, 256) and data["pooled"].shape == (19, 256) and data["routing"].shape == (19, 5)
+    manifest = json.loads((tmp_path / "feats.npz.manifest.json").read_text())
+    assert [r["row"] for r in manifest["rows"]] == list(range(19))
+    assert [r["path"] for r in manifest["rows"]] == list(data["paths"])
+    assert manifest["rows"][0]["path"].endswith("test_cnv.jpeg") and manifest["failures"] == []
+    assert manifest["provenance"]["source"] == "random"
+    assert np.allclose(np.linalg.norm(data["embedding"], axis=1), 1, atol=1e-5)
+
+
+def test_encode_npy_and_safetensors(capsys, tmp_path, image_dirs):
+    code, _, _ = cli(capsys, "encode", image_dirs[0], "--out", str(tmp_path / "e.npy"), "--random-weights")
+    assert code == 0 and np.load(tmp_path / "e.npy").shape == (4, 256)
+    code, _, _ = cli(capsys, "encode", image_dirs[0], "--out", str(tmp_path / "e.safetensors"), "--random-weights", "--output", "embedding,routing", "--dtype", "bf16")
+    tensors = load_file(tmp_path / "e.safetensors")
+    assert code == 0 and tensors["embedding"].shape == (4, 256) and tensors["routing"].shape == (4, 5)
+    code, _, err = cli(capsys, "encode", image_dirs[0], "--out", str(tmp_path / "x.npy"), "--random-weights", "--output", "embedding,pooled")
+    assert code == 1 and ".npy holds one array" in err
+
+
+def test_encode_skip_errors_lists_failures(capsys, tmp_path, data_root):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.open(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg").save(folder / "a.png")
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "f.npz"
+    code, stdout, stderr = cli(capsys, "encode", str(folder), "--out", str(out), "--random-weights", "--skip-errors")
+    assert code == 0 and "1 failure(s)" in stdout and "skipped" in stderr and "b.jpg" in stderr
+    manifest = json.loads((tmp_path / "f.npz.manifest.json").read_text())
+    assert [r["path"].endswith("a.png") for r in manifest["rows"]] == [True]
+    assert manifest["failures"][0]["path"].endswith("b.jpg")
+
+
+def test_encode_failure_leaves_no_partial_output(capsys, tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "b.jpg").write_bytes(b"\xff\xd8 broken")
+    code, _, err = cli(capsys, "encode", str(folder), "--out", str(tmp_path / "f.npz"), "--random-weights")
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("midol: error: ") and "b.jpg" in last and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["encode", "nothing-here", "--out", "x.npz"], "nothing-here: no such file or folder"),
+        (["encode", ".", "--out", "x.csv"], "unknown output format .csv"),
+        (["encode", ".", "--out", "missing-dir/x.npz"], "does not exist"),
+        (["encode", ".", "--out", "."], "unknown output format"),
+        (["encode", ".", "--out", "taken.npz"], "is a directory"),
+        (["encode", ".", "--out", "x.npz", "--output", "logits"], "--output logits"),
+        (["info", "midol-huge"], "cannot find model 'midol-huge'"),
+        (["convert", "absent.pth", "out"], "no such checkpoint"),
+        (["plot", "absent.npz", "--out", "m.png"], "absent.npz: no such file"),
+        (["cache", "prefetch", "midol-micro"], "no published weights to prefetch"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken.npz").mkdir()
+    code, _, err = cli(capsys, *args)
+    assert code == 1
+    assert err.startswith("midol: error: ") and message in err and err.count("\n") == 1
+
+
+def test_encode_without_weights_explains_and_debug_shows_the_traceback(tmp_path, image_dirs):
+    result = run("encode", image_dirs[0], "--out", str(tmp_path / "x.npz"))
+    assert result.returncode == 1
+    assert "no published weights" in result.stderr and "Traceback" not in result.stderr
+    result = run("--debug", "encode", image_dirs[0], "--out", str(tmp_path / "x.npz"))
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_convert_command_writes_a_loadable_directory(capsys, tmp_path):
+    from .test_convert import microsoft_backbone, prefixed, tutel_state
+
+    torch.save({**prefixed("backbone.", microsoft_backbone(0)), **prefixed("head.", tutel_state(1))}, tmp_path / "M-IDoL.pth")
+    code, out, _ = cli(capsys, "convert", str(tmp_path / "M-IDoL.pth"), str(tmp_path / "model"))
+    assert code == 0 and "256-d, 5 experts" in out
+    assert load_model(tmp_path / "model").config.window_size == 4
+    code, _, err = cli(capsys, "convert", str(tmp_path / "M-IDoL.pth"), str(tmp_path / "model"))
+    assert code == 1 and "not an empty directory" in err
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    code, _, err = cli(capsys, "convert", str(tmp_path / "junk.pth"), str(tmp_path / "model2"))
+    assert code == 1 and not (tmp_path / "model2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_push_validates_then_fails_cleanly_on_an_unreachable_hub(micro_dir, tmp_path):
+    offline_hub = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    result = run("push", str(micro_dir), "org/midol-test", "--token", "hf_fake", env=offline_hub)
+    assert result.returncode == 1
+    assert result.stderr.startswith("midol: error: ") and result.stderr.count("\n") == 1
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("push", str(empty), "org/midol-test", env=offline_hub)
+    assert result.returncode == 1 and "has no config.json" in result.stderr
+
+
+def test_push_refuses_a_card_without_front_matter(capsys, micro_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(micro_dir, tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("# no metadata\n")
+    code, _, err = cli(capsys, "push", str(tmp_path / "model"), "org/x")
+    assert code == 1 and "lacks license or library_name" in err
+
+
+def test_cache_prefetch_and_ls_offline(capsys, tmp_path, micro_dir):
+    add_snapshot(tmp_path / "cache", "org/midol-test", COMMIT_NEW, micro_dir, ("main",))
+    code, out, _ = cli(capsys, "cache", "prefetch", "org/midol-test", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0 and COMMIT_NEW in out
+    code, out, _ = cli(capsys, "cache", "ls", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 0 and out.startswith("org/midol-test") and "refs=main" in out
+    code, _, err = cli(capsys, "cache", "prefetch", "org/absent", "--cache-dir", str(tmp_path / "cache"))
+    assert code == 1 and err.count("\n") == 1
+
+
+def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
+    cli(capsys, "encode", *image_dirs, "--out", str(tmp_path / "f.npz"), "--random-weights")
+    code, out, _ = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "map.png"), "--method", "pca")
+    assert code == 0 and "pca, 19 points" in out
+    with Image.open(tmp_path / "map.png") as image:
+        assert image.size == (720, 600)
+    code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "m.png"), "--by", "label")
+    assert code == 1 and "has no 'labels' array" in err

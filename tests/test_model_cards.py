@@ -1,0 +1,57 @@
+"""Model cards: every template renders, its YAML parses and agrees with the config."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from midol_hub import get_entry
+from midol_hub.model_card import card_templates, input_spec, render_model_card
+
+from .conftest import make_micro
+
+RESULTS = {"PneumoniaMNIST": {"linear probe": {"accuracy": 0.8123, "auc": 0.9}, "kNN": {"accuracy": 0.75}}}
+
+
+def split_card(card: str) -> tuple[dict, str]:
+    match = re.match(r"^---\n(.*?)\n---\n(.*)$", card, re.DOTALL)
+    assert match, "card must start with YAML front matter"
+    return yaml.safe_load(match.group(1)), match.group(2)
+
+
+@pytest.mark.parametrize("template", ["midol-swin-base", "midol-swin-tiny", "midol-micro", None])
+def test_every_template_renders_valid_yaml_that_matches_the_config(template):
+    entry = get_entry(template) if template else None
+    config = entry.make_config() if entry else make_micro().config
+    card = render_model_card(config, name=template, results=RESULTS, base_model="midol-swin-base" if not template else None)
+    meta, body = split_card(card)
+    assert meta["library_name"] == "midol-hub"
+    assert meta["pipeline_tag"] == "image-feature-extraction"
+    assert "medical-imaging" in meta["tags"]
+    assert meta["license"] == (entry.license if entry else "other")
+    if not template:
+        assert meta["base_model"] == "midol-swin-base"
+    assert "$" not in card.replace("$MIDOL", "")  # every placeholder was filled
+    spec = json.loads(re.search(r"```json\n(.*?)\n```", body, re.DOTALL).group(1))
+    assert spec == json.loads(json.dumps(input_spec(config)))
+    assert spec["xray"]["channels"] == "gray" and spec["oct"]["size"] == [config.img_size] * 2
+    assert f"{config.num_features}-d per expert subspace" in body
+    assert "| PneumoniaMNIST | linear probe | 0.812 | 0.900 |" in body
+    assert "| PneumoniaMNIST | kNN | 0.750 |  |" in body
+    assert "not a medical device" in body and "arXiv:2604.08936" in body
+
+
+def test_all_registry_models_have_a_template():
+    assert card_templates() == ["midol", "midol-micro", "midol-swin-base", "midol-swin-tiny"]
+
+
+def test_save_pretrained_fills_the_evaluation_table_from_a_json_file(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(RESULTS))
+    make_micro().save_pretrained(tmp_path / "model", results=results)
+    _, body = split_card((tmp_path / "model" / "README.md").read_text())
+    assert "| PneumoniaMNIST | linear probe | 0.812 | 0.900 |" in body
+    assert "No evaluation results yet." not in body
