@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .modalities import AUTO, MODALITIES, ModalityProfile, canonical_modality, default_profiles
+from .modalities import AUTO, MODALITIES, SHARED, ModalityProfile, canonical_modality, default_profiles
 
 
 class MIDoLConfig(PreTrainedConfig):
@@ -28,7 +28,8 @@ class MIDoLConfig(PreTrainedConfig):
         keep_prototypes: whether this checkpoint holds the prototype layer (inference does
             not need it; training and conversions of training checkpoints do).
     Experts and modalities:
-        expert_modalities: the modality each expert serves, indexed by expert.
+        expert_modalities: the modality each expert serves, indexed by expert; ``["shared"]``
+            for the one-expert head of the plain DINO baseline.
         modality_calibration: ``None`` until experts were assigned to modalities by routing a
             labelled set (``training.export``); then ``{"purity": {modality: share}, ...}``.
             Only a calibrated model warns when an image looks like another modality.
@@ -66,7 +67,7 @@ class MIDoLConfig(PreTrainedConfig):
             self.preprocessing = {k: p.to_dict() for k, p in default_profiles(self.img_size).items()}
         self.depths = [int(d) for d in self.depths]
         self.num_heads = [int(h) for h in self.num_heads]
-        self.expert_modalities = [canonical_modality(m) for m in self.expert_modalities]
+        self.expert_modalities = [m if m == SHARED else canonical_modality(m) for m in self.expert_modalities]
         self.default_output = list(self.default_output)
         super().__post_init__(**kwargs)
         self.validate_midol()
@@ -77,6 +78,8 @@ class MIDoLConfig(PreTrainedConfig):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need the same length")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k={self.top_k} must be between 1 and num_experts={self.num_experts}")
+        if SHARED in self.expert_modalities and self.expert_modalities != [SHARED]:
+            raise ValueError(f"'{SHARED}' names the single expert of a one-expert head, got {self.expert_modalities}")
         if len(self.expert_modalities) != self.num_experts:
             raise ValueError(
                 f"expert_modalities lists {len(self.expert_modalities)} modalities "
@@ -105,8 +108,10 @@ class MIDoLConfig(PreTrainedConfig):
         return ModalityProfile.from_dict(self.preprocessing[key])
 
     def expert_for(self, modality: str) -> int:
-        """Index of the expert that serves ``modality``."""
+        """Index of the expert that serves ``modality`` (a one-expert head serves them all)."""
         key = canonical_modality(modality)
+        if self.expert_modalities == [SHARED]:
+            return 0
         if key not in self.expert_modalities:
             raise ValueError(
                 f"this model has no expert for {key!r}; its experts serve {', '.join(self.expert_modalities)}"

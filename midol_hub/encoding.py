@@ -40,6 +40,7 @@ class Encoding:
             (L2-normalised unless ``normalize=False``).
         pooled: (B, D) the shared backbone feature.
         routing: (B, E) router probabilities; ``experts[e]`` names expert ``e``'s modality.
+        expert_index: (B,) the expert whose subspace ``embedding`` is in.
         modality: per image, the modality used (forced) or detected (``"auto"``).
         patch_tokens: (B, D, h, w) final-stage tokens, NCHW (h = w = S / 32 for Swin).
         pyramid: the four Swin stages, NCHW: (B, C, S/4, S/4) ... (B, 8C, S/32, S/32).
@@ -51,6 +52,7 @@ class Encoding:
     """
 
     routing: torch.Tensor
+    expert_index: torch.Tensor
     experts: tuple[str, ...]
     modality: list[str]
     indices: list[int]
@@ -74,8 +76,7 @@ class Encoding:
     @property
     def confidence(self) -> torch.Tensor:
         """(B,) router probability of the chosen modality's expert."""
-        chosen = torch.tensor([self.experts.index(m) for m in self.modality], dtype=torch.long)
-        return self.routing.gather(1, chosen.view(-1, 1)).squeeze(1) if len(chosen) else self.routing[:, 0]
+        return self.routing.gather(1, self.expert_index.view(-1, 1)).squeeze(1)
 
 
 def encode(
@@ -184,8 +185,9 @@ def encode(
     provenance = model.provenance.to_dict() if model.provenance is not None else {}
     return Encoding(
         routing=routing,
+        expert_index=expert_index,
         experts=experts,
-        modality=[experts[i] for i in expert_index.tolist()],
+        modality=[modality] * len(kept) if forced_expert is not None else [experts[i] for i in expert_index.tolist()],
         indices=kept,
         provenance=provenance,
         failures=failures,

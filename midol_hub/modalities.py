@@ -15,6 +15,8 @@ MODALITIES: tuple[str, ...] = ("xray", "fundus", "oct", "dermoscopy", "pathology
 """Canonical modality names, in the order of the default expert assignment."""
 
 AUTO = "auto"
+SHARED = "shared"
+"""Name of the single expert of a plain-DINO (one-expert) head, which serves every modality."""
 
 _ALIASES: dict[str, str] = {
     "x-ray": "xray",

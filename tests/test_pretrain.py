@@ -1,0 +1,131 @@
+"""End-to-end pretraining on real images: resume, learning signal, DDP, export, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from midol_hub import load_model
+from training import export, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+MICRO = str(REPO / "training" / "configs" / "midol_micro.yaml")
+
+
+def train(tmp_path: Path, name: str, data: list[str], *extra: str) -> tuple[int, list[dict]]:
+    out = tmp_path / name
+    code = pretrain.main(["--config", MICRO, "--data", *data, "--output-dir", str(out), *extra])
+    log = out / "log.jsonl"
+    return code, [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture(scope="module")
+def retina(data_root) -> str:
+    return f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}"
+
+
+def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, retina):
+    common = ["--batch-size", "8", "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "run.checkpoint_every=3"]
+    code, straight = train(tmp_path, "straight", [retina], *common, "--max-steps", "6")
+    assert code == 0 and [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
+    code, first = train(tmp_path, "resumed", [retina], *common, "--max-steps", "3")
+    assert code == 0 and len(first) == 3
+    code, resumed = train(tmp_path, "resumed", [retina], *common, "--max-steps", "6", "--resume")
+    assert code == 0 and [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight, resumed):
+        assert (a["loss"], a["route_loss"], a["distill_loss"], a["lr"]) == (b["loss"], b["route_loss"], b["distill_loss"], b["lr"])
+    run_dir = tmp_path / "resumed"
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
+    assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
+
+
+def test_loss_falls_on_real_images_of_three_modalities(tmp_path, data_root):
+    data = [f"oct={data_root / 'oct'}", f"pathology={data_root / 'pathology/crc_val_he_7k_examples'}",
+            f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
+    code, log = train(tmp_path, "smoke", data, "--batch-size", "16", "--max-steps", "24",
+                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--set", "data.balance=roots")
+    assert code == 0 and len(log) == 24
+    early = sum(r["loss"] for r in log[:5]) / 5
+    late = sum(r["loss"] for r in log[-5:]) / 5
+    assert late < early - 0.2, (early, late)
+    last = log[-1]
+    assert set(last["routing_purity"]) == {"oct", "pathology", "dermoscopy"}
+    assert len(last["expert_usage"]) == 5 and 0 < last["expert_entropy"] <= last["max_entropy"] + 1e-6
+    for key in ("route_loss", "distill_loss", "lr", "wd", "momentum", "images_per_s"):
+        assert key in last
+
+
+def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina):
+    code, _ = train(tmp_path, "run", [retina, f"oct={data_root / 'oct'}"], "--batch-size", "8", "--max-steps", "2")
+    assert code == 0
+    model = export.export(tmp_path / "run", tmp_path / "model",
+                          calibrate=[f"oct={data_root / 'oct'}", retina], max_per_modality=40)
+    calibration = model.config.modality_calibration
+    assert set(calibration["purity"]) == {"oct", "fundus"} and all(0 <= p <= 1 for p in calibration["purity"].values())
+    assert sorted(model.config.expert_modalities) == sorted(["xray", "fundus", "oct", "dermoscopy", "pathology"])
+    loaded = load_model(tmp_path / "model")
+    assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
+    kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True)
+    assert kept.head.prototypes.weight.shape == (4096, 256)
+
+
+def test_dino_objective_trains_one_expert_without_routing(tmp_path, retina):
+    code, log = train(tmp_path, "dino", [retina], "--batch-size", "8", "--max-steps", "2", "--objective", "dino")
+    assert code == 0 and all(r["route_loss"] == 0.0 for r in log)
+    model = export.export(tmp_path / "dino", tmp_path / "dino_model")
+    assert model.config.num_experts == 1 and model.config.expert_modalities == ["shared"]
+    enc = load_model(tmp_path / "dino_model").encode(torch.rand(3, 64, 64), modality="oct")
+    assert enc.modality == ["oct"] and enc.embedding.shape == (1, 256)
+
+
+def test_two_cpu_ranks_stay_in_sync(tmp_path, retina):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "training.pretrain",
+         "--config", MICRO, "--data", retina, "--output-dir", str(tmp_path / "ddp"), "--batch-size", "8", "--max-steps", "3"],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
+    assert len(ranks["teacher_sha256"]) == 2 and ranks["in_sync"]
+    assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 3  # only rank 0 writes
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "/nonexistent/images"], "data path /nonexistent/images does not exist"),
+        (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["--batch-size", "7", "--set", "optim.accumulate=2"], "must be a multiple of ranks x accumulate"),
+        (["--resume"], "has no checkpoint to resume from"),
+    ],
+)
+def test_bad_runs_fail_with_one_line(tmp_path, capsys, retina, args, message):
+    argv = ["--config", MICRO, "--output-dir", str(tmp_path / "bad"), "--max-steps", "1"]
+    if "--data" not in args:
+        argv += ["--data", retina]
+    assert pretrain.main(argv + args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("training.pretrain: error: ") and message in err[-1]
+
+
+def test_npz_without_the_split_is_named(tmp_path, capsys, data_root):
+    path = data_root / "pathology/pathmnist_test_subset/pathmnist.npz"
+    assert pretrain.main(["--config", MICRO, "--data", str(path), "--output-dir", str(tmp_path / "x")]) == 1
+    assert "has no 'train_images' array (it has test_images, test_labels)" in capsys.readouterr().err
+
+
+def test_resume_with_another_architecture_is_refused(tmp_path, capsys, retina):
+    code, _ = train(tmp_path, "run", [retina], "--batch-size", "8", "--max-steps", "1")
+    assert code == 0
+    code, _ = train(tmp_path, "run", [retina], "--batch-size", "8", "--max-steps", "2", "--resume",
+                    "--set", "model.overrides={hidden_dim: 256}")
+    assert code == 1 and "trained with another architecture" in capsys.readouterr().err
+    code, _ = train(tmp_path, "run", [retina], "--batch-size", "8", "--max-steps", "2")
+    assert code == 1 and "pass --resume" in capsys.readouterr().err

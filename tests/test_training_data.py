@@ -1,0 +1,107 @@
+"""Pretraining data sources, skipped files, balanced sampling, augmentation and schedules."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.augment import MultiCrop
+from training.config import ConfigError, load_config
+from training.data import DataError, PretrainDataset, collate, epoch_indices, open_source
+from training.schedules import cosine, linear_then_constant
+
+CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
+
+
+def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
+    folder = open_source(f"oct={data_root / 'oct'}")
+    assert folder.tag == "oct" and len(folder) == 100 and folder.read(0).shape[2] == 1
+    npz = open_source(str(data_root / "fundus/retinamnist/retinamnist.npz"))
+    assert npz.tag is None and len(npz) == 1080 and npz.read(0).shape == (28, 28, 3)
+    assert npz.labels.shape == (1080,)
+    assert len(open_source(str(data_root / "fundus/retinamnist/retinamnist.npz"), split="test")) == 400
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as shard:
+        for path in sorted((data_root / "pathology/crc_val_he_7k_examples").glob("*.jpg"))[:3]:
+            shard.add(path, arcname=f"sample/{path.name}")
+    tar = open_source(f"pathology={tmp_path / 'shard-000.tar'}")
+    assert len(tar) == 3 and tar.read(2).shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: str(p / "absent"), "does not exist"),
+        (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no images"),
+        (lambda p: np.savez(p / "x.npz", images=np.zeros((2, 8, 8))) or str(p / "x.npz"), r"no 'train_images' array \(it has images\)"),
+        (lambda p: (p / "notes.txt").write_text("x") and str(p / "notes.txt"), "expected a folder, an .npz file or a .tar shard"),
+    ],
+)
+def test_bad_data_paths_say_what_to_fix(tmp_path, make, message):
+    with pytest.raises(DataError, match=message):
+        open_source(make(tmp_path))
+
+
+def test_unreadable_files_are_skipped_and_named(data_root, tmp_path):
+    Image.open(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg").save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    dataset = PretrainDataset([open_source(str(tmp_path))], MultiCrop(64, local_number=1))
+    batch = collate([dataset[0], dataset[1]])
+    assert len(batch["failed"]) == 1 and "bad.png" in batch["failed"][0]
+    assert [c.shape for c in batch["crops"]] == [(1, 3, 64, 64)] * 3
+
+
+def test_crops_are_reproducible_per_epoch_and_index(data_root):
+    dataset = PretrainDataset([open_source(str(data_root / "oct/kermany_oct2017_samples_b"))], MultiCrop(64))
+    first = dataset[1]["crops"]
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[1]["crops"]))
+    dataset.epoch = 1
+    assert not torch.equal(first[0], dataset[1]["crops"][0])
+
+
+def test_local_crops_can_be_rendered_smaller_then_resized(data_root):
+    crops = MultiCrop(64, local_number=2, local_size=24)(torch.rand(3, 100, 120))
+    assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 4
+
+
+def test_balanced_sampling_draws_every_root_equally(data_root):
+    big = open_source(f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}")
+    small = open_source(f"oct={data_root / 'oct/kermany_oct2017_samples_b'}")
+    dataset = PretrainDataset([big, small], MultiCrop(64))
+    plain = Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "none", 8))
+    balanced = Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "roots", 8))
+    assert plain[1] == 4 and plain[0] > 1000
+    assert abs(balanced[0] - balanced[1]) <= 8 and balanced[0] + balanced[1] == 1080
+    assert epoch_indices(dataset, 3, 0, "roots", 8) == epoch_indices(dataset, 3, 0, "roots", 8)
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        epoch_indices(PretrainDataset([small], MultiCrop(64)), 0, 0, "none", 8)
+
+
+def test_schedules():
+    assert cosine(0, 100, 1.0, 0.0, warmup=10) == 0.0
+    assert cosine(5, 100, 1.0, 0.0, warmup=10) == 0.5
+    assert cosine(10, 100, 1.0, 0.0, warmup=10) == 1.0
+    assert abs(cosine(55, 100, 1.0, 0.0, warmup=10) - 0.5) < 1e-12
+    assert cosine(100, 100, 1.0, 0.0, warmup=10) == 0.0
+    assert cosine(0, 10, 0.996, 1.0) == 0.996 and cosine(10, 10, 0.996, 1.0) == 1.0
+    assert linear_then_constant(5, 10, 0.04, 0.07) == pytest.approx(0.055)
+
+
+def test_config_files_and_overrides():
+    config = load_config(CONFIGS / "midol_swin_base.yaml", ["optim.lr=5e-4", "model.overrides={top_k: 2}"])
+    assert config["model"]["arch"] == "midol-swin-base" and config["optim"]["batch_size"] == 256
+    assert config["optim"]["lr"] == 5e-4 and config["model"]["overrides"] == {"top_k": 2}
+    paper = load_config(CONFIGS / "midol_swin_base.yaml")
+    assert (paper["optim"]["weight_decay"], paper["optim"]["weight_decay_end"], paper["optim"]["clip_grad"]) == (0.04, 0.4, 3.0)
+    assert (paper["objective"]["sinkhorn_eps"], paper["objective"]["sinkhorn_iters"], paper["crops"]["local_number"]) == (0.05, 3, 2)
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; valid keys here: batch_size"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(None, ["optim.lr=fast"])

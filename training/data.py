@@ -1,0 +1,172 @@
+"""Pretraining data: image folders, MedMNIST-style .npz files and tar shards, with optional
+modality tags, skipped-and-reported unreadable files, and a root-balancing sampler."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from midol_hub.errors import ImageReadError
+from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, read_file
+
+log = logging.getLogger("training.data")
+SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+
+
+class DataError(ValueError):
+    """A data root that cannot be used (missing, empty, wrong arrays)."""
+
+
+@dataclass
+class Source:
+    """One data root: where it is, its optional modality tag, and how to read item i."""
+
+    root: str
+    tag: str | None
+    kind: str
+    items: list[Any] = field(repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read(self, index: int) -> np.ndarray:
+        """Pixels of item ``index`` as (H, W, C) float32 in [0, 1]; raises ImageReadError."""
+        item = self.items[index]
+        if self.kind == "folder":
+            return read_file(item).pixels
+        if self.kind == "npz":
+            array = item if item.ndim == 3 else item[:, :, None]
+            return array_to_unit(array, f"{self.root}[{index}]", None)
+        return _read_tar_member(self.root, item)
+
+    def name(self, index: int) -> str:
+        item = self.items[index]
+        return str(item) if self.kind == "folder" else f"{self.root}[{index if self.kind == 'npz' else item}]"
+
+
+def open_source(spec: str, split: str = "train") -> Source:
+    """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file or a .tar shard."""
+    tag, sep, path_text = spec.partition("=")
+    if not sep:
+        tag, path_text = None, spec
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise DataError(f"data path {path} does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataError(f"data folder {path} holds no images ({', '.join(SUFFIXES)})")
+        return Source(str(path), tag, "folder", files)
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            key = f"{split}_images"
+            if key not in arrays:
+                raise DataError(
+                    f"{path} has no '{key}' array (it has {', '.join(arrays.files)}); "
+                    f"pick another split with --set data.split=... or another file"
+                )
+            images = arrays[key]
+            labels = arrays.get(f"{split}_labels")
+        return Source(str(path), tag, "npz", list(images), None if labels is None else labels.reshape(len(images), -1)[:, 0])
+    if path.suffix == ".tar":
+        with tarfile.open(path) as shard:
+            members = [m.name for m in shard.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        if not members:
+            raise DataError(f"tar shard {path} holds no images")
+        return Source(str(path), tag, "tar", members)
+    raise DataError(f"data path {path}: expected a folder, an .npz file or a .tar shard")
+
+
+def _read_tar_member(shard: str, member: str) -> np.ndarray:
+    from PIL import Image
+
+    from midol_hub.image_io import _pil_to_unit
+
+    try:
+        with tarfile.open(shard) as archive:
+            data = archive.extractfile(member).read()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _pil_to_unit(image, f"{shard}:{member}", from_file=True, warn=None)
+    except (OSError, KeyError, AttributeError) as error:
+        raise ImageReadError(f"{shard}:{member}", f"unreadable ({error})") from None
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """All sources concatenated; item i -> (crops, source index), or None when unreadable.
+
+    Augmentation is seeded by (seed, epoch, index), so a resumed run sees the same crops.
+    """
+
+    def __init__(self, sources: list[Source], augment: Callable[[torch.Tensor], list[torch.Tensor]], seed: int = 0):
+        self.sources, self.augment, self.seed, self.epoch = sources, augment, seed, 0
+        self.offsets = np.cumsum([0] + [len(s) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        source = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return source, index - int(self.offsets[source])
+
+    def __getitem__(self, index: int):
+        source_index, local = self.locate(index)
+        source = self.sources[source_index]
+        try:
+            pixels = source.read(local)
+        except ImageReadError as error:
+            return {"failed": str(error)}
+        image = torch.from_numpy(np.ascontiguousarray(pixels[:, :, :3])).permute(2, 0, 1)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
+            crops = self.augment(image.contiguous())
+        return {"crops": crops, "source": source_index}
+
+
+def collate(batch: list[dict]) -> dict:
+    """Stack crops; unreadable items are dropped and their names passed on for logging."""
+    good = [b for b in batch if "crops" in b]
+    failed = [b["failed"] for b in batch if "failed" in b]
+    if not good:
+        return {"crops": None, "source": None, "failed": failed}
+    crops = [torch.stack([b["crops"][i] for b in good]) for i in range(len(good[0]["crops"]))]
+    return {"crops": crops, "source": torch.tensor([b["source"] for b in good]), "failed": failed}
+
+
+def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str, global_batch: int) -> list[int]:
+    """The epoch's global sample order, a whole number of global batches long.
+
+    ``balance="roots"`` draws every source (or tag group) equally often: the Sinkhorn term
+    assumes the experts share each batch evenly, which unbalanced corpora would break.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if balance == "none":
+        order = list(range(len(dataset)))
+        rng.shuffle(order)
+    elif balance == "roots":
+        groups: dict[Any, list[int]] = {}
+        for i, source in enumerate(dataset.sources):
+            groups.setdefault(source.tag or source.root, []).extend(range(dataset.offsets[i], dataset.offsets[i + 1]))
+        per_group = len(dataset) // len(groups)
+        order = []
+        for members in groups.values():
+            picks = rng.sample(members, per_group) if len(members) >= per_group else rng.choices(members, k=per_group)
+            order.extend(picks)
+        rng.shuffle(order)
+    else:
+        raise DataError(f"data.balance must be 'none' or 'roots', got {balance!r}")
+    usable = len(order) // global_batch * global_batch
+    if usable == 0:
+        raise DataError(f"{len(order)} images are fewer than one global batch of {global_batch}; lower --batch-size")
+    return order[:usable]

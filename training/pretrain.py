@@ -1,0 +1,323 @@
+"""M-IDoL pretraining: ``python -m training.pretrain --config CONFIG --data PATH ... --output-dir DIR``.
+
+The same command runs distributed under ``torchrun --nproc_per_node=K -m training.pretrain ...``.
+Each step: multi-crop views -> student (all crops) and EMA teacher (global crops) ->
+routing-consistency loss (Sinkhorn-balanced teacher routing) + DINO self-distillation ->
+AdamW step with clipping -> EMA update of the teacher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+from midol_hub.modalities import SHARED
+
+from .augment import MultiCrop
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, load_config, save_config
+from .data import DataError, PretrainDataset, collate, epoch_indices, open_source
+from .distributed import init_distributed, is_distributed
+from .losses import DINOLoss, RoutingConsistencyLoss
+from .monitor import KNNMonitor, routing_stats
+from .schedules import cosine, linear_then_constant
+
+log = logging.getLogger("training")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or resume; the message says what to fix."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file over training/configs/defaults.yaml")
+    parser.add_argument("--data", nargs="+", required=True, help="folders, .npz files or .tar shards; TAG=PATH tags a root")
+    parser.add_argument("--output-dir", required=True, help="run directory: config, log.jsonl, checkpoints")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    parser.add_argument("--objective", choices=("midol", "dino"), default=None, help="midol, or the plain DINO ablation")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = list(args.set)
+    if args.batch_size is not None:
+        overrides.append(f"optim.batch_size={args.batch_size}")
+    if args.max_steps is not None:
+        overrides.append(f"run.max_steps={args.max_steps}")
+    if args.objective is not None:
+        overrides.append(f"objective.name={args.objective}")
+    return load_config(args.config, overrides)
+
+
+def model_config(config: dict[str, Any], drop_path: float) -> MIDoLConfig:
+    """The MIDoLConfig trained: the registry architecture with prototypes kept."""
+    entry = get_entry(config["model"]["arch"])
+    if entry is None:
+        raise ConfigError(f"model.arch {config['model']['arch']!r} is not a registry name")
+    fields = {**entry.config, **config["model"]["overrides"]}
+    fields.update(keep_prototypes=True, num_prototypes=config["model"]["num_prototypes"], drop_path_rate=drop_path)
+    if config["objective"]["name"] == "dino":
+        fields.update(num_experts=1, top_k=1, expert_modalities=[SHARED])
+    elif config["objective"]["name"] != "midol":
+        raise ConfigError(f"objective.name must be 'midol' or 'dino', got {config['objective']['name']!r}")
+    return MIDoLConfig(**fields, name_or_path=entry.name)
+
+
+def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLModel, MIDoLModel]:
+    student = MIDoLModel(model_config(config, config["model"]["drop_path_rate"]))
+    if config["model"]["init"]:
+        init = load_model(config["model"]["init"])
+        missing, unexpected = student.load_state_dict(init.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("head.prototypes") for k in missing):
+            raise TrainingError(f"model.init {config['model']['init']} does not match model.arch: {missing or unexpected}")
+    teacher = MIDoLModel(model_config(config, 0.0))
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    # DINO's norm_last_layer: prototype norms stay fixed at 1
+    student.head.prototypes.parametrizations.weight.original0.requires_grad_(False)
+    return student.to(device).train(), teacher.to(device).eval()
+
+
+def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and relative-position tables."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") or "relative_position" in name else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
+
+
+ARCHITECTURE_KEYS = ("backbone", "embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size",
+                     "num_experts", "hidden_dim", "num_prototypes")
+
+
+def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
+    return {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
+
+
+def checksum(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for tensor in model.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ConfigError, DataError, TrainingError) as error:
+        print(f"training.pretrain: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if is_distributed():
+            dist.destroy_process_group()
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    config = resolve_config(args)
+    rank, world, device = init_distributed()
+    out = Path(args.output_dir)
+    checkpoints = list_checkpoints(out) if out.is_dir() else []
+    if args.resume and not checkpoints:
+        raise TrainingError(f"--resume: {out} has no checkpoint to resume from")
+    if not args.resume and checkpoints:
+        raise TrainingError(f"{out} already holds a run; pass --resume to continue it or choose a new --output-dir")
+
+    optim_cfg, run_cfg, obj = config["optim"], config["run"], config["objective"]
+    per_rank, remainder = divmod(optim_cfg["batch_size"], world * optim_cfg["accumulate"])
+    if remainder or per_rank == 0:
+        raise ConfigError(
+            f"optim.batch_size {optim_cfg['batch_size']} must be a multiple of ranks x accumulate ({world * optim_cfg['accumulate']})"
+        )
+    torch.manual_seed(run_cfg["seed"])
+    student, teacher = build_models(config, device)
+    image_size = student.config.img_size
+    augment = MultiCrop(image_size, config["crops"]["global_scale"], config["crops"]["local_scale"],
+                        config["crops"]["local_number"], config["crops"]["local_size"])
+    sources = [open_source(spec, config["data"]["split"]) for spec in args.data]
+    dataset = PretrainDataset(sources, augment, seed=run_cfg["seed"])
+    global_batch = optim_cfg["batch_size"]
+    steps_per_epoch = len(epoch_indices(dataset, 0, run_cfg["seed"], config["data"]["balance"], global_batch)) // global_batch
+    total_steps = optim_cfg["epochs"] * steps_per_epoch
+    max_steps = min(total_steps, run_cfg["max_steps"] or total_steps)
+
+    distill_loss = DINOLoss(student.config.num_prototypes, obj["student_temp"], obj["center_momentum"]).to(device)
+    route_loss = RoutingConsistencyLoss(obj["route_student_temp"], obj["sinkhorn_eps"], obj["sinkhorn_iters"])
+    use_routing = obj["name"] == "midol"
+    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
+    precision = optim_cfg["precision"]
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("optim.precision fp16 needs CUDA; use bf16 on CPU")
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    ddp_student = DistributedDataParallel(student) if is_distributed() else student
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if args.resume:
+        state = load_checkpoint(checkpoints[-1])
+        if _architecture(state["model_config"]) != _architecture(student.config.to_dict()):
+            raise TrainingError(
+                f"--resume: {checkpoints[-1].name} was trained with another architecture or objective; "
+                "resume with the run's own config (see config.yaml in the run directory)"
+            )
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        distill_loss.load_state_dict(state["distill_loss"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+
+    def save(step_now: int, epoch_now: int, batch_now: int) -> None:
+        if rank != 0:
+            return
+        payload = {
+            "student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "distill_loss": distill_loss.state_dict(), "step": step_now,
+            "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(), "config": config,
+            "model_config": student.config.to_dict(),
+        }
+        save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
+
+    knn = KNNMonitor(run_cfg["knn_data"], image_size) if run_cfg["knn_data"] and run_cfg["knn_every"] else None
+    warmup = optim_cfg["warmup_epochs"] * steps_per_epoch
+    base_lr = optim_cfg["lr"] * global_batch / 256
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        if precision in ("bf16", "fp16") else contextlib.nullcontext()
+    )
+    log_file = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
+    progress = _progress_bar(rank, max_steps, step)
+    failed_total = 0
+    tags = [s.tag for s in sources]
+
+    while step < max_steps:
+        dataset.epoch = epoch
+        order = epoch_indices(dataset, epoch, run_cfg["seed"], config["data"]["balance"], global_batch)
+        rank_order = [i for n, i in enumerate(order) if n % world == rank]
+        micro = per_rank
+        start = batch_in_epoch * optim_cfg["accumulate"] * micro
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=micro, sampler=rank_order[start:], collate_fn=collate,
+            num_workers=config["data"]["num_workers"], drop_last=True,
+            generator=torch.Generator().manual_seed(run_cfg["seed"] + epoch),  # keeps the global RNG untouched
+        )
+        iterator = iter(loader)
+        while batch_in_epoch < steps_per_epoch and step < max_steps:
+            started = time.perf_counter()
+            lr = cosine(step, total_steps, base_lr, optim_cfg["min_lr"], warmup)
+            wd = cosine(step, total_steps, optim_cfg["weight_decay"], optim_cfg["weight_decay_end"])
+            momentum = cosine(step, total_steps, optim_cfg["momentum_teacher"], 1.0)
+            teacher_temp = linear_then_constant(
+                step, obj["warmup_teacher_temp_epochs"] * steps_per_epoch, obj["warmup_teacher_temp"], obj["teacher_temp"]
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                if not group.get("no_decay"):
+                    group["weight_decay"] = wd
+            totals = {"loss": 0.0, "route_loss": 0.0, "distill_loss": 0.0}
+            routing_probs, batch_sources = [], []
+            for _ in range(optim_cfg["accumulate"]):
+                batch = next(iterator)
+                for name in batch["failed"]:
+                    log.warning("skipped unreadable image %s", name)
+                failed_total += len(batch["failed"])
+                if batch["crops"] is None:
+                    continue
+                crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
+                num_crops = len(crops)
+                with autocast:
+                    with torch.no_grad():
+                        t_out = teacher(torch.cat(crops[:2]))
+                    s_out = ddp_student(torch.cat(crops))
+                    distill = distill_loss(s_out.prototype_logits, t_out.prototype_logits, num_crops, teacher_temp)
+                    route = (route_loss(s_out.routing_logits, t_out.routing_logits, num_crops)
+                             if use_routing else distill.new_zeros(()))
+                    loss = obj["distill_weight"] * distill + obj["route_weight"] * route
+                if not math.isfinite(loss.item()):
+                    raise TrainingError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
+                scaler.scale(loss / optim_cfg["accumulate"]).backward()
+                for key, value in (("loss", loss), ("route_loss", route), ("distill_loss", distill)):
+                    totals[key] += value.item() / optim_cfg["accumulate"]
+                routing_probs.append(t_out.routing_logits.float().softmax(-1)[: len(batch["source"])])
+                batch_sources.append(batch["source"])
+            scaler.unscale_(optimizer)
+            if optim_cfg["clip_grad"]:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), optim_cfg["clip_grad"])
+            if epoch < optim_cfg["freeze_last_layer"]:
+                student.head.prototypes.parametrizations.weight.original1.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for t_param, s_param in zip(teacher.parameters(), student.parameters()):
+                    t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
+            step += 1
+            batch_in_epoch += 1
+            if log_file is not None and step % run_cfg["log_every"] == 0:
+                record = {"step": step, "epoch": epoch, **totals, "lr": lr, "wd": wd, "momentum": momentum,
+                          "teacher_temp": teacher_temp, "skipped_images": failed_total,
+                          "images_per_s": global_batch / (time.perf_counter() - started)}
+                if routing_probs:
+                    record.update(routing_stats(torch.cat(routing_probs).cpu(), torch.cat(batch_sources), tags))
+                if knn is not None and step % run_cfg["knn_every"] == 0:
+                    record["knn_accuracy"] = knn.accuracy(teacher)
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+            progress.update(1)
+            progress.set_postfix(loss=f"{totals['loss']:.3f}")
+            if step % run_cfg["checkpoint_every"] == 0 or step == max_steps:
+                save(step, epoch, batch_in_epoch)
+        if batch_in_epoch >= steps_per_epoch:
+            epoch, batch_in_epoch = epoch + 1, 0
+            save(step, epoch, batch_in_epoch)
+    progress.close()
+    _check_ranks_in_sync(teacher, rank, world, out)
+    if log_file is not None:
+        log_file.close()
+
+
+def _check_ranks_in_sync(teacher: MIDoLModel, rank: int, world: int, out: Path) -> None:
+    """Rank 0 records every rank's teacher checksum; they must agree under DDP."""
+    sums = [checksum(teacher)]
+    if is_distributed():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, sums[0])
+        sums = gathered
+    if rank == 0:
+        (out / "ranks.json").write_text(json.dumps({"teacher_sha256": sums, "in_sync": len(set(sums)) == 1}))
+
+
+def _progress_bar(rank: int, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=rank != 0, unit="step", desc="pretrain")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
