@@ -40,6 +40,11 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
     assert code == 0 and [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(straight, resumed):
         assert (a["loss"], a["route_loss"], a["distill_loss"], a["lr"]) == (b["loss"], b["route_loss"], b["distill_loss"], b["lr"])
+    state = torch.load(sorted((tmp_path / "straight").glob("checkpoint-*.pt"))[0], weights_only=True)
+    prototypes = "head.prototypes.parametrizations.weight.original1"
+    frozen = (state["student"][prototypes] - state["teacher"][prototypes]).abs().max()
+    trained = (state["student"]["head.fc1_weight"] - state["teacher"]["head.fc1_weight"]).abs().max()
+    assert frozen < 1e-7 < 1e-6 < trained  # prototypes stay fixed in the first epoch, the experts move
     run_dir = tmp_path / "resumed"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
     assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
@@ -49,7 +54,7 @@ def test_loss_falls_on_real_images_of_three_modalities(tmp_path, data_root):
     data = [f"oct={data_root / 'oct'}", f"pathology={data_root / 'pathology/crc_val_he_7k_examples'}",
             f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
     code, log = train(tmp_path, "smoke", data, "--batch-size", "16", "--max-steps", "24",
-                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--set", "data.balance=roots")
+                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--balance", "roots")
     assert code == 0 and len(log) == 24
     early = sum(r["loss"] for r in log[:5]) / 5
     late = sum(r["loss"] for r in log[-5:]) / 5
@@ -73,11 +78,18 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
     kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True)
     assert kept.head.prototypes.weight.shape == (4096, 256)
+    code, _ = train(tmp_path, "from_export", [retina], "--batch-size", "8", "--max-steps", "1",
+                    "--set", f"model.init={tmp_path / 'model'}")
+    assert code == 0
 
 
-def test_dino_objective_trains_one_expert_without_routing(tmp_path, retina):
-    code, log = train(tmp_path, "dino", [retina], "--batch-size", "8", "--max-steps", "2", "--objective", "dino")
+def test_dino_objective_in_bf16_with_accumulation_and_knn_monitoring(tmp_path, data_root, retina):
+    npz = data_root / "fundus/retinamnist/retinamnist.npz"
+    code, log = train(tmp_path, "dino", [retina], "--batch-size", "8", "--max-steps", "2", "--objective", "dino",
+                      "--set", "optim.precision=bf16", "--set", "optim.accumulate=2",
+                      "--set", f"run.knn_data={npz}", "--set", "run.knn_every=2")
     assert code == 0 and all(r["route_loss"] == 0.0 for r in log)
+    assert "knn_accuracy" not in log[0] and 0.0 <= log[1]["knn_accuracy"] <= 1.0
     model = export.export(tmp_path / "dino", tmp_path / "dino_model")
     assert model.config.num_experts == 1 and model.config.expert_modalities == ["shared"]
     enc = load_model(tmp_path / "dino_model").encode(torch.rand(3, 64, 64), modality="oct")
@@ -104,6 +116,8 @@ def test_two_cpu_ranks_stay_in_sync(tmp_path, retina):
         (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
         (["--batch-size", "7", "--set", "optim.accumulate=2"], "must be a multiple of ranks x accumulate"),
         (["--resume"], "has no checkpoint to resume from"),
+        (["--set", "optim.precision=fp16"], "fp16 needs CUDA"),
+        (["--set", "model.arch=midol-huge"], "not a registry name"),
     ],
 )
 def test_bad_runs_fail_with_one_line(tmp_path, capsys, retina, args, message):

@@ -9,11 +9,9 @@ AdamW step with clipping -> EMA update of the teacher.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
 from midol_hub.modalities import SHARED
@@ -31,15 +28,11 @@ from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_check
 from .config import ConfigError, load_config, save_config
 from .data import DataError, PretrainDataset, collate, epoch_indices, open_source
 from .distributed import init_distributed, is_distributed
-from .losses import DINOLoss, RoutingConsistencyLoss
+from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, routing_stats
 from .schedules import cosine, linear_then_constant
 
 log = logging.getLogger("training")
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or resume; the message says what to fix."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
     parser.add_argument("--objective", choices=("midol", "dino"), default=None, help="midol, or the plain DINO ablation")
+    parser.add_argument("--balance", choices=("none", "roots"), default=None,
+                        help="roots: draw every data root (or tag) equally often per epoch")
     return parser.parse_args(argv)
 
 
@@ -64,6 +59,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.objective is not None:
         overrides.append(f"objective.name={args.objective}")
+    if args.balance is not None:
+        overrides.append(f"data.balance={args.balance}")
     return load_config(args.config, overrides)
 
 
@@ -95,16 +92,6 @@ def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLMod
     # DINO's norm_last_layer: prototype norms stay fixed at 1
     student.head.prototypes.parametrizations.weight.original0.requires_grad_(False)
     return student.to(device).train(), teacher.to(device).eval()
-
-
-def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and relative-position tables."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or "relative_position" in name else decay).append(param)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
 
 
 ARCHITECTURE_KEYS = ("backbone", "embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size",
@@ -164,16 +151,7 @@ def run(args: argparse.Namespace) -> None:
     total_steps = optim_cfg["epochs"] * steps_per_epoch
     max_steps = min(total_steps, run_cfg["max_steps"] or total_steps)
 
-    distill_loss = DINOLoss(student.config.num_prototypes, obj["student_temp"], obj["center_momentum"]).to(device)
-    route_loss = RoutingConsistencyLoss(obj["route_student_temp"], obj["sinkhorn_eps"], obj["sinkhorn_iters"])
-    use_routing = obj["name"] == "midol"
-    optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
-    precision = optim_cfg["precision"]
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("optim.precision fp16 needs CUDA; use bf16 on CPU")
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    ddp_student = DistributedDataParallel(student) if is_distributed() else student
-
+    learner = Learner(config, student, teacher, device)
     step, epoch, batch_in_epoch = 0, 0, 0
     if args.resume:
         state = load_checkpoint(checkpoints[-1])
@@ -184,9 +162,7 @@ def run(args: argparse.Namespace) -> None:
             )
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        distill_loss.load_state_dict(state["distill_loss"])
+        learner.load_state_dict(state["learner"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
     if rank == 0:
@@ -194,103 +170,67 @@ def run(args: argparse.Namespace) -> None:
         save_config(config, out / "config.yaml")
 
     def save(step_now: int, epoch_now: int, batch_now: int) -> None:
-        if rank != 0:
-            return
-        payload = {
-            "student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "distill_loss": distill_loss.state_dict(), "step": step_now,
-            "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(), "config": config,
-            "model_config": student.config.to_dict(),
-        }
-        save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
+        if rank == 0:
+            payload = {
+                "student": student.state_dict(), "teacher": teacher.state_dict(), "learner": learner.state_dict(),
+                "step": step_now, "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(),
+                "config": config, "model_config": student.config.to_dict(),
+            }
+            save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
 
     knn = KNNMonitor(run_cfg["knn_data"], image_size) if run_cfg["knn_data"] and run_cfg["knn_every"] else None
-    warmup = optim_cfg["warmup_epochs"] * steps_per_epoch
+    warmup = int(optim_cfg["warmup_epochs"] * steps_per_epoch)
     base_lr = optim_cfg["lr"] * global_batch / 256
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-        if precision in ("bf16", "fp16") else contextlib.nullcontext()
-    )
     log_file = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
     progress = _progress_bar(rank, max_steps, step)
-    failed_total = 0
+    skipped = 0
     tags = [s.tag for s in sources]
 
     while step < max_steps:
         dataset.epoch = epoch
         order = epoch_indices(dataset, epoch, run_cfg["seed"], config["data"]["balance"], global_batch)
-        rank_order = [i for n, i in enumerate(order) if n % world == rank]
-        micro = per_rank
-        start = batch_in_epoch * optim_cfg["accumulate"] * micro
+        rank_order = order[rank::world]
+        start = batch_in_epoch * optim_cfg["accumulate"] * per_rank
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=micro, sampler=rank_order[start:], collate_fn=collate,
+            dataset, batch_size=per_rank, sampler=rank_order[start:], collate_fn=collate,
             num_workers=config["data"]["num_workers"], drop_last=True,
             generator=torch.Generator().manual_seed(run_cfg["seed"] + epoch),  # keeps the global RNG untouched
         )
-        iterator = iter(loader)
+        batches = iter(loader)
         while batch_in_epoch < steps_per_epoch and step < max_steps:
             started = time.perf_counter()
             lr = cosine(step, total_steps, base_lr, optim_cfg["min_lr"], warmup)
             wd = cosine(step, total_steps, optim_cfg["weight_decay"], optim_cfg["weight_decay_end"])
             momentum = cosine(step, total_steps, optim_cfg["momentum_teacher"], 1.0)
             teacher_temp = linear_then_constant(
-                step, obj["warmup_teacher_temp_epochs"] * steps_per_epoch, obj["warmup_teacher_temp"], obj["teacher_temp"]
+                step, int(obj["warmup_teacher_temp_epochs"] * steps_per_epoch), obj["warmup_teacher_temp"], obj["teacher_temp"]
             )
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-                if not group.get("no_decay"):
-                    group["weight_decay"] = wd
-            totals = {"loss": 0.0, "route_loss": 0.0, "distill_loss": 0.0}
-            routing_probs, batch_sources = [], []
+            learner.set_schedules(lr, wd)
+            micro_batches, sources_seen = [], []
             for _ in range(optim_cfg["accumulate"]):
-                batch = next(iterator)
+                batch = next(batches)
                 for name in batch["failed"]:
                     log.warning("skipped unreadable image %s", name)
-                failed_total += len(batch["failed"])
-                if batch["crops"] is None:
-                    continue
-                crops = [c.to(device, non_blocking=True) for c in batch["crops"]]
-                num_crops = len(crops)
-                with autocast:
-                    with torch.no_grad():
-                        t_out = teacher(torch.cat(crops[:2]))
-                    s_out = ddp_student(torch.cat(crops))
-                    distill = distill_loss(s_out.prototype_logits, t_out.prototype_logits, num_crops, teacher_temp)
-                    route = (route_loss(s_out.routing_logits, t_out.routing_logits, num_crops)
-                             if use_routing else distill.new_zeros(()))
-                    loss = obj["distill_weight"] * distill + obj["route_weight"] * route
-                if not math.isfinite(loss.item()):
-                    raise TrainingError(f"loss is {loss.item()} at step {step}; lower optim.lr or use fp32")
-                scaler.scale(loss / optim_cfg["accumulate"]).backward()
-                for key, value in (("loss", loss), ("route_loss", route), ("distill_loss", distill)):
-                    totals[key] += value.item() / optim_cfg["accumulate"]
-                routing_probs.append(t_out.routing_logits.float().softmax(-1)[: len(batch["source"])])
-                batch_sources.append(batch["source"])
-            scaler.unscale_(optimizer)
-            if optim_cfg["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), optim_cfg["clip_grad"])
-            if epoch < optim_cfg["freeze_last_layer"]:
-                student.head.prototypes.parametrizations.weight.original1.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for t_param, s_param in zip(teacher.parameters(), student.parameters()):
-                    t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
+                skipped += len(batch["failed"])
+                micro_batches.append(None if batch["crops"] is None else [c.to(device, non_blocking=True) for c in batch["crops"]])
+                if batch["source"] is not None:
+                    sources_seen.append(batch["source"])
+            result = learner.step(micro_batches, teacher_temp, momentum, freeze_last_layer=epoch < optim_cfg["freeze_last_layer"])
             step += 1
             batch_in_epoch += 1
             if log_file is not None and step % run_cfg["log_every"] == 0:
-                record = {"step": step, "epoch": epoch, **totals, "lr": lr, "wd": wd, "momentum": momentum,
-                          "teacher_temp": teacher_temp, "skipped_images": failed_total,
+                record = {"step": step, "epoch": epoch, "loss": result.loss, "route_loss": result.route_loss,
+                          "distill_loss": result.distill_loss, "lr": lr, "wd": wd, "momentum": momentum,
+                          "teacher_temp": teacher_temp, "skipped_images": skipped,
                           "images_per_s": global_batch / (time.perf_counter() - started)}
-                if routing_probs:
-                    record.update(routing_stats(torch.cat(routing_probs).cpu(), torch.cat(batch_sources), tags))
+                if result.teacher_routing:
+                    record.update(routing_stats(torch.cat(result.teacher_routing).cpu(), torch.cat(sources_seen), tags))
                 if knn is not None and step % run_cfg["knn_every"] == 0:
                     record["knn_accuracy"] = knn.accuracy(teacher)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             progress.update(1)
-            progress.set_postfix(loss=f"{totals['loss']:.3f}")
+            progress.set_postfix(loss=f"{result.loss:.3f}")
             if step % run_cfg["checkpoint_every"] == 0 or step == max_steps:
                 save(step, epoch, batch_in_epoch)
         if batch_in_epoch >= steps_per_epoch:

@@ -1,0 +1,1 @@
+"""Speed and memory ratios, each measured side by side in one run: ``python -m benchmarks.run``."""

@@ -1,0 +1,44 @@
+"""Run the benchmarks and print a table: ``python -m benchmarks.run [--quick] [--json OUT]``.
+
+Every figure is a ratio of two measurements taken side by side in this run, so it holds on a
+noisy shared machine; absolute throughputs are printed beside it for context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+
+from . import train_step
+
+TARGETS = {"train_step_midol_vs_dino_ratio": ("<=", 1.10)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, small inputs")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    repeats = 3 if args.quick else 7
+    results: dict[str, float] = {}
+    results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'measurement':<36} {'value':>10}  target")
+    for key, value in results.items():
+        target = TARGETS.get(key)
+        verdict = ""
+        if target:
+            met = value <= target[1] if target[0] == "<=" else value >= target[1]
+            verdict = f"{target[0]} {target[1]}  {'met' if met else 'NOT met'}"
+        print(f"{key:<36} {value:>10.3f}  {verdict}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
