@@ -12,7 +12,16 @@ from typing import Any
 
 from .configuration_midol import MIDoLConfig
 from .convert import CheckpointError, convert_checkpoint
+from .datasets import DatasetError, LabelledImages, from_csv, from_folder, from_npz, group_split
 from .encoding import Encoding, Failure
+from .evaluation import (
+    best_thresholds,
+    classification_metrics,
+    few_shot,
+    knn_classify,
+    linear_probe,
+    segmentation_scores,
+)
 from .errors import (
     ImageReadError,
     MIDoLInputWarning,
@@ -22,11 +31,13 @@ from .errors import (
     WeightsMismatchError,
     WeightsNotAvailableError,
 )
+from .features import extract_features
 from .loading import load_model
 from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
 from .preprocessing import ModalityTransform
 from .registry import get_entry, list_models
+from .tasks import ClassificationModel, SegmentationModel, layerwise_lr_groups
 
 __version__ = "0.1.0"
 
@@ -54,6 +65,22 @@ def get_transform(model_or_name: MIDoLModel | MIDoLConfig | str, modality: str) 
 __all__: list[Any] = [
     "MODALITIES",
     "CheckpointError",
+    "ClassificationModel",
+    "DatasetError",
+    "LabelledImages",
+    "SegmentationModel",
+    "best_thresholds",
+    "classification_metrics",
+    "extract_features",
+    "few_shot",
+    "from_csv",
+    "from_folder",
+    "from_npz",
+    "group_split",
+    "knn_classify",
+    "layerwise_lr_groups",
+    "linear_probe",
+    "segmentation_scores",
     "Encoding",
     "Failure",
     "ImageReadError",

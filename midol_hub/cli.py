@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
     encode.add_argument("--skip-errors", action="store_true", help="skip unreadable files and list them instead of stopping")
-    encode.add_argument("--random-weights", action="store_true", help="allow a registry model without published weights")
+    encode.add_argument("--random-weights", action="store_true", help="the architecture with random weights (no trained weights needed)")
     encode.set_defaults(handler=run_encode)
 
     info = commands.add_parser("info", help="architecture, parameters, experts, preprocessing and provenance")
@@ -138,7 +138,6 @@ def run_encode(args: argparse.Namespace) -> None:
     import torch
 
     from . import load_model
-    from .errors import WeightsNotAvailableError
 
     out = Path(args.out)
     check_writable(out, ENCODE_FORMATS)
@@ -149,14 +148,10 @@ def run_encode(args: argparse.Namespace) -> None:
     if out.suffix == ".npy" and outputs != ["embedding"]:
         raise CLIError(f"{out}: .npy holds one array (the embeddings); use .npz or .safetensors for {args.output}")
     files = collect_images(args.paths)
-    try:
-        model = load_model(args.model, device=args.device)
-    except WeightsNotAvailableError:
-        if not args.random_weights:
-            raise
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = load_model(args.model, pretrained=False, device=args.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = load_model(args.model, pretrained=not args.random_weights, device=args.device)
+    if args.random_weights:
         print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="skipped")  # failures are listed below

@@ -39,6 +39,10 @@ class MIDoLConfig(PreTrainedConfig):
         preprocessing: one :class:`~midol_hub.modalities.ModalityProfile` dict per modality,
             plus ``"auto"``.
         default_output: the ``encode`` outputs returned when none are requested.
+    Downstream tasks (:mod:`midol_hub.tasks`):
+        task_modality: the modality whose expert and preprocessing a fine-tuned model uses.
+        task_feature: ``"embedding"`` (the expert subspace) or ``"pooled"`` (the backbone).
+        decoder_dim: channels of the segmentation decoder.
     """
 
     model_type = "midol"
@@ -61,6 +65,9 @@ class MIDoLConfig(PreTrainedConfig):
     mismatch_threshold: float = 0.6
     preprocessing: dict | None = None
     default_output: list[str] = field(default_factory=lambda: ["embedding"])
+    task_modality: str | None = None
+    task_feature: str = "embedding"
+    decoder_dim: int = 128
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.preprocessing is None:
@@ -89,6 +96,8 @@ class MIDoLConfig(PreTrainedConfig):
             if name != AUTO:
                 canonical_modality(name)
             ModalityProfile.from_dict(profile)
+        if self.task_feature not in ("embedding", "pooled"):
+            raise ValueError(f"task_feature must be 'embedding' or 'pooled', got {self.task_feature!r}")
         if AUTO not in self.preprocessing:
             raise ValueError("preprocessing needs an 'auto' profile for modality='auto'")
 

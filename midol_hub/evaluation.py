@@ -1,7 +1,10 @@
-"""Evaluation on frozen features: weighted cosine kNN, as in DINO."""
+"""Evaluation: metrics, linear probe, weighted cosine kNN (as in DINO), few-shot, Dice and IoU."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,3 +25,126 @@ def knn_predict(
     similarity, neighbours = (query @ train.T).topk(min(k, len(train)), dim=-1)
     votes = F.one_hot(train_labels[neighbours].long(), num_classes).float()
     return (votes * (similarity / temperature).exp().unsqueeze(-1)).sum(dim=1)
+
+
+def _sklearn():
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise ImportError("evaluation needs scikit-learn: pip install 'midol-hub[eval]'") from None
+    from sklearn import metrics
+
+    return metrics
+
+
+def classification_metrics(
+    y_true: np.ndarray, scores: np.ndarray, class_names: list[str] | None = None, thresholds: np.ndarray | None = None
+) -> dict:
+    """Accuracy, balanced accuracy, macro AUC (``auc``), macro F1, per-class metrics and the
+    confusion matrix. ``scores`` are probabilities (N, C); 2-D ``y_true`` means multi-label
+    (then ``thresholds`` per label, default 0.5, turn probabilities into decisions)."""
+    metrics = _sklearn()
+    y_true, scores = np.asarray(y_true), np.asarray(scores, dtype=np.float64)
+    names = class_names or [str(i) for i in range(scores.shape[1])]
+    if y_true.ndim == 2:
+        thresholds = np.full(scores.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+        pred = (scores >= thresholds).astype(int)
+        present = [c for c in range(y_true.shape[1]) if 0 < y_true[:, c].sum() < len(y_true)]
+        auc = float(np.mean([metrics.roc_auc_score(y_true[:, c], scores[:, c]) for c in present])) if present else float("nan")
+        balanced = float(np.mean([metrics.balanced_accuracy_score(y_true[:, c], pred[:, c]) for c in range(y_true.shape[1])]))
+        confusion = [metrics.confusion_matrix(y_true[:, c], pred[:, c], labels=[0, 1]).tolist() for c in range(y_true.shape[1])]
+        accuracy = float(metrics.accuracy_score(y_true, pred))
+    else:
+        pred = scores.argmax(axis=1)
+        labels = list(range(scores.shape[1]))
+        try:
+            auc = float(metrics.roc_auc_score(y_true, scores[:, 1]) if len(labels) == 2 else
+                        metrics.roc_auc_score(y_true, scores, multi_class="ovr", average="macro", labels=labels))
+        except ValueError:  # a class absent from y_true: AUC is undefined
+            auc = float("nan")
+        balanced = float(metrics.balanced_accuracy_score(y_true, pred))
+        confusion = metrics.confusion_matrix(y_true, pred, labels=labels).tolist()
+        accuracy = float(metrics.accuracy_score(y_true, pred))
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        y_true, pred, labels=None if y_true.ndim == 2 else list(range(scores.shape[1])), zero_division=0
+    )
+    return {
+        "accuracy": accuracy,
+        "balanced_accuracy": balanced,
+        "auc": auc,
+        "f1": float(np.mean(f1)),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        },
+        "confusion_matrix": confusion,
+    }
+
+
+def best_thresholds(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Per-label threshold maximising F1 on a validation set (multi-label)."""
+    metrics = _sklearn()
+    chosen = []
+    for c in range(y_true.shape[1]):
+        candidates = np.unique(np.concatenate([probs[:, c], [0.5]]))
+        scores = [metrics.f1_score(y_true[:, c], probs[:, c] >= t, zero_division=0) for t in candidates]
+        chosen.append(float(candidates[int(np.argmax(scores))]))
+    return np.array(chosen)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, c: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Probabilities (N, C) from an L2-regularised logistic regression on standardised frozen features."""
+    _sklearn()
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    classifier = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    if np.asarray(train_y).ndim == 2:
+        classifier = OneVsRestClassifier(classifier)
+    model = make_pipeline(StandardScaler(), classifier).fit(np.asarray(train_x), np.asarray(train_y))
+    probs = model.predict_proba(np.asarray(test_x))
+    num_classes = int(np.asarray(train_y).max()) + 1 if np.asarray(train_y).ndim == 1 else probs.shape[1]
+    if probs.shape[1] != num_classes:  # a class missing from the training set
+        full = np.zeros((len(probs), num_classes))
+        full[:, model[-1].classes_] = probs
+        probs = full
+    return probs
+
+
+def knn_classify(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, k: int = 20,
+                 temperature: float = 0.07, num_classes: int | None = None) -> np.ndarray:
+    """kNN class probabilities (N, C): the weighted votes normalised to sum to one."""
+    votes = knn_predict(train_x, torch.as_tensor(np.asarray(train_y)), test_x, k, temperature, num_classes)
+    return (votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
+
+
+def few_shot(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, shots: int,
+             seeds: Sequence[int] = (0, 1, 2, 3, 4), method: str = "linear") -> dict:
+    """Accuracy with ``shots`` training images per class, over several seeds: mean and std."""
+    train_y, classes = np.asarray(train_y), np.unique(train_y)
+    accuracies = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        picks = np.concatenate([rng.choice(np.flatnonzero(train_y == c), min(shots, int((train_y == c).sum())), replace=False)
+                                for c in classes])
+        x, y = train_x[torch.as_tensor(picks)], train_y[picks]
+        num_classes = int(max(train_y.max(), np.max(test_y))) + 1
+        probs = (linear_probe(x, y, test_x, seed=seed) if method == "linear"
+                 else knn_classify(x, y, test_x, k=min(20, len(y)), num_classes=num_classes))
+        accuracies.append(float((probs.argmax(1) == np.asarray(test_y)).mean()))
+    return {"shots": shots, "mean": float(np.mean(accuracies)), "std": float(np.std(accuracies)), "runs": accuracies}
+
+
+def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
+    """Dice and IoU per foreground class (1..C-1) and their means, over all pixels of the batch."""
+    dice, iou = {}, {}
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        intersection, total = (p & t).sum().item(), p.sum().item() + t.sum().item()
+        union = (p | t).sum().item()
+        dice[c] = 2 * intersection / total if total else 1.0
+        iou[c] = intersection / union if union else 1.0
+    return {"dice": float(np.mean(list(dice.values()))), "iou": float(np.mean(list(iou.values()))),
+            "dice_per_class": dice, "iou_per_class": iou}

@@ -88,11 +88,13 @@ def input_spec(config: MIDoLConfig) -> dict[str, dict[str, Any]]:
 
 
 def evaluation_table(results: dict[str, Any] | str | Path | None) -> str:
-    """Markdown table of ``{dataset: {protocol: {metric: value}}}``, metrics as columns."""
+    """Markdown table of ``{dataset: {protocol: {metric: value}}}``, metrics as columns
+    (a ``sizes`` entry per dataset, as ``midol_hub.evaluate`` writes, is left out)."""
     if results is None:
         return "No evaluation results yet."
     if not isinstance(results, dict):
         results = json.loads(Path(results).read_text(encoding="utf-8"))
+    results = {name: {p: m for p, m in protocols.items() if p != "sizes"} for name, protocols in results.items()}
     metrics = sorted({m for protocols in results.values() for scores in protocols.values() for m in scores})
     lines = ["| dataset | protocol | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for dataset, protocols in results.items():

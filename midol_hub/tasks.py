@@ -1,0 +1,148 @@
+"""Downstream models on an M-IDoL encoder: image classification and semantic segmentation.
+
+Both are transformers ``PreTrainedModel`` classes sharing :class:`MIDoLConfig` (with
+``num_labels``, ``id2label``, ``problem_type`` and ``task_modality``), so ``save_pretrained``
+/ ``from_pretrained`` and the Auto classes work as for any Hub model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, PreTrainedModel
+from transformers import initialization as hf_init
+
+from .configuration_midol import MIDoLConfig
+from .modalities import canonical_modality
+from .modeling_midol import MIDoLModel
+
+
+class _TaskModel(PreTrainedModel):
+    config_class = MIDoLConfig
+    base_model_prefix = "midol"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            hf_init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                hf_init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d, nn.GroupNorm)) and module.weight is not None:
+            hf_init.ones_(module.weight)
+            hf_init.zeros_(module.bias)
+
+    @classmethod
+    def from_encoder(cls, encoder: MIDoLModel, class_names: list[str], modality: str, multilabel: bool = False,
+                     feature: str = "embedding") -> Any:
+        """A new task model whose encoder starts from ``encoder``'s weights."""
+        fields = encoder.config.to_dict()
+        for key in ("transformers_version", "model_type", "architectures"):
+            fields.pop(key, None)
+        config = MIDoLConfig(**{**fields, "keep_prototypes": False, "task_feature": feature})
+        config.expert_for(modality)  # raises when the encoder has no expert for it
+        config.task_modality = canonical_modality(modality)
+        config.id2label = dict(enumerate(class_names))
+        config.label2id = {name: i for i, name in enumerate(class_names)}
+        config.problem_type = "multi_label_classification" if multilabel else "single_label_classification"
+        model = cls(config)
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.prototypes")}
+        model.midol.load_state_dict(state)
+        return model
+
+    def expert_index(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        if self.config.task_modality is None:
+            return None
+        return torch.full((batch,), self.config.expert_for(self.config.task_modality), dtype=torch.long, device=device)
+
+    def preprocess(self, images: Any) -> torch.Tensor:
+        """Images -> normalised batch with the task modality's preprocessing profile."""
+        return self.midol.preprocess(images, self.config.task_modality or "auto")
+
+
+class ClassificationModel(_TaskModel):
+    """Encoder feature (expert embedding or pooled) -> LayerNorm -> linear classifier."""
+
+    def __init__(self, config: MIDoLConfig) -> None:
+        super().__init__(config)
+        self.midol = MIDoLModel(config)
+        self.norm = nn.LayerNorm(config.num_features)
+        self.classifier = nn.Linear(config.num_features, config.num_labels)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits (B, num_labels)."""
+        out = self.midol(pixel_values, expert_index=self.expert_index(pixel_values.shape[0], pixel_values.device))
+        features = out.embedding if self.config.task_feature == "embedding" else out.pooled
+        return self.classifier(self.norm(features))
+
+    @torch.inference_mode()
+    def predict(self, images: Any) -> torch.Tensor:
+        """Probabilities (B, num_labels): softmax, or sigmoid for multi-label models."""
+        logits = self(self.preprocess(images).to(next(self.parameters()).device)).float()
+        return logits.sigmoid() if self.config.problem_type == "multi_label_classification" else logits.softmax(-1)
+
+
+class SegmentationModel(_TaskModel):
+    """The four Swin stages fused top-down (FPN / U-Net style) into per-pixel logits."""
+
+    def __init__(self, config: MIDoLConfig) -> None:
+        super().__init__(config)
+        self.midol = MIDoLModel(config)
+        channels = [config.embed_dim * 2**i for i in range(len(config.depths))]
+        dim = config.decoder_dim
+        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in channels)
+        self.fuse = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.GroupNorm(8, dim), nn.GELU()) for _ in channels
+        )
+        self.classifier = nn.Conv2d(dim, config.num_labels, kernel_size=1)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Logits (B, num_labels, H, W) at the input resolution."""
+        pyramid = self.midol(pixel_values, expert_index=self.expert_index(pixel_values.shape[0], pixel_values.device),
+                             output_pyramid=True).pyramid
+        x = None
+        for level in reversed(range(len(pyramid))):
+            lateral = self.lateral[level](pyramid[level])
+            x = lateral if x is None else lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            x = self.fuse[level](x)
+        return F.interpolate(self.classifier(x), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups with layer-wise lr decay (as RETFound / BEiT): the patch embedding gets
+    ``lr * decay ** (L + 1)``, Swin block b gets ``lr * decay ** (L - b)``, the head ``lr``."""
+    depths = model.config.depths
+    num_layers = sum(depths)
+    starts = [sum(depths[:i]) for i in range(len(depths))]
+
+    def layer_id(name: str) -> int:
+        if name.startswith("midol.backbone.patch_embed"):
+            return 0
+        if name.startswith("midol.backbone.layers."):
+            parts = name.split(".")
+            stage = int(parts[3])
+            if parts[4] == "blocks":
+                return starts[stage] + int(parts[5]) + 1
+            return starts[stage] + 1  # downsample runs before the stage's first block
+        return num_layers + 1
+
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or "relative_position" in name
+        key = (layer_id(name), no_decay)
+        if key not in groups:
+            scale = decay ** (num_layers + 1 - key[0])
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+AutoModelForImageClassification.register(MIDoLConfig, ClassificationModel, exist_ok=True)
+AutoModelForSemanticSegmentation.register(MIDoLConfig, SegmentationModel, exist_ok=True)

@@ -1,0 +1,146 @@
+"""The fine-tuning examples and the evaluation command, end to end on real images."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from midol_hub import ClassificationModel, SegmentationModel
+from midol_hub import evaluate as evaluation_command
+
+from .conftest import make_micro
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+classification = example("finetune_classification")
+segmentation = example("finetune_segmentation")
+MICRO = ["--model", "midol-micro", "--random-weights"]
+
+
+def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys):
+    npz = str(data_root / "fundus/retinamnist/retinamnist.npz")
+    argv = [*MICRO, "--data", npz, "--modality", "fundus", "--epochs", "5", "--output-dir", str(tmp_path / "run")]
+    assert classification.main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["sizes"] == {"train": 1080, "val": 120, "test": 400}
+    for block in ("val", "test"):
+        assert set(metrics[block]) == {"accuracy", "balanced_accuracy", "auc", "f1", "per_class", "confusion_matrix"}
+    assert np.array(metrics["test"]["confusion_matrix"]).sum() == 400
+    assert metrics["test"]["auc"] > 0.6  # random micro features still carry signal on RetinaMNIST
+    model = ClassificationModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.num_labels == 5 and model.config.task_modality == "fundus"
+    cached = sorted((tmp_path / "run" / "feature_cache").glob("*.safetensors"))
+    assert len(cached) == 3  # train, val, test
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    assert classification.main(argv) == 0  # second run: every split comes from the cache
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_finetune_on_a_real_class_folder(tmp_path, data_root):
+    argv = [*MICRO, "--data", str(data_root / "oct/kermany_oct2017_samples_c"), "--modality", "oct", "--mode", "finetune",
+            "--epochs", "2", "--batch-size", "8", "--split", "0.5,0.25,0.25", "--output-dir", str(tmp_path / "ft")]
+    assert classification.main(argv) == 0
+    metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
+    assert metrics["mode"] == "finetune" and sum(metrics["sizes"].values()) == 28
+    probs = ClassificationModel.from_pretrained(tmp_path / "ft" / "model").predict(
+        [str(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg")])
+    assert probs.shape == (1, 4)
+
+
+def multilabel_csv(tmp_path: Path, data_root: Path, broken: bool = False) -> Path:
+    files = sorted((data_root / "dermoscopy/isic_uda1_250px").glob("*.jpg"))[:24]
+    rng = np.random.default_rng(0)
+    with open(tmp_path / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "melanoma_risk", "large"])
+        for i, path in enumerate(files):
+            writer.writerow([str(path), int(rng.random() < 0.5), i % 2])
+        if broken:
+            (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+            writer.writerow([str(tmp_path / "broken.jpg"), 0, 1])
+    return tmp_path / "labels.csv"
+
+
+def test_multilabel_csv_linear_probe(tmp_path, data_root):
+    path = multilabel_csv(tmp_path, data_root)
+    argv = [*MICRO, "--data", str(path), "--modality", "derm", "--epochs", "3", "--output-dir", str(tmp_path / "ml")]
+    assert classification.main(argv) == 0
+    metrics = json.loads((tmp_path / "ml" / "metrics.json").read_text())
+    assert metrics["classes"] == ["melanoma_risk", "large"] and len(metrics["thresholds"]) == 2
+    assert len(metrics["test"]["confusion_matrix"]) == 2  # one 2x2 matrix per label
+    assert ClassificationModel.from_pretrained(tmp_path / "ml" / "model").config.problem_type == "multi_label_classification"
+
+
+def test_example_errors_are_one_line(tmp_path, data_root, capsys):
+    cases = [
+        (["--data", str(multilabel_csv(tmp_path, data_root)), "--label-columns", "diagnosis"], "no column 'diagnosis'"),
+        (["--data", str(multilabel_csv(tmp_path, data_root, broken=True))], "broken.jpg"),
+    ]
+    (tmp_path / "classes" / "a").mkdir(parents=True)
+    (tmp_path / "classes" / "b").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "classes" / "a" / "x.png")
+    cases.append((["--data", str(tmp_path / "classes")], "class 'b' has no images"))
+    narrow = make_micro(expert_modalities=["xray", "xray", "fundus", "dermoscopy", "pathology"])
+    narrow.save_pretrained(tmp_path / "narrow")
+    cases.append((["--model", str(tmp_path / "narrow"), "--data", str(data_root / "oct/kermany_oct2017_samples_c"),
+                   "--modality", "oct"], "this model has no expert for 'oct'"))
+    for extra, message in cases:
+        argv = [*MICRO, "--modality", "derm", "--epochs", "1", "--output-dir", str(tmp_path / "out"), *extra]
+        assert classification.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("finetune_classification: error: ") and message in err
+
+
+def test_segmentation_decoder_overfits_real_images(tmp_path, data_root):
+    """Masks made here by thresholding the darker lesion in real dermoscopy photographs."""
+    (tmp_path / "img").mkdir()
+    (tmp_path / "mask").mkdir()
+    for path in sorted((data_root / "dermoscopy/isic_uda1_250px").glob("*.jpg"))[:4]:
+        gray = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        Image.fromarray(((gray < gray.mean() - 0.5 * gray.std()) * 255).astype(np.uint8)).save(tmp_path / "mask" / f"{path.stem}.png")
+        Image.open(path).save(tmp_path / "img" / path.name)
+    argv = [*MICRO, "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "mask"), "--modality", "derm",
+            "--epochs", "80", "--batch-size", "4", "--val-fraction", "0", "--output-dir", str(tmp_path / "seg")]
+    assert segmentation.main(argv) == 0
+    metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert metrics["best"]["dice"] > 0.9 and metrics["num_classes"] == 2
+    model = SegmentationModel.from_pretrained(tmp_path / "seg" / "model")
+    assert model.config.num_labels == 2
+
+
+def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, monkeypatch, capsys):
+    monkeypatch.setenv("MIDOL_DATA", str(data_root))
+    out = tmp_path / "results.json"
+    argv = ["--model", "midol-micro", "--random-weights", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--datasets", "Kermany OCT", "ISIC nevus vs melanoma"]
+    assert evaluation_command.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["Kermany OCT"]["sizes"]["train"] + results["Kermany OCT"]["sizes"]["test"] == 100
+    assert results["ISIC nevus vs melanoma"]["sizes"]["train"] + results["ISIC nevus vs melanoma"]["sizes"]["test"] == 498
+    for protocol in ("linear probe", "kNN"):
+        assert 0 <= results["Kermany OCT"][protocol]["accuracy"] <= 1
+    table = capsys.readouterr().out
+    assert table.startswith("| dataset | train / test |") and "| Kermany OCT | " in table
+    from midol_hub.model_card import evaluation_table
+
+    assert "| Kermany OCT | linear probe |" in evaluation_table(results)
+
+
+def test_oct_split_never_shares_a_patient(data_root):
+    train, test = evaluation_command._oct(data_root)
+    assert not set(train.groups) & set(test.groups)
+    assert "103044" in train.groups + test.groups  # CNV-103044-* slices stay together
