@@ -12,9 +12,18 @@ import platform
 
 import torch
 
-from . import train_step
+from . import encode, loading, train_step
 
-TARGETS = {"train_step_midol_vs_dino_ratio": ("<=", 1.10)}
+TARGETS = {
+    "encode_overhead_ratio": (">=", 0.97),
+    "cpu_efficiency_ratio": (">=", 0.75),
+    "bf16_speedup_ratio": (">=", 1.8),
+    "bf16_cos_min": (">=", 0.999),
+    "folder_vs_forward_ratio": (">=", 0.85),
+    "load_peak_rss_ratio": ("<=", 1.3),
+    "load_time_ratio": ("<=", 1.2),
+    "train_step_midol_vs_dino_ratio": ("<=", 1.10),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,16 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repeats = 3 if args.quick else 7
     results: dict[str, float] = {}
+    results.update(encode.measure(repeats=repeats))
+    results.update(loading.measure(repeats=1 if args.quick else 3))
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'measurement':<36} {'value':>10}  target")
+    print(f"{'measurement':<38} {'value':>10}  target")
     for key, value in results.items():
         target = TARGETS.get(key)
         verdict = ""
         if target:
             met = value <= target[1] if target[0] == "<=" else value >= target[1]
             verdict = f"{target[0]} {target[1]}  {'met' if met else 'NOT met'}"
-        print(f"{key:<36} {value:>10.3f}  {verdict}")
+        print(f"{key:<38} {value:>10.4g}  {verdict}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(results, handle, indent=2)

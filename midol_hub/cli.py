@@ -216,8 +216,11 @@ def check_writable(out: Path, formats: Sequence[str]) -> None:
         raise CLIError(f"{out}: the folder {parent} does not exist")
     if out.is_dir():
         raise CLIError(f"{out}: is a directory; give a file name")
-    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise CLIError(f"{out}: not writable")
+    try:  # a real write, since permission bits say little to root or on special file systems
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".check"):
+            pass
+    except OSError as error:
+        raise CLIError(f"{out}: not writable ({error.strerror or error})") from None
 
 
 @contextmanager

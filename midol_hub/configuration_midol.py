@@ -19,6 +19,8 @@ class MIDoLConfig(PreTrainedConfig):
         backbone: timm architecture name, e.g. ``"swin_base_patch4_window7_224"``.
         embed_dim, depths, num_heads, window_size, img_size, patch_size: overrides of the
             timm defaults; the paper's Swin-B is 128 / (2, 2, 18, 2) / (4, 8, 16, 32) / 7 / 224 / 4.
+        fused_attention: window attention through ``scaled_dot_product_attention`` (same
+            result within float rounding, about 20% faster on CPU; timm leaves it off for Swin).
     MoE projection head:
         num_experts: expert FFNs (one per modality in the paper's framing).
         top_k: experts mixed per image in the training forward (Tutel weights them by their
@@ -55,6 +57,7 @@ class MIDoLConfig(PreTrainedConfig):
     img_size: int = 224
     patch_size: int = 4
     drop_path_rate: float = 0.0
+    fused_attention: bool = True
     num_experts: int = 5
     top_k: int = 1
     hidden_dim: int = 2048

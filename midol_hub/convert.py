@@ -61,8 +61,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "argparse.Namespace, so loading it could run code. Nothing was executed. If you trust the "
             "file, re-save its state dict with torch.save(state_dict) or as safetensors."
         ) from None
-    except (RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from None
+    except Exception as error:  # torch.load raises many types for damaged files
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(checkpoint).__name__}")
     return checkpoint

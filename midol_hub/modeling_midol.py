@@ -142,6 +142,9 @@ class MIDoLModel(PreTrainedModel):
             num_heads=tuple(config.num_heads),
             drop_path_rate=config.drop_path_rate,
         )
+        for module in self.backbone.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = config.fused_attention
         self.head = MoEProjector(
             dim=self.backbone.num_features,
             num_experts=config.num_experts,

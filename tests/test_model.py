@@ -91,3 +91,20 @@ def test_forward_embedding_is_the_selected_experts_output(micro):
     torch.testing.assert_close(auto.embedding, outputs[torch.arange(2), auto.expert_index])
     torch.testing.assert_close(forced.embedding[0], outputs[0, 4])
     torch.testing.assert_close(forced.embedding[1], outputs[1, 1])
+
+
+def test_fused_window_attention_matches_the_plain_path():
+    torch.manual_seed(0)
+    config = get_entry("midol-micro").make_config()
+    fused = MIDoLModel(config).eval()
+    plain = MIDoLModel(MIDoLConfig(**{**get_entry("midol-micro").config, "fused_attention": False})).eval()
+    plain.load_state_dict(fused.state_dict())
+    attention = [m for m in fused.backbone.modules() if hasattr(m, "fused_attn")]
+    assert attention and all(m.fused_attn for m in attention)
+    assert not any(m.fused_attn for m in plain.backbone.modules() if hasattr(m, "fused_attn"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = fused(x, output_pyramid=True), plain(x, output_pyramid=True)
+    assert (a.pooled - b.pooled).abs().max() < 1e-5
+    for stage_a, stage_b in zip(a.pyramid, b.pyramid):
+        assert (stage_a - stage_b).abs().max() < 1e-4

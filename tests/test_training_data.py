@@ -31,6 +31,12 @@ def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
             shard.add(path, arcname=f"sample/{path.name}")
     tar = open_source(f"pathology={tmp_path / 'shard-000.tar'}")
     assert len(tar) == 3 and tar.read(2).shape == (224, 224, 3)
+    listed = sorted(str(p) for p in (data_root / "oct/kermany_oct2017_samples_b").glob("*.jpeg"))
+    (tmp_path / "train.txt").write_text("\n".join(listed[:3]) + "\n")
+    assert len(open_source(f"oct={tmp_path / 'train.txt'}")) == 3
+    (tmp_path / "bad.txt").write_text("/nonexistent.png\n")
+    with pytest.raises(DataError, match="lists 1 missing file"):
+        open_source(str(tmp_path / "bad.txt"))
 
 
 @pytest.mark.parametrize(
@@ -39,7 +45,7 @@ def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
         (lambda p: str(p / "absent"), "does not exist"),
         (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no images"),
         (lambda p: np.savez(p / "x.npz", images=np.zeros((2, 8, 8))) or str(p / "x.npz"), r"no 'train_images' array \(it has images\)"),
-        (lambda p: (p / "notes.txt").write_text("x") and str(p / "notes.txt"), "expected a folder, an .npz file or a .tar shard"),
+        (lambda p: (p / "notes.md").write_text("x") and str(p / "notes.md"), "expected a folder, an .npz file, a .tar shard or a .txt list"),
     ],
 )
 def test_bad_data_paths_say_what_to_fix(tmp_path, make, message):

@@ -54,7 +54,8 @@ class Source:
 
 
 def open_source(spec: str, split: str = "train") -> Source:
-    """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file or a .tar shard."""
+    """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file, a .tar shard or a .txt
+    list of image paths (one per line, e.g. the training split of a patient-level split)."""
     tag, sep, path_text = spec.partition("=")
     if not sep:
         tag, path_text = None, spec
@@ -77,13 +78,21 @@ def open_source(spec: str, split: str = "train") -> Source:
             images = arrays[key]
             labels = arrays.get(f"{split}_labels")
         return Source(str(path), tag, "npz", list(images), None if labels is None else labels.reshape(len(images), -1)[:, 0])
+    if path.suffix == ".txt":
+        files = [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"{path} lists {len(missing)} missing file(s), first: {missing[0]}")
+        if not files:
+            raise DataError(f"image list {path} is empty")
+        return Source(str(path), tag, "folder", files)
     if path.suffix == ".tar":
         with tarfile.open(path) as shard:
             members = [m.name for m in shard.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
         if not members:
             raise DataError(f"tar shard {path} holds no images")
         return Source(str(path), tag, "tar", members)
-    raise DataError(f"data path {path}: expected a folder, an .npz file or a .tar shard")
+    raise DataError(f"data path {path}: expected a folder, an .npz file, a .tar shard or a .txt list of images")
 
 
 def _read_tar_member(shard: str, member: str) -> np.ndarray:

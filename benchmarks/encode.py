@@ -1,0 +1,87 @@
+"""Encode speed: overhead over the raw forward, CPU efficiency, bf16 speed-up and accuracy,
+and end-to-end folder encoding against the forward pass alone."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+
+from .common import interleaved_medians
+
+REAL_IMAGES = (
+    "oct/kermany_oct2017_samples_c", "dermoscopy/isic_uda1_fullres", "pathology/crc_val_he_7k_examples",
+    "xray/nih_chestxray14_examples", "fundus/skimage_examples",
+)
+
+
+def real_image_paths(limit: int) -> list[str]:
+    root = Path(os.environ.get("MIDOL_DATA", "../shared/data"))
+    paths = []
+    for folder in REAL_IMAGES:
+        paths += sorted(str(p) for p in (root / folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise FileNotFoundError(f"no real images under {root}; set MIDOL_DATA")
+    return (paths * (limit // len(paths) + 1))[:limit]
+
+
+def measure(arch: str = "midol-swin-base", batch: int = 8, repeats: int = 5) -> dict[str, float]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = load_model(arch, pretrained=False)
+        model_bf16 = load_model(arch, pretrained=False, dtype=torch.bfloat16)
+        plain = MIDoLModel(MIDoLConfig(**{**get_entry(arch).config, "fused_attention": False})).eval()
+    model_bf16.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    size = model.config.img_size
+    pixels = torch.randn(batch, 3, size, size)
+
+    def raw_forward():
+        with torch.inference_mode():
+            model.head(model.backbone(pixels))
+
+    def plain_forward():  # timm's own Swin attention path, for comparison
+        with torch.inference_mode():
+            plain.head(plain.backbone(pixels))
+
+    def encode():
+        model.encode(pixels, modality="oct", preprocessed=True, batch_size=batch)
+
+    def encode_bf16():
+        model_bf16.encode(pixels, modality="oct", preprocessed=True, batch_size=batch)
+
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    seconds = interleaved_medians(
+        {"raw": raw_forward, "plain": plain_forward, "encode": encode, "bf16": encode_bf16, "mm": lambda: torch.mm(a, b)},
+        repeats=repeats,
+    )
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(pixels)
+    flops = counter.get_total_flops()
+    encode_gflops = flops / seconds["encode"] / 1e9
+    mm_gflops = 2 * 4096**3 / seconds["mm"] / 1e9
+
+    paths = real_image_paths(4 * batch)
+    with torch.inference_mode():
+        reference = model.encode(paths[:16], modality="auto").embedding
+        low = model_bf16.encode(paths[:16], modality="auto").embedding
+    folder = interleaved_medians({"folder": lambda: model.encode(paths, modality="auto", batch_size=batch)}, repeats=max(1, repeats // 2))
+    forward_per_image = seconds["raw"] / batch
+    return {
+        "encode_overhead_ratio": seconds["raw"] / seconds["encode"],
+        "cpu_efficiency_ratio": encode_gflops / mm_gflops,
+        "cpu_efficiency_ratio_timm_attention": flops / seconds["plain"] / 1e9 / mm_gflops,
+        "encode_gflops": encode_gflops,
+        "mm_gflops": mm_gflops,
+        "bf16_speedup_ratio": seconds["encode"] / seconds["bf16"],
+        "bf16_cos_min": float(F.cosine_similarity(reference, low).min()),
+        "folder_vs_forward_ratio": forward_per_image * len(paths) / folder["folder"],
+        "encode_images_per_s": batch / seconds["encode"],
+    }
