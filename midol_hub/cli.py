@@ -304,7 +304,7 @@ def run_list(args: argparse.Namespace) -> None:
 
     for name in list_models():
         entry = get_entry(name)
-        weights = entry.hub_id or "no published weights"
+        weights = entry.hub_id or ("in the package" if entry.embedded else "no published weights")
         print(f"{name:<18} {weights:<24} {entry.description}")
 
 
@@ -369,6 +369,9 @@ def run_cache_prefetch(args: argparse.Namespace) -> None:
     entry = get_entry(args.model)
     repo_id = args.model
     if entry is not None:
+        if entry.embedded is not None:
+            print(f"{entry.name} ships inside the package ({entry.embedded_path()}); nothing to prefetch")
+            return
         if entry.hub_id is None:
             raise CLIError(f"{entry.name} has no published weights to prefetch")
         repo_id = entry.hub_id

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
 from .image_io import describe, read_any
-from .loading import _parse_dtype
+from .loading import parse_dtype
 from .modalities import AUTO, canonical_modality
 from .preprocessing import Preprocessor, WarningCollector, check_preprocessed, iter_chunks
 
@@ -123,7 +123,7 @@ def encode(
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    compute_dtype = _parse_dtype(dtype)
+    compute_dtype = parse_dtype(dtype)
     if device is not None and torch.device(device) != _device_of(model):
         model.to(device)
     device = _device_of(model)
@@ -216,10 +216,8 @@ def _as_items(images: Any, preprocessed: bool, size: int) -> list:
             raise ValueError("encode() got an empty list of images; pass at least one image")
         return list(images)
     if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
-        return [images]
-    if hasattr(images, "size") and hasattr(images, "mode"):  # a PIL image
-        return [images]
-    return _as_items(list(images), preprocessed, size)
+        return [images]  # one path, PIL image or array
+    return _as_items(list(images), preprocessed, size)  # any other iterable of images
 
 
 def _prepare(

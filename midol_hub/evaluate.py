@@ -37,7 +37,7 @@ def _npz(relative: str, classes: list[str]) -> Callable[[Path], tuple[LabelledIm
     return load
 
 
-def _pathmnist(root: Path):
+def pathmnist_splits(root: Path):
     """Only a 718-image slice of the PathMNIST test split is available: split it 60/40 by class."""
     names = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal mucosa", "stroma", "tumour"]
     data = from_npz(root / "pathology/pathmnist_test_subset/pathmnist.npz", "test", names)
@@ -45,7 +45,7 @@ def _pathmnist(root: Path):
     return train, test
 
 
-def _isic(root: Path):
+def isic_splits(root: Path):
     """Nevus vs melanoma from the two small-size UDA-1 folders (500 distinct lesions), split by lesion id."""
     images, labels, groups = [], [], []
     for folder in ("dermoscopy/isic_uda1_300x225", "dermoscopy/isic_uda1_250px"):
@@ -60,7 +60,7 @@ def _isic(root: Path):
     return train, test
 
 
-def _oct(root: Path):
+def oct_splits(root: Path):
     """Kermany OCT 4-class from all OCT folders, split by patient id (CLASS-patient-slice)."""
     images, labels, groups = [], [], []
     for path in sorted((root / "oct").rglob("*.jpeg")):
@@ -80,9 +80,9 @@ BENCHMARKS: dict[str, tuple[str, Callable]] = {
     "BloodMNIST": ("pathology", _npz("pathology/bloodmnist/bloodmnist.npz",
                                      ["basophil", "eosinophil", "erythroblast", "immature granulocyte", "lymphocyte",
                                       "monocyte", "neutrophil", "platelet"])),
-    "PathMNIST (subset)": ("pathology", _pathmnist),
-    "ISIC nevus vs melanoma": ("dermoscopy", _isic),
-    "Kermany OCT": ("oct", _oct),
+    "PathMNIST (subset)": ("pathology", pathmnist_splits),
+    "ISIC nevus vs melanoma": ("dermoscopy", isic_splits),
+    "Kermany OCT": ("oct", oct_splits),
 }
 
 
@@ -116,9 +116,40 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
     return results
 
 
+SEPARATION = "Modality separation (test sets)"
+
+
+def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
+    """How well images separate by modality without labels: the share of test images the router
+    sends to their own modality's expert (calibrated models only) and the cosine silhouette
+    score of their ``modality="auto"`` embeddings grouped by modality."""
+    from sklearn.metrics import silhouette_score
+
+    images: dict[str, list] = {}
+    for name, (modality, load) in BENCHMARKS.items():
+        images.setdefault(modality, []).extend(load(root)[1].images)
+    paths, labels = [], []
+    for modality, items in images.items():
+        picks = np.random.default_rng(0).permutation(len(items))[:per_modality]
+        paths += [items[i] for i in picks]
+        labels += [modality] * len(picks)
+    encoding = model.encode(paths, modality="auto", batch_size=64)
+    scores = {"silhouette": float(silhouette_score(encoding.embedding.numpy(), labels, metric="cosine"))}
+    if model.config.modality_calibration is not None:
+        own = np.array([model.config.expert_for(m) for m in labels])
+        scores["routing_purity"] = float((encoding.expert_index.numpy() == own).mean())
+    return {"auto routing": scores, "sizes": {"test": len(paths)}}
+
+
 def markdown_table(results: dict) -> str:
     lines = ["| dataset | train / test | linear probe acc | linear probe AUC | kNN acc | kNN AUC |", "|---|---|---|---|---|---|"]
     for name, result in results.items():
+        if name == SEPARATION:
+            scores = result["auto routing"]
+            purity = f"{scores['routing_purity']:.3f}" if "routing_purity" in scores else "n/a"
+            lines.append(f"| {name} | - / {result['sizes']['test']} | routing purity {purity} | "
+                         f"silhouette {scores['silhouette']:.3f} | | |")
+            continue
         probe, knn, sizes = result["linear probe"], result["kNN"], result["sizes"]
         lines.append(f"| {name} | {sizes['train']} / {sizes['test']} | {probe['accuracy']:.3f} | {probe['auc']:.3f} "
                      f"| {knn['accuracy']:.3f} | {knn['auc']:.3f} |")
@@ -136,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=2000)
     parser.add_argument("--cache-dir", default=None, help="feature cache folder")
     parser.add_argument("--random-weights", action="store_true", help="evaluate a registry architecture with random weights")
+    parser.add_argument("--separation", action="store_true", help="also measure modality separation (routing purity, silhouette)")
     args = parser.parse_args(argv)
     root = data_root()
     try:
@@ -148,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             model = load_model(args.model)
         results = evaluate(model, root, args.datasets, args.feature, args.max_train, args.max_test, args.cache_dir, progress=True)
+        if args.separation:
+            results[SEPARATION] = modality_separation(model, root)
     except (DatasetError, ModelNotFoundError, WeightsNotAvailableError, ValueError) as error:
         print(f"midol_hub.evaluate: error: {error}", file=sys.stderr)
         return 1

@@ -58,11 +58,12 @@ def load_model(
         Hugging Face cache (``HF_HUB_OFFLINE=1`` and ``local_files_only=True`` read only the cache).
 
     ``pretrained=False`` builds the architecture with random weights (no download).
-    ``device`` and ``dtype`` (e.g. ``torch.bfloat16`` or ``"bf16"``) are applied while loading.
+    ``device`` and ``dtype`` (e.g. ``torch.bfloat16`` or ``"bf16"``; default float32, whatever
+    the storage precision) are applied while loading.
     """
     spec = os.fspath(name_or_path).strip()
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = _parse_dtype(dtype)
+    dtype = parse_dtype(dtype)
     hub_kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
 
     if spec.startswith("hf-hub:"):
@@ -73,6 +74,10 @@ def load_model(
     if entry is not None:
         if not pretrained:
             return _random(entry.make_config(), entry.name, device, dtype)
+        if entry.embedded is not None:
+            model = _load_local(entry.embedded_path(), pretrained, device, dtype)
+            model.provenance.source, model.provenance.location = "embedded", entry.name
+            return model
         if entry.hub_id is None:
             raise WeightsNotAvailableError(
                 f"{entry.name!r} has no published weights yet. To get a model: convert an official "
@@ -209,10 +214,10 @@ def _build(
             "delete it and download or save it again"
         ) from None
     _check_state(model, state, weights_path)
-    if dtype is not None:
-        for key, tensor in state.items():
-            if tensor.is_floating_point():
-                state[key] = tensor.to(dtype)
+    target = dtype or torch.float32  # whatever the storage (fp16 ships smaller), compute in fp32 by default
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and tensor.dtype != target:
+            state[key] = tensor.to(target)
     model.load_state_dict(state, strict=True, assign=True)
     _materialise_buffers(model, device)
     model.provenance = provenance
@@ -267,7 +272,7 @@ _DTYPES = {
 }
 
 
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     key = str(dtype).lower().removeprefix("torch.")

@@ -33,18 +33,20 @@ def render_model_card(
     name: str | None = None,
     results: dict[str, Any] | str | Path | None = None,
     base_model: str | None = None,
+    notes: str | None = None,
 ) -> str:
     """Fill the card for ``config``.
 
     ``name`` picks the registry model's template (licence, datasets, description);
     ``results`` is a dict or JSON file ``{dataset: {protocol: {metric: value}}}`` that becomes
-    the evaluation table; ``base_model`` goes into the front matter of derived models.
+    the evaluation table; ``base_model`` goes into the front matter of derived models;
+    ``notes`` is markdown added after the table (training details, comparisons).
     """
     entry = get_entry(name) if name else None
     template = entry.name if entry is not None and entry.name in card_templates() else GENERIC_TEMPLATE
     front = []
     if entry is not None and entry.datasets:
-        front += ["datasets:"] + [f"- {d}" for d in entry.datasets]
+        front += ["datasets:"] + [f"- {json.dumps(d)}" for d in entry.datasets]
     if base_model:
         front.append(f"base_model: {base_model}")
     values = dict(
@@ -65,6 +67,7 @@ def render_model_card(
         calibrated="yes" if config.modality_calibration else "no (expert order follows the paper's framing)",
         input_spec="{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in input_spec(config).items()) + "\n}",
         evaluation=evaluation_table(results),
+        notes="\n" + notes.strip() + "\n" if notes else "",
         citation=entry.citation if entry else PAPER_CITATION,
         data_citations="\n".join(f"- {c}" for c in entry.data_citations) if entry and entry.data_citations else "",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -163,10 +163,6 @@ class MIDoLModel(PreTrainedModel):
         elif isinstance(module, MoEProjector):
             module.reset_parameters()
 
-    @property
-    def num_features(self) -> int:
-        return self.backbone.num_features
-
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -221,22 +217,21 @@ class MIDoLModel(PreTrainedModel):
         *args: Any,
         results: dict | str | os.PathLike | None = None,
         base_model: str | None = None,
+        card_notes: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Write ``config.json``, ``model.safetensors`` and a model card ``README.md``.
 
         ``results`` (``{dataset: {protocol: {metric: value}}}`` or a JSON file) fills the card's
-        evaluation table; ``base_model`` records what a derived model started from.
+        evaluation table; ``base_model`` records what a derived model started from; ``card_notes``
+        is markdown added to the card.
         """
         from .model_card import render_model_card
 
         super().save_pretrained(save_directory, *args, **kwargs)
         name = getattr(self.config, "name_or_path", None) or None
-        card = render_model_card(self.config, name=name, results=results, base_model=base_model)
+        card = render_model_card(self.config, name=name, results=results, base_model=base_model, notes=card_notes)
         (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
-
-    def expert_names(self) -> Sequence[str]:
-        return tuple(self.config.expert_modalities)
 
 
 AutoConfig.register(MIDoLConfig.model_type, MIDoLConfig, exist_ok=True)

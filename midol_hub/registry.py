@@ -7,6 +7,8 @@ live (a Hub id), under which licence, and what to cite.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .configuration_midol import MIDoLConfig
@@ -17,6 +19,16 @@ PAPER_CITATION = """@article{liu2026midol,
   journal = {arXiv preprint arXiv:2604.08936},
   year    = {2026}
 }"""
+
+
+MICRO_DATA_CITATIONS = (
+    "Training and evaluation images (training splits for pretraining, test splits for the tables), with licences:",
+    "MedMNIST v2 (CC BY 4.0): J. Yang et al., Scientific Data 10, 41 (2023); PneumoniaMNIST from D. Kermany et al., "
+    "Cell 172(5):1122-1131 (2018); RetinaMNIST from DeepDRiD, R. Liu et al., Patterns 3(6) (2022); PathMNIST from "
+    "J. N. Kather et al., PLoS Medicine 16(1):e1002730 (2019); BloodMNIST from A. Acevedo et al., Data in Brief 30:105474 (2020).",
+    "Kermany OCT (CC BY 4.0): D. Kermany, K. Zhang, M. Goldbaum, Mendeley Data (2018), doi:10.17632/rscbjbr9sj.",
+    "ISIC Archive UDA-1 (CC0 1.0): International Skin Imaging Collaboration.",
+)
 
 
 @dataclass(frozen=True)
@@ -31,13 +43,17 @@ class ModelEntry:
     citation: str = PAPER_CITATION
     datasets: tuple[str, ...] = ()
     data_citations: tuple[str, ...] = ()
+    embedded: str | None = None  # folder under midol_hub/weights/ holding weights shipped in the package
 
     def make_config(self) -> MIDoLConfig:
         return MIDoLConfig(**self.config, name_or_path=self.name)
 
     @property
     def has_weights(self) -> bool:
-        return self.hub_id is not None
+        return self.hub_id is not None or self.embedded is not None
+
+    def embedded_path(self) -> Path:
+        return Path(str(resources.files("midol_hub").joinpath("weights", self.embedded)))
 
 
 _ENTRIES = (
@@ -58,7 +74,7 @@ _ENTRIES = (
     ),
     ModelEntry(
         name="midol-micro",
-        description="A 4 M-parameter Swin at 64 px (patch 2, window 4), 5 experts, 256-d; for CPU demos and tests.",
+        description="A 4 M-parameter Swin at 64 px (patch 2, window 4), 5 experts, 256-d; trained here, ships in the package.",
         config=dict(
             backbone="swin_tiny_patch4_window7_224",
             embed_dim=32,
@@ -70,6 +86,9 @@ _ENTRIES = (
             hidden_dim=512,
             num_prototypes=4096,
         ),
+        datasets=("MedMNIST v2 (PneumoniaMNIST, RetinaMNIST, PathMNIST, BloodMNIST)", "Kermany OCT 2017", "ISIC Archive UDA-1"),
+        data_citations=MICRO_DATA_CITATIONS,
+        embedded="midol-micro",
     ),
 )
 _REGISTRY = {entry.name: entry for entry in _ENTRIES}

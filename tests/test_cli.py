@@ -49,6 +49,7 @@ def test_every_subcommand_has_help(capsys):
 def test_list_and_info(capsys):
     code, out, _ = cli(capsys, "list")
     assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["midol-swin-base", "midol-swin-tiny", "midol-micro"]
+    assert "in the package" in out.splitlines()[2]
     code, out, _ = cli(capsys, "info", "midol-swin-base", "--json")
     info = json.loads(out)
     assert info["architecture"]["depths"] == [2, 2, 18, 2] and info["architecture"]["embedding_dim"] == 1024
@@ -117,7 +118,7 @@ def test_encode_failure_leaves_no_partial_output(capsys, tmp_path):
         (["info", "midol-huge"], "cannot find model 'midol-huge'"),
         (["convert", "absent.pth", "out"], "no such checkpoint"),
         (["plot", "absent.npz", "--out", "m.png"], "absent.npz: no such file"),
-        (["cache", "prefetch", "midol-micro"], "no published weights to prefetch"),
+        (["cache", "prefetch", "midol-swin-base"], "no published weights to prefetch"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(capsys, tmp_path, monkeypatch, args, message):
@@ -129,10 +130,10 @@ def test_bad_arguments_give_one_line_errors(capsys, tmp_path, monkeypatch, args,
 
 
 def test_encode_without_weights_explains_and_debug_shows_the_traceback(tmp_path, image_dirs):
-    result = run("encode", image_dirs[0], "--out", str(tmp_path / "x.npz"))
+    result = run("encode", image_dirs[0], "--out", str(tmp_path / "x.npz"), "--model", "midol-swin-base")
     assert result.returncode == 1
     assert "no published weights" in result.stderr and "Traceback" not in result.stderr
-    result = run("--debug", "encode", image_dirs[0], "--out", str(tmp_path / "x.npz"))
+    result = run("--debug", "encode", image_dirs[0], "--out", str(tmp_path / "x.npz"), "--model", "midol-swin-base")
     assert result.returncode == 1 and "Traceback" in result.stderr
 
 

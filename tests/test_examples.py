@@ -140,7 +140,15 @@ def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, monkeyp
     assert "| Kermany OCT | linear probe |" in evaluation_table(results)
 
 
+def test_modality_separation_of_a_calibrated_model(data_root):
+    model = make_micro(modality_calibration={"purity": {}})
+    result = evaluation_command.modality_separation(model, data_root, per_modality=20)
+    scores = result["auto routing"]
+    assert result["sizes"]["test"] == 100 and -1 <= scores["silhouette"] <= 1 and 0 <= scores["routing_purity"] <= 1
+    assert "routing_purity" not in evaluation_command.modality_separation(make_micro(), data_root, per_modality=5)["auto routing"]
+
+
 def test_oct_split_never_shares_a_patient(data_root):
-    train, test = evaluation_command._oct(data_root)
+    train, test = evaluation_command.oct_splits(data_root)
     assert not set(train.groups) & set(test.groups)
     assert "103044" in train.groups + test.groups  # CNV-103044-* slices stay together

@@ -34,6 +34,7 @@ def test_every_template_renders_valid_yaml_that_matches_the_config(template):
     assert meta["license"] == (entry.license if entry else "other")
     if not template:
         assert meta["base_model"] == "midol-swin-base"
+    assert all(isinstance(d, str) for d in meta.get("datasets", []))
     assert "$" not in card.replace("$MIDOL", "")  # every placeholder was filled
     spec = json.loads(re.search(r"```json\n(.*?)\n```", body, re.DOTALL).group(1))
     assert spec == json.loads(json.dumps(input_spec(config)))

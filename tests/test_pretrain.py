@@ -76,6 +76,13 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     assert sorted(model.config.expert_modalities) == sorted(["xray", "fundus", "oct", "dermoscopy", "pathology"])
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
+    half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16)
+    assert half.storage_max_abs_diff <= 1e-3
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "model_fp16" / "model.safetensors", "pt") as stored:
+        assert stored.get_tensor("head.fc1_weight").dtype == torch.float16
+    assert load_model(tmp_path / "model_fp16").head.fc1_weight.dtype == torch.float32  # computed in fp32
     kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True)
     assert kept.head.prototypes.weight.shape == (4096, 256)
     code, _ = train(tmp_path, "from_export", [retina], "--batch-size", "8", "--max-steps", "1",

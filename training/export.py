@@ -25,8 +25,13 @@ from .data import DataError, open_source
 
 
 def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | None = None, keep_prototypes: bool = False,
-           max_per_modality: int = 500) -> MIDoLModel:
-    """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts."""
+           max_per_modality: int = 500, storage: str = "fp32", **card: object) -> MIDoLModel:
+    """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts.
+
+    ``storage="fp16"`` halves the file; it is refused unless embeddings of the calibration
+    images stay within 1e-3 of fp32. ``card`` goes to ``save_pretrained`` (``results``,
+    ``card_notes``).
+    """
     run_dir = Path(run_dir)
     checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if not checkpoints:
@@ -41,35 +46,57 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | No
     model = MIDoLModel(config_out)
     model.load_state_dict(trained.state_dict(), strict=not (config.keep_prototypes and not keep_prototypes))
     model.eval()
-    if calibrate:
-        calibrate_experts(model, calibrate, max_per_modality)
-    model.save_pretrained(model_dir)
-    return model
+    samples = calibrate_experts(model, calibrate, max_per_modality) if calibrate else None
+    if storage == "fp16":
+        if samples is None:
+            raise DataError("--storage fp16 needs --calibrate images to check the rounding on")
+        model.storage_max_abs_diff = fp16_rounding_error(model, samples)
+        if model.storage_max_abs_diff > 1e-3:
+            raise DataError(f"fp16 storage moves embeddings by {model.storage_max_abs_diff:.2e} > 1e-3; keep fp32")
+        model.half()
+    elif storage != "fp32":
+        raise DataError(f"--storage must be fp32 or fp16, got {storage!r}")
+    model.save_pretrained(model_dir, **card)
+    return model.float()
 
 
 @torch.no_grad()
-def calibrate_experts(model: MIDoLModel, specs: list[str], max_per_modality: int = 500) -> dict:
-    """Assign experts to the tagged modalities by Hungarian assignment on routing mass."""
+def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
+    """Largest change of any L2-normalised embedding when the weights are rounded to fp16."""
+    rounded = MIDoLModel(model.config).eval()
+    rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    expected = torch.nn.functional.normalize(model(batch).embedding, dim=-1)
+    return float((torch.nn.functional.normalize(rounded(batch).embedding, dim=-1) - expected).abs().max())
+
+
+@torch.no_grad()
+def calibrate_experts(model: MIDoLModel, specs: list[str], max_per_modality: int = 500) -> torch.Tensor:
+    """Assign experts to the tagged modalities by Hungarian assignment on routing mass; store
+    the mapping and purity in the config and return a small batch of the images used."""
     if model.config.expert_modalities == [SHARED]:
         raise DataError("a one-expert (dino objective) model has no experts to calibrate")
     preprocessor, collector = Preprocessor(model.config.profile("auto")), WarningCollector()
-    modalities, mass, chosen = [], [], []
+    by_modality: dict[str, list] = {}
     for spec in specs:
         if "=" not in spec:
             raise DataError(f"--calibrate {spec!r}: expected MODALITY=PATH, e.g. oct=data/oct")
         source = open_source(spec, split="train")
-        modalities.append(canonical_modality(source.tag))
-        pick = np.linspace(0, len(source) - 1, min(len(source), max_per_modality)).astype(int)
-        raws = [RawImage(source.read(int(i)), source.name(int(i))) for i in pick]
+        by_modality.setdefault(canonical_modality(source.tag), []).append(source)
+    modalities, mass, chosen, samples = list(by_modality), [], [], []
+    for modality in modalities:
+        raws = []
+        for source in by_modality[modality]:  # several roots of one modality share its budget
+            share = max_per_modality // len(by_modality[modality])
+            pick = np.linspace(0, len(source) - 1, min(len(source), share)).astype(int)
+            raws += [RawImage(source.read(int(i)), source.name(int(i))) for i in pick]
+        samples.append(preprocessor.from_raw(raws[:8], collector))
         probs = torch.cat([
             model(preprocessor.from_raw(raws[i : i + 64], collector)).routing_logits.softmax(-1)
             for i in range(0, len(raws), 64)
         ])
-        mass.append(probs.sum(0).numpy())
+        mass.append(probs.mean(0).numpy())  # per-image share, so big modalities do not dominate
         chosen.append(probs.argmax(-1).numpy())
     collector.emit()
-    if len(set(modalities)) != len(modalities):
-        raise DataError(f"--calibrate names a modality twice: {modalities}")
     rows, cols = linear_sum_assignment(-np.stack(mass))
     assignment = {modalities[r]: int(c) for r, c in zip(rows, cols)}
     free = [m for m in MODALITIES if m not in assignment]
@@ -82,7 +109,7 @@ def calibrate_experts(model: MIDoLModel, specs: list[str], max_per_modality: int
     model.config.expert_modalities = experts
     model.config.modality_calibration = {"purity": purity, "images_per_modality": {
         m: int(len(chosen[i])) for i, m in enumerate(modalities)}}
-    return model.config.modality_calibration
+    return torch.cat(samples)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,15 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", nargs="+", default=None, metavar="MODALITY=PATH",
                         help="labelled roots (training data only) to assign experts to modalities")
     parser.add_argument("--keep-prototypes", action="store_true", help="keep the prototype layer (to continue training)")
+    parser.add_argument("--storage", choices=("fp32", "fp16"), default="fp32",
+                        help="fp16 halves the file; refused if embeddings move by more than 1e-3")
+    parser.add_argument("--results", default=None, help="results JSON of `python -m midol_hub.evaluate` for the card")
+    parser.add_argument("--card-notes", default=None, help="markdown file added to the model card")
     args = parser.parse_args(argv)
+    card = {"results": args.results, "card_notes": Path(args.card_notes).read_text() if args.card_notes else None}
     try:
-        model = export(args.run_dir, args.model_dir, args.calibrate, args.keep_prototypes)
+        model = export(args.run_dir, args.model_dir, args.calibrate, args.keep_prototypes, storage=args.storage, **card)
     except (DataError, ValueError) as error:
         print(f"training.export: error: {error}", file=sys.stderr)
         return 1
     calibration = model.config.modality_calibration
     print(f"exported {args.run_dir} -> {args.model_dir}; experts: {model.config.expert_modalities}"
-          + (f"; purity: {calibration['purity']}" if calibration else ""))
+          + (f"; purity: {calibration['purity']}" if calibration else "")
+          + (f"; fp16 storage moves embeddings by at most {model.storage_max_abs_diff:.2e}" if args.storage == "fp16" else ""))
     return 0
 
 
