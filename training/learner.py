@@ -86,13 +86,13 @@ class Learner:
                 route = (self.route(student_out.routing_logits, teacher_out.routing_logits, len(crops))
                          if self.use_routing else distill.new_zeros(()))
                 loss = self.weights[0] * distill + self.weights[1] * route
-            value = loss.item()
+            value, route_value, distill_value = torch.stack([loss, route, distill]).tolist()  # one device sync
             if not math.isfinite(value):
                 raise TrainingError(f"the loss is {value}; lower optim.lr or train in fp32")
             self.scaler.scale(loss * share).backward()
             result.loss += value * share
-            result.route_loss += route.item() * share
-            result.distill_loss += distill.item() * share
+            result.route_loss += route_value * share
+            result.distill_loss += distill_value * share
             result.teacher_routing.append(teacher_out.routing_logits.float().softmax(-1)[: len(crops[0])].detach())
         self.scaler.unscale_(self.optimizer)
         if self.clip_grad:
