@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -71,8 +71,13 @@ def read_file(path: Path) -> RawImage:
         raise ImageReadError(source, "file is empty (0 bytes)")
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
         return RawImage(_read_dicom(path, source), source)
+    return decode_image(path, source)
+
+
+def decode_image(file: Path | BinaryIO, source: str) -> RawImage:
+    """Decode a PNG, JPEG, TIFF or BMP from a path or an open binary stream (a tar member, say)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image.load()
             image = ImageOps.exif_transpose(image)
             pixels = _pil_to_unit(image, source, from_file=True, warn=None)

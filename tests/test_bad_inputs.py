@@ -26,7 +26,6 @@ from midol_hub import (
     load_model,
 )
 from midol_hub.cli import main as cli_main
-from training import pretrain
 from training.config import ConfigError, load_config
 from training.data import DataError, open_source
 

@@ -70,20 +70,20 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     code, _ = train(tmp_path, "run", [retina, f"oct={data_root / 'oct'}"], "--batch-size", "8", "--max-steps", "2")
     assert code == 0
     model = export.export(tmp_path / "run", tmp_path / "model",
-                          calibrate=[f"oct={data_root / 'oct'}", retina], max_per_modality=40)
+                          calibrate=[f"oct={data_root / 'oct'}", retina], max_per_modality=40).model
     calibration = model.config.modality_calibration
     assert set(calibration["purity"]) == {"oct", "fundus"} and all(0 <= p <= 1 for p in calibration["purity"].values())
     assert sorted(model.config.expert_modalities) == sorted(["xray", "fundus", "oct", "dermoscopy", "pathology"])
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
     half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16)
-    assert half.storage_max_abs_diff <= 1e-3
+    assert half.fp16_error <= 1e-3
     from safetensors import safe_open
 
     with safe_open(tmp_path / "model_fp16" / "model.safetensors", "pt") as stored:
         assert stored.get_tensor("head.fc1_weight").dtype == torch.float16
     assert load_model(tmp_path / "model_fp16").head.fc1_weight.dtype == torch.float32  # computed in fp32
-    kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True)
+    kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True).model
     assert kept.head.prototypes.weight.shape == (4096, 256)
     code, _ = train(tmp_path, "from_export", [retina], "--batch-size", "8", "--max-steps", "1",
                     "--set", f"model.init={tmp_path / 'model'}")
@@ -97,7 +97,7 @@ def test_dino_objective_in_bf16_with_accumulation_and_knn_monitoring(tmp_path, d
                       "--set", f"run.knn_data={npz}", "--set", "run.knn_every=2")
     assert code == 0 and all(r["route_loss"] == 0.0 for r in log)
     assert "knn_accuracy" not in log[0] and 0.0 <= log[1]["knn_accuracy"] <= 1.0
-    model = export.export(tmp_path / "dino", tmp_path / "dino_model")
+    model = export.export(tmp_path / "dino", tmp_path / "dino_model").model
     assert model.config.num_experts == 1 and model.config.expert_modalities == ["shared"]
     enc = load_model(tmp_path / "dino_model").encode(torch.rand(3, 64, 64), modality="oct")
     assert enc.modality == ["oct"] and enc.embedding.shape == (1, 256)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from midol_hub.errors import ImageReadError
-from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, read_file
+from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, decode_image, read_file
 
 log = logging.getLogger("training.data")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
@@ -96,18 +96,13 @@ def open_source(spec: str, split: str = "train") -> Source:
 
 
 def _read_tar_member(shard: str, member: str) -> np.ndarray:
-    from PIL import Image
-
-    from midol_hub.image_io import _pil_to_unit
-
+    source = f"{shard}:{member}"
     try:
         with tarfile.open(shard) as archive:
             data = archive.extractfile(member).read()
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return _pil_to_unit(image, f"{shard}:{member}", from_file=True, warn=None)
-    except (OSError, KeyError, AttributeError) as error:
-        raise ImageReadError(f"{shard}:{member}", f"unreadable ({error})") from None
+    except (OSError, KeyError, AttributeError, tarfile.TarError) as error:
+        raise ImageReadError(source, f"unreadable tar member ({error})") from None
+    return decode_image(io.BytesIO(data), source).pixels
 
 
 class PretrainDataset(torch.utils.data.Dataset):

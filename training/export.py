@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,16 @@ from .checkpoint import list_checkpoints, load_checkpoint
 from .data import DataError, open_source
 
 
+@dataclass
+class Exported:
+    """The exported model (in fp32) and, for fp16 storage, the largest embedding change it causes."""
+
+    model: MIDoLModel
+    fp16_error: float | None = None
+
+
 def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | None = None, keep_prototypes: bool = False,
-           max_per_modality: int = 500, storage: str = "fp32", **card: object) -> MIDoLModel:
+           max_per_modality: int = 500, storage: str = "fp32", **card: object) -> Exported:
     """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts.
 
     ``storage="fp16"`` halves the file; it is refused unless embeddings of the calibration
@@ -47,17 +56,18 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | No
     model.load_state_dict(trained.state_dict(), strict=not (config.keep_prototypes and not keep_prototypes))
     model.eval()
     samples = calibrate_experts(model, calibrate, max_per_modality) if calibrate else None
+    fp16_error = None
     if storage == "fp16":
         if samples is None:
             raise DataError("--storage fp16 needs --calibrate images to check the rounding on")
-        model.storage_max_abs_diff = fp16_rounding_error(model, samples)
-        if model.storage_max_abs_diff > 1e-3:
-            raise DataError(f"fp16 storage moves embeddings by {model.storage_max_abs_diff:.2e} > 1e-3; keep fp32")
+        fp16_error = fp16_rounding_error(model, samples)
+        if fp16_error > 1e-3:
+            raise DataError(f"fp16 storage moves embeddings by {fp16_error:.2e} > 1e-3; keep fp32")
         model.half()
     elif storage != "fp32":
         raise DataError(f"--storage must be fp32 or fp16, got {storage!r}")
     model.save_pretrained(model_dir, **card)
-    return model.float()
+    return Exported(model.float(), fp16_error)
 
 
 @torch.no_grad()
@@ -127,14 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     card = {"results": args.results, "card_notes": Path(args.card_notes).read_text() if args.card_notes else None}
     try:
-        model = export(args.run_dir, args.model_dir, args.calibrate, args.keep_prototypes, storage=args.storage, **card)
+        exported = export(args.run_dir, args.model_dir, args.calibrate, args.keep_prototypes, storage=args.storage, **card)
     except (DataError, ValueError) as error:
         print(f"training.export: error: {error}", file=sys.stderr)
         return 1
-    calibration = model.config.modality_calibration
-    print(f"exported {args.run_dir} -> {args.model_dir}; experts: {model.config.expert_modalities}"
+    calibration = exported.model.config.modality_calibration
+    print(f"exported {args.run_dir} -> {args.model_dir}; experts: {exported.model.config.expert_modalities}"
           + (f"; purity: {calibration['purity']}" if calibration else "")
-          + (f"; fp16 storage moves embeddings by at most {model.storage_max_abs_diff:.2e}" if args.storage == "fp16" else ""))
+          + (f"; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}" if args.storage == "fp16" else ""))
     return 0
 
 
