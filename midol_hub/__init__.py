@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from .calibration import calibrate
 from .configuration_midol import MIDoLConfig
-from .convert import CheckpointError, convert_checkpoint
-from .datasets import DatasetError, LabelledImages, from_csv, from_folder, from_npz, group_split
+from .convert import convert_checkpoint
+from .datasets import LabelledImages, from_csv, from_folder, from_npz, group_split
 from .encoding import Encoding, Failure
 from .evaluation import (
     best_thresholds,
@@ -20,9 +21,12 @@ from .evaluation import (
     few_shot,
     knn_classify,
     linear_probe,
+    routing_report,
     segmentation_scores,
 )
 from .errors import (
+    CheckpointError,
+    DatasetError,
     ImageReadError,
     MIDoLInputWarning,
     ModalityMismatchError,
@@ -35,31 +39,11 @@ from .features import extract_features
 from .loading import load_model
 from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
-from .preprocessing import ModalityTransform
+from .preprocessing import ModalityTransform, get_transform
 from .registry import get_entry, list_models
 from .tasks import ClassificationModel, SegmentationModel, layerwise_lr_groups
 
 __version__ = "0.1.0"
-
-
-def get_transform(model_or_name: MIDoLModel | MIDoLConfig | str, modality: str) -> ModalityTransform:
-    """A picklable per-image transform for DataLoaders: image -> normalised (3, S, S) tensor.
-
-    ``model_or_name`` is a model, a config, or a registry name (only its config is used).
-    """
-    if isinstance(model_or_name, MIDoLModel):
-        config = model_or_name.config
-    elif isinstance(model_or_name, MIDoLConfig):
-        config = model_or_name
-    else:
-        entry = get_entry(str(model_or_name))
-        if entry is None:
-            raise ModelNotFoundError(
-                f"get_transform: {model_or_name!r} is not a registry name ({', '.join(list_models())}); "
-                "pass a loaded model or its config instead"
-            )
-        config = entry.make_config()
-    return ModalityTransform(config.profile(modality))
 
 
 __all__: list[Any] = [
@@ -70,6 +54,7 @@ __all__: list[Any] = [
     "LabelledImages",
     "SegmentationModel",
     "best_thresholds",
+    "calibrate",
     "classification_metrics",
     "extract_features",
     "few_shot",
@@ -80,6 +65,7 @@ __all__: list[Any] = [
     "knn_classify",
     "layerwise_lr_groups",
     "linear_probe",
+    "routing_report",
     "segmentation_scores",
     "Encoding",
     "Failure",

@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--use", choices=("teacher", "student"), default="teacher")
     convert.add_argument("--arch", default=None, help="registry name to take the architecture from")
     convert.add_argument("--img-size", type=int, default=None, help="input size when the checkpoint does not tell")
+    convert.add_argument("--backbone-only", action="store_true",
+                         help="convert the Swin backbone of a checkpoint without a complete MoE head (pooled features only)")
     convert.set_defaults(handler=run_convert)
 
     push = commands.add_parser("push", help="upload a model directory to the Hugging Face Hub")
@@ -318,7 +320,8 @@ def run_convert(args: argparse.Namespace) -> None:
         raise CLIError(f"{out_dir}: the folder {out_dir.absolute().parent} does not exist")
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.absolute().parent))
     try:
-        model = convert_checkpoint(args.src, staging, use=args.use, arch=args.arch, img_size=args.img_size)
+        model = convert_checkpoint(args.src, staging, use=args.use, arch=args.arch, img_size=args.img_size,
+                                   backbone_only=args.backbone_only)
         if out_dir.exists():
             out_dir.rmdir()
         os.replace(staging, out_dir)
@@ -327,7 +330,8 @@ def run_convert(args: argparse.Namespace) -> None:
             for file in staging.iterdir():
                 file.unlink()
             staging.rmdir()
-    print(f"converted {args.src} -> {out_dir} ({model.config.num_features}-d, {model.config.num_experts} experts)")
+    kind = "backbone only: pooled features" if model.config.backbone_only else f"{model.config.num_experts} experts"
+    print(f"converted {args.src} -> {out_dir} ({model.config.num_features}-d, {kind})")
 
 
 # ----------------------------------------------------------------------------- push and cache

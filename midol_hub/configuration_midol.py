@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .modalities import AUTO, MODALITIES, SHARED, ModalityProfile, canonical_modality, default_profiles
+from .modalities import AUTO, MODALITIES, SHARED, UNASSIGNED, ModalityProfile, canonical_modality, default_profiles
 
 
 class MIDoLConfig(PreTrainedConfig):
@@ -24,19 +24,31 @@ class MIDoLConfig(PreTrainedConfig):
     MoE projection head:
         num_experts: expert FFNs (one per modality in the paper's framing).
         top_k: experts mixed per image in the training forward (Tutel weights them by their
-            softmax gate probability). ``encode`` always reads one expert's subspace.
+            softmax gate probability, not renormalised; the official head uses 4). ``encode``
+            always reads one expert's subspace.
+        gate_noise: in training mode the gates see ``N(0, 1) * gate_noise / num_experts``
+            added to the router logits, as Tutel's ``gate_noise`` (official: 1.0).
         hidden_dim: hidden width of each expert FFN (d -> hidden -> d, GELU).
         num_prototypes: width K of the weight-normalised prototype layer used in pretraining.
         keep_prototypes: whether this checkpoint holds the prototype layer (inference does
             not need it; training and conversions of training checkpoints do).
     Experts and modalities:
         expert_modalities: the modality each expert serves, indexed by expert; ``["shared"]``
-            for the one-expert head of the plain DINO baseline.
-        modality_calibration: ``None`` until experts were assigned to modalities by routing a
-            labelled set (``training.export``); then ``{"purity": {modality: share}, ...}``.
-            Only a calibrated model warns when an image looks like another modality.
+            for the one-expert head of the plain DINO baseline; ``"unassigned"`` for an
+            expert that calibration found serving no modality.
+        modality_calibration: ``None`` until experts were assigned to modalities by routing
+            labelled images (:func:`midol_hub.calibrate`); then the routing accuracy per
+            modality, the confusion matrix and the out-of-scope detector that makes
+            ``modality="auto"`` answer ``"unknown"``. Only a calibrated model warns when an
+            image looks like another modality.
         mismatch_threshold: router probability above which a calibrated model considers an
             image to belong to another modality than the one requested.
+    Provenance of the weights:
+        pretraining: how the weights were pretrained, recorded by ``training.export``: the
+            objective and every option that differs between the official code and ours
+            (routing form, top-k, gate noise, clipping, initialisation, steps).
+        backbone_only: the head was not converted (its experts are untrained): ``encode``
+            returns pooled features and refuses expert embeddings.
     Preprocessing:
         preprocessing: one :class:`~midol_hub.modalities.ModalityProfile` dict per modality,
             plus ``"auto"``.
@@ -59,13 +71,16 @@ class MIDoLConfig(PreTrainedConfig):
     drop_path_rate: float = 0.0
     fused_attention: bool = True
     num_experts: int = 5
-    top_k: int = 1
+    top_k: int = 4
+    gate_noise: float = 1.0
     hidden_dim: int = 2048
     num_prototypes: int = 65536
     keep_prototypes: bool = False
     expert_modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     modality_calibration: dict | None = None
     mismatch_threshold: float = 0.6
+    pretraining: dict | None = None
+    backbone_only: bool = False
     preprocessing: dict | None = None
     default_output: list[str] = field(default_factory=lambda: ["embedding"])
     task_modality: str | None = None
@@ -77,7 +92,7 @@ class MIDoLConfig(PreTrainedConfig):
             self.preprocessing = {k: p.to_dict() for k, p in default_profiles(self.img_size).items()}
         self.depths = [int(d) for d in self.depths]
         self.num_heads = [int(h) for h in self.num_heads]
-        self.expert_modalities = [m if m == SHARED else canonical_modality(m) for m in self.expert_modalities]
+        self.expert_modalities = [m if m in (SHARED, UNASSIGNED) else canonical_modality(m) for m in self.expert_modalities]
         self.default_output = list(self.default_output)
         super().__post_init__(**kwargs)
         self.validate_midol()
@@ -101,6 +116,8 @@ class MIDoLConfig(PreTrainedConfig):
             ModalityProfile.from_dict(profile)
         if self.task_feature not in ("embedding", "pooled"):
             raise ValueError(f"task_feature must be 'embedding' or 'pooled', got {self.task_feature!r}")
+        if self.backbone_only and "embedding" in self.default_output:
+            raise ValueError("a backbone-only model has no trained experts: its default_output cannot hold 'embedding'")
         if AUTO not in self.preprocessing:
             raise ValueError("preprocessing needs an 'auto' profile for modality='auto'")
 
@@ -125,8 +142,10 @@ class MIDoLConfig(PreTrainedConfig):
         if self.expert_modalities == [SHARED]:
             return 0
         if key not in self.expert_modalities:
+            served = ", ".join(m for m in self.expert_modalities if m != UNASSIGNED)
             raise ValueError(
-                f"this model has no expert for {key!r}; its experts serve {', '.join(self.expert_modalities)}"
+                f"this model has no expert for {key!r} (its experts serve {served}); "
+                "use modality='auto' to let the router choose, or another model"
             )
         return self.expert_modalities.index(key)
 

@@ -19,7 +19,6 @@ import math
 import os
 import pickle
 import re
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,14 @@ from safetensors.torch import load_file
 from timm.models.swin_transformer import checkpoint_filter_fn
 
 from .configuration_midol import MIDoLConfig
-from .errors import WeightsMismatchError
+from .errors import CheckpointError, WeightsMismatchError
 from .modeling_midol import MIDoLModel
 from .registry import get_entry
 
 SAFE_GLOBALS = [argparse.Namespace]
 TUTEL_PREFIX = "mlp._moe_layer."
 OFFICIAL_TOP_K = 4  # MoEHead(top_value=4) in the official code
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted (unsafe, unknown layout, inconsistent shapes)."""
+TUTEL_EXPERT_KEYS = ("experts.batched_fc1_w", "experts.batched_fc1_bias", "experts.batched_fc2_w", "experts.batched_fc2_bias")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -75,12 +71,16 @@ def convert_checkpoint(
     use: str = "teacher",
     arch: str | None = None,
     img_size: int | None = None,
+    backbone_only: bool = False,
 ) -> MIDoLModel:
     """Turn an official checkpoint into a :class:`MIDoLModel`, saved to ``out_dir`` when given.
 
     ``use`` picks ``"teacher"`` (default, as DINO evaluates) or ``"student"`` from a training
     checkpoint. ``arch`` takes the architecture from a registry name instead of inferring it
     from tensor shapes; ``img_size`` overrides the inferred input size (default 224).
+    A checkpoint without a complete MoE head (none, a per-rank part, another head layout) is
+    refused unless ``backbone_only=True``: the model is then marked backbone-only, ``encode``
+    returns its pooled features and refuses expert embeddings.
     """
     if use not in ("teacher", "student"):
         raise ValueError(f"use must be 'teacher' or 'student', got {use!r}")
@@ -90,10 +90,16 @@ def convert_checkpoint(
     if not backbone_state:
         raise CheckpointError(f"{src}: no Swin backbone tensors found (expected patch_embed.*, layers.*, norm.*)")
 
-    config = _config_from_shapes(backbone_state, head_state, args, arch, img_size)
+    problem = _head_problem(head_state)
+    if problem is not None and not backbone_only:
+        raise CheckpointError(
+            f"{src}: {problem}, so the converted experts would be random. To convert the Swin backbone alone, pass "
+            "backbone_only=True (midol convert --backbone-only): encode then returns its pooled features."
+        )
+    config = _config_from_shapes(backbone_state, {} if backbone_only else head_state, args, arch, img_size, backbone_only)
     model = MIDoLModel(config)
     converted = {f"backbone.{k}": v for k, v in checkpoint_filter_fn(backbone_state, model.backbone).items()}
-    head = _convert_head(head_state, config, src)
+    head = {} if backbone_only else _convert_head(head_state, config)
     converted.update(head)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [k for k in missing if head or not k.startswith("head.")]
@@ -147,6 +153,7 @@ def _config_from_shapes(
     args: Any,
     arch: str | None,
     img_size: int | None,
+    backbone_only: bool = False,
 ) -> MIDoLConfig:
     if arch is not None:
         entry = get_entry(arch)
@@ -168,6 +175,8 @@ def _config_from_shapes(
         base["num_prototypes"] = int(args.out_dim)
     num_experts = base.get("num_experts", 5)
     base.setdefault("expert_modalities", _default_experts(num_experts))
+    if backbone_only:
+        base.update(backbone_only=True, default_output=["pooled"])
     return MIDoLConfig(**base)
 
 
@@ -224,22 +233,28 @@ def _prototype_tensors(head: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tor
     return None
 
 
-def _convert_head(head: dict[str, torch.Tensor], config: MIDoLConfig, src: Any) -> dict[str, torch.Tensor]:
-    """Map Tutel's MoE layout onto MoEProjector; an incomplete (per-rank) head is left out."""
+def _head_problem(head: dict[str, torch.Tensor]) -> str | None:
+    """Why ``head`` is not a complete Tutel MoE head, or None when it is."""
     if not head:
-        warnings.warn(f"{src}: no MoE head in the checkpoint; only the backbone was converted", UserWarning, stacklevel=3)
-        return {}
+        return "the checkpoint holds no MoE head"
+    gate = head.get(TUTEL_PREFIX + "gates.0.wg.weight")
+    if gate is None:
+        sample = ", ".join(sorted(head)[:3])
+        return f"its head is not a Tutel MoE head (keys such as {sample}: a plain DINO head?)"
+    missing = [name for name in TUTEL_EXPERT_KEYS if TUTEL_PREFIX + name not in head]
+    if missing:
+        return f"its MoE head lacks {', '.join(missing)}"
+    experts = head[TUTEL_PREFIX + "experts.batched_fc1_w"].shape[0]
+    if experts != gate.shape[0]:
+        return (f"its MoE head holds {experts} of {gate.shape[0]} experts (a multi-GPU Tutel checkpoint saved by one "
+                "rank; re-save it with all experts gathered)")
+    return None
+
+
+def _convert_head(head: dict[str, torch.Tensor], config: MIDoLConfig) -> dict[str, torch.Tensor]:
+    """Map a complete Tutel MoE head (see ``_head_problem``) onto MoEProjector."""
     gate = head[TUTEL_PREFIX + "gates.0.wg.weight"]
     fc1 = head[TUTEL_PREFIX + "experts.batched_fc1_w"]
-    if fc1.shape[0] != gate.shape[0]:
-        warnings.warn(
-            f"{src}: the MoE head holds {fc1.shape[0]} of {gate.shape[0]} experts (a multi-GPU Tutel checkpoint "
-            "saved by one rank); only the backbone was converted, the head is randomly initialised. "
-            "Use `pooled` features, or re-save the checkpoint with all experts gathered.",
-            UserWarning,
-            stacklevel=3,
-        )
-        return {}
     num_experts, dim = config.num_experts, config.num_features
     out = {
         "head.router.weight": gate,

@@ -16,13 +16,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import DatasetError
 from .image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES
 
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
-
-
-class DatasetError(ValueError):
-    """A labelled set that cannot be used as given; the message says what to fix."""
 
 
 @dataclass

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .calibration import detect_modalities
 from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
-from .image_io import describe, read_any
-from .loading import parse_dtype
+from .image_io import describe, read_any, split_images
+from .dtypes import parse_dtype
 from .modalities import AUTO, canonical_modality
 from .preprocessing import Preprocessor, WarningCollector, check_preprocessed, iter_chunks
 
@@ -41,7 +43,8 @@ class Encoding:
         pooled: (B, D) the shared backbone feature.
         routing: (B, E) router probabilities; ``experts[e]`` names expert ``e``'s modality.
         expert_index: (B,) the expert whose subspace ``embedding`` is in.
-        modality: per image, the modality used (forced) or detected (``"auto"``).
+        modality: per image, the modality used (forced) or detected (``"auto"``); a calibrated
+            model detects ``"unknown"`` for images outside all of its modalities.
         patch_tokens: (B, D, h, w) final-stage tokens, NCHW (h = w = S / 32 for Swin).
         pyramid: the four Swin stages, NCHW: (B, C, S/4, S/4) ... (B, 8C, S/32, S/32).
         indices: position in the input of each row (differs from range(B) after skipped failures).
@@ -93,14 +96,18 @@ def encode(
     errors: str = "raise",
     strict_modality: bool = False,
     preprocessed: bool = False,
+    channels_first: bool | None = None,
 ) -> Encoding:
     """Embed images with an M-IDoL model.
 
     Args:
         images: one image or a list: file paths (PNG, JPEG, TIFF, BMP, DICOM), PIL images,
-            numpy arrays (HW, HWC, CHW; uint8, uint16, float in [0, 1]) or torch tensors
-            (CHW, or BCHW for a batch). With ``preprocessed=True``: normalised tensors
-            (B, 3, S, S) fed to the network as they are.
+            numpy arrays (uint8, uint16, float in [0, 1]) or torch tensors (CHW, or BCHW for
+            a batch). A numpy array is read by its layout (see
+            :func:`midol_hub.image_io.split_images`): 4-D is a batch, (N, H, W) a stack of
+            grayscale images, (H, W, C) one image; (C, H, W) with C of 1, 3 or 4 raises as
+            ambiguous. With ``preprocessed=True``: normalised tensors (B, 3, S, S) fed to the
+            network as they are.
         modality: a modality name or alias, or ``"auto"`` to let the router choose.
             A forced modality uses that expert and its preprocessing profile; ``"auto"``
             preprocesses with the generic profile and takes the router's most probable expert.
@@ -108,15 +115,24 @@ def encode(
             (default: the config's ``default_output``). Routing and modality always come back.
         batch_size: images per forward pass; results do not depend on it.
         normalize: L2-normalise ``embedding``.
-        device, dtype: where and in which precision to run (bf16/fp16 via autocast); the model
-            is moved to ``device`` if it is elsewhere.
+        device, dtype: where and in which precision to run. ``encode`` never changes the model
+            (others may share it): ``device`` must be where the model is (move it first with
+            ``model.to``), and ``dtype`` may lower an fp32 model's precision through autocast
+            (``"bf16"``, ``"fp16"``) but cannot raise a bf16/fp16 model's.
         errors: ``"raise"`` stops at the first unreadable input, naming it; ``"skip"`` leaves
             it out and lists it in ``Encoding.failures``.
         strict_modality: raise instead of warning when a calibrated router is confident that
             an image belongs to another modality than the one requested.
+        channels_first: the layout of numpy arrays when their shape does not tell it: True for
+            (C, H, W) / (N, C, H, W), False for (H, W, C) / (N, H, W, C).
     """
-    config = model.config
+    config, device_arg = model.config, device
     requested = _requested_outputs(output, config.default_output)
+    if config.backbone_only and "embedding" in requested:
+        raise ValueError(
+            "this model was converted backbone-only: its experts are untrained, so it has no expert embeddings; "
+            "use output='pooled' (the default for it)"
+        )
     modality = canonical_modality(modality, allow_auto=True)
     forced_expert = None if modality == AUTO else config.expert_for(modality)
     if errors not in ("raise", "skip"):
@@ -124,17 +140,16 @@ def encode(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     compute_dtype = parse_dtype(dtype)
-    if device is not None and torch.device(device) != _device_of(model):
-        model.to(device)
     device = _device_of(model)
     model_dtype = next(model.parameters()).dtype
+    _check_placement(model, device, model_dtype, device_arg, compute_dtype)
 
-    items = _as_items(images, preprocessed, config.img_size)
+    items = _as_items(images, preprocessed, config.img_size, channels_first)
     preprocessor = Preprocessor(config.profile(modality))
     collector = WarningCollector()
     failures: list[Failure] = []
     kept: list[int] = []
-    chunks: dict[str, list] = {"routing": [], "expert": [], **{name: [] for name in requested}}
+    chunks: dict[str, list] = {"routing": [], "expert": [], "modality": [], **{name: [] for name in requested}}
 
     with _progress(len(items), progress) as progress_bar, torch.inference_mode(), _autocast(
         device, compute_dtype, model_dtype
@@ -157,6 +172,8 @@ def encode(
             )
             chunks["routing"].append(out.routing_logits.float().softmax(dim=-1).cpu())
             chunks["expert"].append(out.expert_index.cpu())
+            if forced_expert is None:
+                chunks["modality"] += detect_modalities(config, out.expert_index, out.pooled)
             if "embedding" in requested:
                 embedding = out.embedding.float()
                 chunks["embedding"].append((F.normalize(embedding, dim=-1) if normalize else embedding).cpu())
@@ -177,6 +194,8 @@ def encode(
         )
     num_experts = config.num_experts
     routing = torch.cat(chunks["routing"]) if kept else torch.empty(0, num_experts)
+    if config.backbone_only:
+        routing = torch.full_like(routing, float("nan"))  # an untrained router has no opinion to report
     expert_index = torch.cat(chunks["expert"]) if kept else torch.empty(0, dtype=torch.long)
     experts = tuple(config.expert_modalities)
     if forced_expert is not None:
@@ -187,7 +206,7 @@ def encode(
         routing=routing,
         expert_index=expert_index,
         experts=experts,
-        modality=[modality] * len(kept) if forced_expert is not None else [experts[i] for i in expert_index.tolist()],
+        modality=[modality] * len(kept) if forced_expert is not None else chunks["modality"],
         indices=kept,
         provenance=provenance,
         failures=failures,
@@ -203,21 +222,11 @@ def _requested_outputs(output: str | Sequence[str] | None, default: Sequence[str
     return names
 
 
-def _as_items(images: Any, preprocessed: bool, size: int) -> list:
+def _as_items(images: Any, preprocessed: bool, size: int, channels_first: bool | None) -> list:
     """Flatten the input into a list of single images (or single preprocessed tensors)."""
-    if isinstance(images, torch.Tensor):
-        if images.ndim == 4:
-            return list(images.unbind(0))
-        if preprocessed and images.ndim != 3:
-            check_preprocessed(images, size)
-        return [images]
-    if isinstance(images, (list, tuple)):
-        if len(images) == 0:
-            raise ValueError("encode() got an empty list of images; pass at least one image")
-        return list(images)
-    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__") or hasattr(images, "shape"):
-        return [images]  # one path, PIL image or array
-    return _as_items(list(images), preprocessed, size)  # any other iterable of images
+    if preprocessed and isinstance(images, torch.Tensor) and images.ndim not in (3, 4):
+        check_preprocessed(images, size)
+    return split_images(images, channels_first)
 
 
 def _prepare(
@@ -290,6 +299,35 @@ def _concat(parts: list, name: str, config: Any, kept: list[int]) -> Any:
 
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+_WARNED_TRAIN_MODE: weakref.WeakSet = weakref.WeakSet()
+
+
+def _check_placement(model: torch.nn.Module, device: torch.device, model_dtype: torch.dtype,
+                     device_arg: str | torch.device | None, compute: torch.dtype | None) -> None:
+    """Refuse what encode cannot do without changing the model; warn once about train mode."""
+    if device_arg is not None:
+        wanted = torch.device(device_arg)
+        if wanted.type != device.type or (wanted.index is not None and wanted.index != (device.index or 0)):
+            raise ValueError(
+                f"the model is on {device} but encode(device={str(device_arg)!r}) was asked; encode never moves a model "
+                f"(other code may share it): move it first with model.to({str(device_arg)!r}), or load it there with "
+                f"load_model(..., device={str(device_arg)!r})"
+            )
+    if compute is not None and model_dtype != torch.float32 and compute != model_dtype:
+        raise ValueError(
+            f"the model holds {str(model_dtype).removeprefix('torch.')} weights, so encode(dtype={str(compute).removeprefix('torch.')!r}) "
+            "cannot run in that precision; load the model in float32 (load_model(..., dtype='fp32')) or leave dtype unset"
+        )
+    if model.training and model not in _WARNED_TRAIN_MODE:
+        _WARNED_TRAIN_MODE.add(model)
+        warnings.warn(
+            "the model is in training mode (stochastic depth and gate noise are on), so embeddings vary from call to "
+            "call; call model.eval() before encoding",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _autocast(device: torch.device, compute: torch.dtype | None, model_dtype: torch.dtype):

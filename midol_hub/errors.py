@@ -34,3 +34,11 @@ class MIDoLInputWarning(UserWarning):
 
 class ModalityMismatchWarning(UserWarning):
     """The requested modality disagrees with a calibrated router's confident choice."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be converted (unsafe, unknown layout, inconsistent shapes)."""
+
+
+class DatasetError(ValueError):
+    """A labelled set that cannot be used as given; the message says what to fix."""

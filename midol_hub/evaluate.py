@@ -23,6 +23,7 @@ from .errors import ModelNotFoundError, WeightsNotAvailableError
 from .evaluation import classification_metrics, knn_classify, linear_probe
 from .features import extract_features
 from .loading import load_model
+from .modalities import UNKNOWN
 
 OCT_CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 
@@ -117,13 +118,31 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
 
 
 SEPARATION = "Modality separation (test sets)"
+FULL_RESOLUTION = {
+    "xray": ["xray/nih_chestxray14_examples/*.png"],
+    "fundus": ["fundus/skimage_examples/retina.jpg"],
+    "dermoscopy": ["dermoscopy/isic_uda1_fullres/*.jpg"],
+    "pathology": ["pathology/crc_val_he_7k_examples/*", "pathology/skimage_examples/ihc.png"],
+}
+OUT_OF_SCOPE = ["other/pydicom_test_files/*.dcm"]  # CT and MR slices: none of the five modalities
+
+
+def _glob(root: Path, patterns: list[str]) -> list[str]:
+    return sorted(str(p) for pattern in patterns for p in root.glob(pattern) if p.is_file())
 
 
 def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
-    """How well images separate by modality without labels: the share of test images the router
-    sends to their own modality's expert (calibrated models only) and the cosine silhouette
-    score of their ``modality="auto"`` embeddings grouped by modality."""
-    from sklearn.metrics import silhouette_score
+    """How ``modality="auto"`` answers on held-out images of known modality.
+
+    On up to ``per_modality`` test-split images per modality: the share that ``auto`` names
+    correctly per modality and their macro mean (the headline; ``"unknown"`` counts as wrong),
+    the share called ``"unknown"``, the modality x expert confusion counts, the NMI between
+    modality and argmax expert and the cosine silhouette of the embeddings grouped by
+    modality. Also what ``auto`` says for the full-resolution examples and for the CT / MR
+    slices in ``other/`` (out of scope: the right answer is ``"unknown"``). Accuracies need a
+    calibrated model; an uncalibrated one gets NMI, confusion and silhouette only.
+    """
+    from sklearn.metrics import normalized_mutual_info_score, silhouette_score
 
     images: dict[str, list] = {}
     for name, (modality, load) in BENCHMARKS.items():
@@ -134,10 +153,28 @@ def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
         paths += [items[i] for i in picks]
         labels += [modality] * len(picks)
     encoding = model.encode(paths, modality="auto", batch_size=64)
-    scores = {"silhouette": float(silhouette_score(encoding.embedding.numpy(), labels, metric="cosine"))}
+    experts, names = encoding.expert_index.numpy(), list(images)
+    confusion = np.zeros((len(names), model.config.num_experts), dtype=int)
+    np.add.at(confusion, ([names.index(m) for m in labels], experts), 1)
+    scores: dict = {
+        "nmi": float(normalized_mutual_info_score(labels, experts)),
+        "silhouette": float(silhouette_score(encoding.embedding.numpy(), labels, metric="cosine")),
+        "confusion": {"modalities": names, "experts": list(model.config.expert_modalities), "counts": confusion.tolist()},
+    }
     if model.config.modality_calibration is not None:
-        own = np.array([model.config.expert_for(m) for m in labels])
-        scores["routing_purity"] = float((encoding.expert_index.numpy() == own).mean())
+        said, truth = np.array(encoding.modality), np.array(labels)
+        scores["accuracy"] = {m: float((said[truth == m] == m).mean()) for m in names}
+        scores["macro_accuracy"] = float(np.mean(list(scores["accuracy"].values())))
+        scores["unknown_rate"] = {m: float((said[truth == m] == UNKNOWN).mean()) for m in names}
+        examples = {m: _glob(root, patterns) for m, patterns in FULL_RESOLUTION.items()}
+        said_full = model.encode([p for group in examples.values() for p in group], modality="auto").modality
+        detected, start = {}, 0
+        for modality, group in examples.items():
+            detected[modality] = dict(zip((Path(p).name for p in group), said_full[start : start + len(group)]))
+            start += len(group)
+        scores["full_resolution_examples"] = detected
+        outside = _glob(root, OUT_OF_SCOPE)
+        scores["out_of_scope"] = dict(zip((Path(p).name for p in outside), model.encode(outside, modality="auto").modality))
     return {"auto routing": scores, "sizes": {"test": len(paths)}}
 
 
@@ -146,9 +183,9 @@ def markdown_table(results: dict) -> str:
     for name, result in results.items():
         if name == SEPARATION:
             scores = result["auto routing"]
-            purity = f"{scores['routing_purity']:.3f}" if "routing_purity" in scores else "n/a"
-            lines.append(f"| {name} | - / {result['sizes']['test']} | routing purity {purity} | "
-                         f"silhouette {scores['silhouette']:.3f} | | |")
+            accuracy = f"{scores['macro_accuracy']:.3f}" if "macro_accuracy" in scores else "n/a (uncalibrated)"
+            lines.append(f"| {name} | - / {result['sizes']['test']} | auto macro accuracy {accuracy} | "
+                         f"NMI {scores['nmi']:.3f} | silhouette {scores['silhouette']:.3f} | |")
             continue
         probe, knn, sizes = result["linear probe"], result["kNN"], result["sizes"]
         lines.append(f"| {name} | {sizes['train']} / {sizes['test']} | {probe['accuracy']:.3f} | {probe['auc']:.3f} "
@@ -167,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-test", type=int, default=2000)
     parser.add_argument("--cache-dir", default=None, help="feature cache folder")
     parser.add_argument("--random-weights", action="store_true", help="evaluate a registry architecture with random weights")
-    parser.add_argument("--separation", action="store_true", help="also measure modality separation (routing purity, silhouette)")
+    parser.add_argument("--separation", action="store_true", help="also measure how modality='auto' answers (accuracy per modality, confusion, NMI, unknowns)")
     args = parser.parse_args(argv)
     root = data_root()
     try:

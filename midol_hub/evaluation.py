@@ -148,3 +148,41 @@ def segmentation_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: i
         iou[c] = intersection / union if union else 1.0
     return {"dice": float(np.mean(list(dice.values()))), "iou": float(np.mean(list(iou.values()))),
             "dice_per_class": dice, "iou_per_class": iou}
+
+
+def routing_report(modalities: Sequence[str], experts: Sequence[int] | np.ndarray, num_experts: int,
+                   min_share: float | None = None) -> dict:
+    """How well argmax routing separates labelled modalities.
+
+    Experts are matched one-to-one to modalities by Hungarian assignment on the modality x
+    expert count matrix; a modality whose matched expert receives less than ``min_share``
+    (default 1 / num_experts, chance) of its images is left unassigned (``None``): no expert
+    serves it. Returns ``assignment`` {modality: expert or None}, per-modality ``accuracy``
+    (share of its images routed to its expert; 0 when unassigned), their mean
+    ``macro_accuracy``, the ``confusion`` counts (rows follow ``modalities_order``), ``nmi``
+    between modality and expert, and ``expert_usage`` (share of all images per expert).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    metrics = _sklearn()
+    names = list(dict.fromkeys(modalities))
+    experts = np.asarray(experts, dtype=int)
+    rows = np.array([names.index(m) for m in modalities])
+    confusion = np.zeros((len(names), num_experts), dtype=int)
+    np.add.at(confusion, (rows, experts), 1)
+    min_share = 1.0 / num_experts if min_share is None else min_share
+    assignment: dict[str, int | None] = dict.fromkeys(names)
+    for row, col in zip(*linear_sum_assignment(-confusion)):
+        if confusion[row, col] >= min_share * confusion[row].sum() and confusion[row, col] > 0:
+            assignment[names[row]] = int(col)
+    accuracy = {m: float(confusion[i, assignment[m]] / confusion[i].sum()) if assignment[m] is not None else 0.0
+                for i, m in enumerate(names)}
+    return {
+        "assignment": assignment,
+        "accuracy": accuracy,
+        "macro_accuracy": float(np.mean(list(accuracy.values()))),
+        "confusion": confusion.tolist(),
+        "modalities_order": names,
+        "nmi": float(metrics.normalized_mutual_info_score(rows, experts)),
+        "expert_usage": (np.bincount(experts, minlength=num_experts) / len(experts)).tolist(),
+    }

@@ -8,20 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from .modeling_midol import MIDoLModel
 
 
 def weights_fingerprint(model: MIDoLModel) -> str:
-    """sha256 of the weights file when the model came from one, else of the parameters."""
-    if model.provenance is not None and model.provenance.weights_sha256:
-        return model.provenance.weights_sha256
+    """sha256 of the weights file when the model holds exactly its weights (the provenance turns
+    ``"modified"`` once they change in memory), else of the parameters, with their dtype."""
+    dtype = str(next(model.parameters()).dtype)
+    provenance = model.provenance
+    if provenance is not None and provenance.weights_sha256:
+        return f"{provenance.weights_sha256}:{dtype}"
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -62,16 +67,28 @@ def extract_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """Features (N, D) of ``images`` (``output`` is ``"embedding"`` or ``"pooled"``), cached on disk."""
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"{cache_key(model, images, modality, output)}.safetensors"
+    def compute() -> torch.Tensor:
+        return getattr(model.encode(list(images), modality=modality, output=(output,), batch_size=batch_size,
+                                    progress=progress), output)
+
+    if cache_dir is None:
+        return compute()
+    directory = Path(cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{cache_key(model, images, modality, output)}.safetensors"
+    if path.is_file():  # written whole and renamed into place: never partial
+        return load_file(path)["features"]
+    # one process computes a key; others wait for it and read its file
+    with FileLock(str(path) + ".lock"):
         if path.is_file():
             return load_file(path)["features"]
-    features = getattr(model.encode(list(images), modality=modality, output=(output,), batch_size=batch_size,
-                                    progress=progress), output)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"features": features.contiguous()}, tmp)
-        os.replace(tmp, path)
+        features = compute()
+        handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file({"features": features.contiguous()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return features

@@ -33,6 +33,60 @@ class RawImage:
     source: str
 
 
+CHANNEL_AXIS_SIZES = (1, 2, 3, 4)  # gray, gray + alpha, RGB, RGBA
+AMBIGUOUS_LEADING = (1, 3, 4)  # (C, H, W) images that a stack of C grayscale images looks like
+
+
+def split_images(images: Any, channels_first: bool | None = None) -> list:
+    """One list entry per image, whatever the user passed.
+
+    Lists and tuples are taken as they are; a 4-D tensor is a (B, C, H, W) batch. Numpy
+    arrays follow their layout: 2-D is one grayscale image; 4-D is a batch, (N, H, W, C) when
+    the last axis has 1-4 channels, else (N, C, H, W); 3-D is one (H, W, C) image when the
+    last axis has 1-4 channels, a stack of grayscale images (N, H, W) when the leading size
+    is anything but 1, 3 or 4, and ambiguous otherwise: (3, H, W) is as much three grayscale
+    images as one channels-first RGB image, so it raises and names both fixes.
+    ``channels_first`` (numpy only) states the layout instead: True reads (C, H, W) and
+    (N, C, H, W), False reads (H, W, C) and (N, H, W, C).
+    """
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("got an empty list of images; pass at least one image")
+        return list(images)
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind(0)) if images.ndim == 4 else [images]
+    if isinstance(images, np.ndarray):
+        return _split_array(images, channels_first)
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)) or not hasattr(images, "__iter__"):
+        return [images]
+    return split_images(list(images), channels_first)  # any other iterable of images
+
+
+def _split_array(array: np.ndarray, channels_first: bool | None) -> list:
+    shape = tuple(array.shape)
+    if array.ndim == 4:
+        if channels_first or (channels_first is None and shape[-1] not in CHANNEL_AXIS_SIZES and shape[1] in CHANNEL_AXIS_SIZES):
+            return list(array.transpose(0, 2, 3, 1))
+        if channels_first is None and shape[-1] not in CHANNEL_AXIS_SIZES:
+            raise ImageReadError(
+                "input", f"4-D array of shape {shape} has no channel axis of size 1-4; pass (N, H, W, C) or (N, C, H, W)"
+            )
+        return list(array)
+    if array.ndim != 3 or channels_first is False:
+        return [array]
+    if channels_first:
+        return [array.transpose(1, 2, 0)]
+    if shape[-1] in CHANNEL_AXIS_SIZES:
+        return [array]
+    if shape[0] in AMBIGUOUS_LEADING:
+        raise ImageReadError(
+            "input",
+            f"a numpy array of shape {shape} is either one channels-first image or a stack of {shape[0]} grayscale "
+            f"images; pass list(x) for a stack of images, or x.transpose(1, 2, 0) (or channels_first=True) for one image",
+        )
+    return list(array)  # (N, H, W): a stack of grayscale images, as MedMNIST stores them
+
+
 def describe(item: Any, index: int) -> str:
     """A short name for an input, used in every message about it."""
     if isinstance(item, (str, os.PathLike)):
@@ -186,8 +240,21 @@ def _minmax(array: np.ndarray) -> np.ndarray:
     return (array - low) / (high - low)
 
 
+def _decoder_state(syntax: Any) -> str:
+    """``"available"``, ``"missing"`` (a plugin would decode it) or ``"unsupported"`` (none would)."""
+    from pydicom.pixels import get_decoder
+
+    try:
+        return "available" if get_decoder(syntax).is_available else "missing"
+    except NotImplementedError:
+        return "unsupported"
+
+
 def _read_dicom(path: Path, source: str) -> np.ndarray:
-    """Read a DICOM slice: modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion."""
+    """Read a DICOM slice: modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion.
+
+    Colour data is scaled by its BitsStored range; windowed grayscale by the window's output
+    range; grayscale without a window by its own minimum and maximum."""
     try:
         import pydicom
         from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -210,18 +277,32 @@ def _read_dicom(path: Path, source: str) -> np.ndarray:
         pixels = dataset.pixel_array
     except Exception as error:
         syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax)
-        raise ImageReadError(
-            source,
-            f"cannot decode compressed DICOM pixel data ({name}): {error}. "
-            "Install the decoders with: pip install 'midol-hub[dicom]'",
-        ) from None
-    if getattr(dataset, "SamplesPerPixel", 1) == 3:
-        return array_to_unit(pixels[:, :, :3].astype(np.uint8, copy=False), source, None)
+        decoder = _decoder_state(syntax) if syntax is not None and syntax.is_compressed else "available"
+        if decoder == "unsupported":
+            raise ImageReadError(
+                source, f"cannot decode compressed DICOM pixel data ({syntax.name}): pydicom has no decoder for it; "
+                "convert the file to an uncompressed or JPEG transfer syntax first"
+            ) from None
+        if decoder == "missing":
+            raise ImageReadError(
+                source,
+                f"cannot decode compressed DICOM pixel data ({syntax.name}): no decoder for it is installed. "
+                "Install the decoders with: pip install 'midol-hub[dicom]'",
+            ) from None
+        raise ImageReadError(source, f"DICOM pixel data is damaged or truncated and cannot be decoded ({error})") from None
+    bits = int(getattr(dataset, "BitsStored", 8) or 8)
+    if getattr(dataset, "SamplesPerPixel", 1) == 3:  # colour of any depth: scaled by its stored bit range
+        return np.clip(np.asarray(pixels)[:, :, :3].astype(np.float32) / (2**bits - 1), 0.0, 1.0)
     pixels = apply_modality_lut(pixels, dataset)
     if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
-        pixels = apply_voi_lut(pixels, dataset, prefer_lut=True)
-    unit = _minmax(np.asarray(pixels))
+        # the window's output range, found by windowing the extreme stored values, maps to [0, 1]
+        signed = int(getattr(dataset, "PixelRepresentation", 0) or 0) == 1
+        extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1])
+        low, high = sorted(apply_voi_lut(apply_modality_lut(extremes, dataset), dataset, prefer_lut=True).tolist())
+        windowed = apply_voi_lut(pixels, dataset, prefer_lut=True).astype(np.float32)
+        unit = np.clip((windowed - low) / max(high - low, 1e-12), 0.0, 1.0) if high > low else _minmax(windowed)
+    else:
+        unit = _minmax(np.asarray(pixels))  # no window: the slice's own range
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
         unit = 1.0 - unit
     return unit[:, :, None]

@@ -1,11 +1,14 @@
 """``load_model``: one call from a registry name, a directory, a file or a Hub id to a model.
 
-Weights are read from safetensors straight into a model built on the meta device, so
-loading holds one copy of the weights, already on the requested device and dtype.
+Every path ends in :meth:`MIDoLModel.from_pretrained` (transformers' loader, which builds the
+model on the meta device and reads safetensors into it, so loading holds about one copy of
+the weights), with the same checks and provenance whichever way the model was named.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .configuration_midol import MIDoLConfig
+from .dtypes import parse_dtype
 from .errors import ModelNotFoundError, WeightsMismatchError, WeightsNotAvailableError
 from .modeling_midol import MIDoLModel
 from .provenance import Provenance
@@ -35,6 +39,20 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-tensor loading bar: ``load_model`` is one quick call."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(
@@ -65,18 +83,34 @@ def load_model(
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = parse_dtype(dtype)
     hub_kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    with _quiet_transformers():
+        return _resolve_and_load(spec, pretrained, revision, device, dtype, hub_kwargs)
+
+
+def _resolve_and_load(spec: str, pretrained: bool, revision: str | None, device: torch.device, dtype: torch.dtype | None,
+                      hub_kwargs: dict) -> MIDoLModel:
 
     if spec.startswith("hf-hub:"):
         repo_id, at_revision = _split_revision(spec[len("hf-hub:") :])
         return _load_hub(repo_id, revision or at_revision, pretrained, device, dtype, **hub_kwargs)
 
     entry = get_entry(spec)
+    path = Path(spec).expanduser()
+    if path.exists():  # a local path wins, as in transformers
+        if entry is not None:
+            warnings.warn(
+                f"{spec!r} is both a local path ({path.resolve()}) and a registry model; loading the local path "
+                f"(to load the registry model, run from another directory or rename the local copy)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return _load_local(path, pretrained, device, dtype)
     if entry is not None:
         if not pretrained:
             return _random(entry.make_config(), entry.name, device, dtype)
         if entry.embedded is not None:
             model = _load_local(entry.embedded_path(), pretrained, device, dtype)
-            model.provenance.source, model.provenance.location = "embedded", entry.name
+            model.provenance = dataclasses.replace(model.provenance, source="embedded", location=entry.name)
             return model
         if entry.hub_id is None:
             raise WeightsNotAvailableError(
@@ -86,9 +120,6 @@ def load_model(
             )
         return _load_hub(entry.hub_id, revision, pretrained, device, dtype, **hub_kwargs)
 
-    path = Path(spec).expanduser()
-    if path.exists():
-        return _load_local(path, pretrained, device, dtype)
     if _REPO_ID.match(spec):
         return _load_hub(spec, revision, pretrained, device, dtype, **hub_kwargs)
     raise ModelNotFoundError(
@@ -112,8 +143,19 @@ def _load_local(path: Path, pretrained: bool, device: torch.device, dtype: torch
         return _random(config, str(path), device, dtype)
     if not weights_path.is_file():
         raise ModelNotFoundError(f"{path} has a config but no weights: expected {weights_path}")
-    provenance = Provenance("local", str(path), config.preprocessing_hash(), weights_path=str(weights_path))
-    return _build(config, weights_path, device, dtype, provenance)
+    if weights_path.name == WEIGHTS_NAME:
+        return MIDoLModel.from_pretrained(weights_path.parent, dtype=dtype).to(device)
+    # a safetensors file of another name: the same loader, given the tensors
+    try:
+        state = load_file(weights_path)
+    except (SafetensorError, OSError) as error:
+        raise WeightsMismatchError(
+            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated: "
+            "delete it and download or save it again"
+        ) from None
+    model = MIDoLModel.from_pretrained(None, config=config, state_dict=state, dtype=dtype).to(device)
+    model.provenance = Provenance.of_file("local", str(path), config.preprocessing_hash(), weights_path)
+    return model
 
 
 def _load_hub(
@@ -164,15 +206,9 @@ def _load_hub(
     weights_path = snapshot / WEIGHTS_NAME
     if not weights_path.is_file():
         raise ModelNotFoundError(f"Hub repo {repo_id} (commit {snapshot.name}) has no {WEIGHTS_NAME}")
-    provenance = Provenance(
-        "hub",
-        repo_id,
-        config.preprocessing_hash(),
-        revision=revision,
-        commit=snapshot.name,
-        weights_path=str(weights_path),
-    )
-    return _build(config, weights_path, device, dtype, provenance)
+    model = MIDoLModel.from_pretrained(snapshot, dtype=dtype).to(device)
+    model.provenance = Provenance.of_file("hub", repo_id, config.preprocessing_hash(), weights_path, revision, snapshot.name)
+    return model
 
 
 def _read_config(config_path: Path, what: str) -> MIDoLConfig:
@@ -193,89 +229,13 @@ def _random(config: MIDoLConfig, location: str, device: torch.device, dtype: tor
     warnings.warn(
         f"{location}: random weights (pretrained=False); embeddings and routing carry no meaning yet",
         UserWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     model = MIDoLModel(config).to(device=device, dtype=dtype).eval()
     model.provenance = Provenance("random", location, config.preprocessing_hash())
     return model
 
 
-def _build(
-    config: MIDoLConfig, weights_path: Path, device: torch.device, dtype: torch.dtype | None, provenance: Provenance
-) -> MIDoLModel:
-    """Build on the meta device and assign the weights: one copy in memory, no random init."""
-    with torch.device("meta"):
-        model = MIDoLModel(config)
-    try:
-        state = load_file(weights_path, device=str(device))
-    except (SafetensorError, OSError) as error:
-        raise WeightsMismatchError(
-            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated: "
-            "delete it and download or save it again"
-        ) from None
-    _check_state(model, state, weights_path)
-    target = dtype or torch.float32  # whatever the storage (fp16 ships smaller), compute in fp32 by default
-    for key, tensor in state.items():
-        if tensor.is_floating_point() and tensor.dtype != target:
-            state[key] = tensor.to(target)
-    model.load_state_dict(state, strict=True, assign=True)
-    _materialise_buffers(model, device)
-    model.provenance = provenance
-    return model.eval()
-
-
-def _check_state(model: MIDoLModel, state: dict[str, torch.Tensor], weights_path: Path) -> None:
-    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = [
-        f"{key}: file {tuple(state[key].shape)} vs config {expected[key]}"
-        for key in sorted(set(expected) & set(state))
-        if tuple(state[key].shape) != expected[key]
-    ]
-    if missing or unexpected or mis_shaped:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
-            if keys:
-                shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-                parts.append(f"{label}: {shown}")
-        raise WeightsMismatchError(
-            f"{weights_path} does not match its config ({'; '.join(parts)}). Check that config.json "
-            "belongs to these weights; official checkpoints need `midol convert` first."
-        )
-
-
-def _materialise_buffers(model: MIDoLModel, device: torch.device) -> None:
-    """Give the non-persistent buffers left on the meta device real storage, then recompute them."""
-    for module in model.modules():
-        for name in module._non_persistent_buffers_set:
-            buffer = module._buffers.get(name)
-            if buffer is not None and buffer.is_meta:
-                module._buffers[name] = torch.empty_like(buffer, device=device)
-        if hasattr(module, "_init_buffers"):
-            module._init_buffers()
-
-
 def _split_revision(spec: str) -> tuple[str, str | None]:
     repo_id, _, revision = spec.partition("@")
     return repo_id, revision or None
-
-
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)} or a torch.dtype")
-    return _DTYPES[key]

@@ -17,6 +17,10 @@ MODALITIES: tuple[str, ...] = ("xray", "fundus", "oct", "dermoscopy", "pathology
 AUTO = "auto"
 SHARED = "shared"
 """Name of the single expert of a plain-DINO (one-expert) head, which serves every modality."""
+UNASSIGNED = "unassigned"
+"""Name of an expert that calibration found serving none of the modalities."""
+UNKNOWN = "unknown"
+"""What ``modality="auto"`` reports for an image outside every calibrated modality."""
 
 _ALIASES: dict[str, str] = {
     "x-ray": "xray",

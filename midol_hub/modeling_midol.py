@@ -6,6 +6,7 @@ and the Auto-class registration.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as hf_init
+from safetensors import SafetensorError
 from transformers.utils import ModelOutput
 
 from .configuration_midol import MIDoLConfig
+from .errors import WeightsMismatchError
 
 if TYPE_CHECKING:
     from .encoding import Encoding
@@ -36,9 +39,11 @@ class MoEProjector(nn.Module):
     densely is cheaper than dispatching samples.
     """
 
-    def __init__(self, dim: int, num_experts: int, hidden_dim: int, top_k: int, num_prototypes: int = 0) -> None:
+    def __init__(self, dim: int, num_experts: int, hidden_dim: int, top_k: int, num_prototypes: int = 0,
+                 gate_noise: float = 0.0) -> None:
         super().__init__()
         self.dim, self.num_experts, self.hidden_dim, self.top_k = dim, num_experts, hidden_dim, top_k
+        self.gate_noise = gate_noise
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.fc1_weight = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.fc1_bias = nn.Parameter(torch.empty(num_experts, hidden_dim))
@@ -79,13 +84,17 @@ class MoEProjector(nn.Module):
         """Returns routing logits (B, E), all expert outputs (B, E, D) and prototype logits (B, K) or None.
 
         The prototype logits use the top-k experts weighted by their softmax gate
-        probabilities (not renormalised), as the official Tutel head does.
+        probabilities (not renormalised), as the official Tutel head does; in training mode
+        the gates see noise N(0, 1) * gate_noise / E. The returned routing logits are clean.
         """
         logits = self.route(features)
         outputs = self.expert_outputs(features)
         prototype_logits = None
         if self.prototypes is not None:
-            probs = logits.softmax(dim=-1)
+            noisy = logits
+            if self.training and self.gate_noise > 0:
+                noisy = logits + torch.randn_like(logits) * (self.gate_noise / self.num_experts)
+            probs = noisy.softmax(dim=-1)
             top_p, top_i = probs.topk(self.top_k, dim=-1)
             gates = torch.zeros_like(probs).scatter_(1, top_i, top_p).to(outputs.dtype)
             mixed = torch.einsum("be,bed->bd", gates, outputs)
@@ -151,9 +160,70 @@ class MIDoLModel(PreTrainedModel):
             hidden_dim=config.hidden_dim,
             top_k=config.top_k,
             num_prototypes=config.num_prototypes if config.keep_prototypes else 0,
+            gate_noise=config.gate_noise,
         )
-        self.provenance: Provenance | None = None
+        self.provenance = None
         self.post_init()
+
+    @property
+    def provenance(self) -> Provenance | None:
+        """Where the weights came from (see :class:`~midol_hub.provenance.Provenance`); once they
+        change in memory (training, ``load_state_dict``) the source reads ``"modified"``."""
+        recorded = self.__dict__.get("_provenance")
+        if recorded is None:
+            return None
+        if self._weights_signature() != self.__dict__["_provenance_signature"]:
+            return recorded.modified(self.config.preprocessing_hash())
+        return dataclasses.replace(recorded, preprocessing_sha256=self.config.preprocessing_hash())
+
+    @provenance.setter
+    def provenance(self, value: Provenance | None) -> None:
+        self.__dict__["_provenance"] = value
+        self.__dict__["_provenance_signature"] = self._weights_signature() if value is not None else None
+
+    def _weights_signature(self) -> tuple:
+        # every in-place change of a parameter (optimizer step, load_state_dict) bumps its version
+        return tuple((id(p), p._version) for p in self.parameters())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
+                        **kwargs: Any) -> MIDoLModel:
+        """transformers' loader with M-IDoL's guarantees, for ``load_model`` and ``AutoModel`` alike:
+        float32 unless ``dtype`` is given, every tensor of the file must fit the config (never
+        silently random weights), eval mode, and the provenance of the weights file attached."""
+        from .provenance import Provenance, resolve_weights_file
+
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs["dtype"] = torch.float32  # weights may be stored in fp16; compute in fp32 by default
+        return_info = kwargs.pop("output_loading_info", False)
+        found = None
+        if pretrained_model_name_or_path is not None:
+            found = resolve_weights_file(pretrained_model_name_or_path, kwargs.get("revision"), kwargs.get("cache_dir"),
+                                         kwargs.get("subfolder") or "")
+        if found is not None:  # name every missing, unexpected or mis-shaped tensor before transformers sees them
+            config = kwargs.get("config")
+            if not isinstance(config, MIDoLConfig):
+                config = MIDoLConfig.from_pretrained(found[1].parent)
+            check_weights_file(config, found[1])
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                                  **kwargs)
+        except SafetensorError as error:
+            raise WeightsMismatchError(
+                f"{pretrained_model_name_or_path}: the weights are not a readable safetensors file ({error}); "
+                "it may be truncated: delete it and download or save it again"
+            ) from None
+        problems = {label: sorted(map(str, info.get(key) or [])) for key, label in
+                    (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong shape"))}
+        if any(problems.values()):
+            raise WeightsMismatchError(_mismatch_message(str(pretrained_model_name_or_path), problems))
+        if found is not None:
+            source, path, commit = found
+            location = str(pretrained_model_name_or_path)
+            model.provenance = Provenance.of_file(source, location, model.config.preprocessing_hash(), path,
+                                                  kwargs.get("revision") if source == "hub" else None, commit)
+        model.eval()
+        return (model, info) if return_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         # timm initialises the backbone in its constructor; after a meta-device load only its
@@ -205,11 +275,11 @@ class MIDoLModel(PreTrainedModel):
 
         return encode(self, images, modality=modality, **kwargs)
 
-    def preprocess(self, images: Any, modality: str) -> torch.Tensor:
-        """Turn images into the normalised batch (B, 3, S, S) that ``forward`` expects."""
+    def preprocess(self, images: Any, modality: str, channels_first: bool | None = None) -> torch.Tensor:
+        """Turn images (as ``encode`` accepts them) into the normalised batch (B, 3, S, S) that ``forward`` expects."""
         from .preprocessing import Preprocessor
 
-        return Preprocessor(self.config.profile(modality)).batch(images)
+        return Preprocessor(self.config.profile(modality)).batch(images, channels_first=channels_first)
 
     def save_pretrained(
         self,
@@ -232,6 +302,38 @@ class MIDoLModel(PreTrainedModel):
         name = getattr(self.config, "name_or_path", None) or None
         card = render_model_card(self.config, name=name, results=results, base_model=base_model, notes=card_notes)
         (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
+
+
+def check_weights_file(config: MIDoLConfig, weights_path: Path) -> None:
+    """Raise WeightsMismatchError naming every tensor of ``weights_path`` that does not fit ``config``
+    (reads the safetensors header only)."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        expected = {key: tuple(value.shape) for key, value in MIDoLModel(config).state_dict().items()}
+    try:
+        with safe_open(weights_path, "pt") as handle:
+            found = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise WeightsMismatchError(
+            f"{weights_path} is not a readable safetensors file ({error}); it may be truncated: "
+            "delete it and download or save it again"
+        ) from None
+    problems = {
+        "missing": sorted(set(expected) - set(found)),
+        "unexpected": sorted(set(found) - set(expected)),
+        "wrong shape": [f"{key}: file {found[key]} vs config {expected[key]}"
+                        for key in sorted(set(expected) & set(found)) if found[key] != expected[key]],
+    }
+    if any(problems.values()):
+        raise WeightsMismatchError(_mismatch_message(str(weights_path), problems))
+
+
+def _mismatch_message(where: str, problems: dict[str, list[str]]) -> str:
+    parts = [f"{label}: " + ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+             for label, keys in problems.items() if keys]
+    return (f"{where} does not match its config ({'; '.join(parts)}). Check that config.json belongs to these "
+            "weights; official checkpoints need `midol convert` first.")
 
 
 AutoConfig.register(MIDoLConfig.model_type, MIDoLConfig, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ImageReadError, MIDoLInputWarning
-from .image_io import RawImage, read_any
+from .image_io import RawImage, read_any, split_images
 from .modalities import ModalityProfile
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's "L"
@@ -51,9 +51,9 @@ class Preprocessor:
         self.mean = torch.tensor(profile.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(profile.std).view(1, 3, 1, 1)
 
-    def batch(self, images: Any, warn: WarningCollector | None = None) -> torch.Tensor:
-        """Preprocess one image or a list of them into a normalised (B, 3, S, S) float32 batch."""
-        items = images if isinstance(images, (list, tuple)) else [images]
+    def batch(self, images: Any, warn: WarningCollector | None = None, channels_first: bool | None = None) -> torch.Tensor:
+        """Preprocess images (as ``encode`` accepts them) into a normalised (B, 3, S, S) float32 batch."""
+        items = split_images(images, channels_first)
         collector = warn or WarningCollector()
         raws = [read_any(item, index, collector) for index, item in enumerate(items)]
         out = self.from_raw(raws, collector)
@@ -160,6 +160,27 @@ class ModalityTransform:
 
     def __repr__(self) -> str:
         return f"ModalityTransform({self.profile})"
+
+
+def get_transform(model_or_name: Any, modality: str) -> ModalityTransform:
+    """A picklable per-image transform for DataLoaders: image -> normalised (3, S, S) tensor.
+
+    ``model_or_name`` is a model, its config, or a registry name (only its config is used).
+    """
+    from .configuration_midol import MIDoLConfig
+    from .errors import ModelNotFoundError
+    from .registry import get_entry, list_models
+
+    config = getattr(model_or_name, "config", model_or_name)
+    if not isinstance(config, MIDoLConfig):
+        entry = get_entry(str(model_or_name))
+        if entry is None:
+            raise ModelNotFoundError(
+                f"get_transform: {model_or_name!r} is not a registry name ({', '.join(list_models())}); "
+                "pass a loaded model or its config instead"
+            )
+        config = entry.make_config()
+    return ModalityTransform(config.profile(modality))
 
 
 def iter_chunks(items: list, size: int) -> Iterable[tuple[int, list]]:

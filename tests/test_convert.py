@@ -134,24 +134,26 @@ def test_bare_swin_state_dicts_convert_the_backbone(tmp_path, layout):
         timm_model = convert_checkpoint_quietly({"model": backbone}, tmp_path).backbone
         checkpoint = timm_model.state_dict()
     torch.save(checkpoint, tmp_path / "swin.pth")
-    with pytest.warns(UserWarning, match="no MoE head"):
-        model = convert_checkpoint(tmp_path / "swin.pth", img_size=64)
+    with pytest.raises(CheckpointError, match="holds no MoE head"):
+        convert_checkpoint(tmp_path / "swin.pth", img_size=64)
+    model = convert_checkpoint(tmp_path / "swin.pth", img_size=64, backbone_only=True)
     with torch.no_grad():
         assert (model(images).pooled - expected).abs().max() <= 1e-5
 
 
 def convert_checkpoint_quietly(checkpoint: dict, tmp_path) -> MIDoLModel:
     torch.save(checkpoint, tmp_path / "tmp.pth")
-    with pytest.warns(UserWarning):
-        return convert_checkpoint(tmp_path / "tmp.pth")
+    return convert_checkpoint(tmp_path / "tmp.pth", backbone_only=True)
 
 
-def test_per_rank_tutel_head_keeps_the_backbone_only(tmp_path):
+def test_per_rank_tutel_head_converts_the_backbone_only_when_asked(tmp_path):
     backbone = microsoft_backbone(0)
     checkpoint = {**prefixed("backbone.", backbone), **prefixed("head.", tutel_state(1, local_experts=2))}
     torch.save(checkpoint, tmp_path / "rank0.pth")
-    with pytest.warns(UserWarning, match="holds 2 of 5 experts.*only the backbone was converted"):
-        model = convert_checkpoint(tmp_path / "rank0.pth")
+    with pytest.raises(CheckpointError, match="holds 2 of 5 experts.*backbone_only=True"):
+        convert_checkpoint(tmp_path / "rank0.pth")
+    model = convert_checkpoint(tmp_path / "rank0.pth", backbone_only=True)
+    assert model.config.backbone_only
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (model(images).pooled - reference_pooled(backbone, images)).abs().max() <= 1e-5

@@ -8,10 +8,11 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import JPEG2000Lossless, JPEGLSLossless
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import JPEG2000MC, JPEG2000Lossless, JPEGLSLossless
 
 from midol_hub import ImageReadError
+from midol_hub import image_io
 from midol_hub.image_io import read_file
 
 
@@ -37,12 +38,18 @@ def test_ct_slice_gets_its_rescale_and_full_range(ct_path):
     np.testing.assert_allclose(pixels[:, :, 0], minmax(apply_modality_lut(ds.pixel_array, ds)), atol=1e-6)
 
 
+def dicom_linear_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2 'LINEAR' window, written out, with output in [0, 1]."""
+    return np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
 def test_mr_slice_is_windowed_by_its_voi(mr_path):
     ds = pydicom.dcmread(mr_path)
     pixels = read_file(mr_path).pixels[:, :, 0]
-    windowed = minmax(apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds))
-    np.testing.assert_allclose(pixels, windowed, atol=1e-6)
-    # WindowCenter 600 / width 1600 clips the brightest tissue that plain min-max would keep
+    expected = dicom_linear_window(apply_modality_lut(ds.pixel_array, ds).astype(np.float64), 600, 1600)
+    np.testing.assert_allclose(pixels, expected, atol=1e-4)
+    # the window maps to the display range as a viewer shows it: no per-image stretch
+    assert pixels.min() > 0.2 and pixels.max() == pytest.approx(1.0)
     assert (pixels >= 1 - 1e-6).mean() > (minmax(ds.pixel_array) >= 1 - 1e-6).mean()
 
 
@@ -66,14 +73,48 @@ def test_dicom_without_a_suffix_is_recognised_by_its_preamble(ct_path, tmp_path)
     np.testing.assert_array_equal(read_file(tmp_path / "IM0001").pixels, read_file(ct_path).pixels)
 
 
-def test_compressed_dicom_without_a_decoder_says_what_to_install(ct_path, tmp_path):
+def garbled(ct_path, tmp_path, syntax) -> str:
     ds = pydicom.dcmread(ct_path)
-    ds.file_meta.TransferSyntaxUID = JPEGLSLossless  # no JPEG-LS decoder is installed
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7" + bytes(64)])
     ds["PixelData"].VR = "OB"
-    ds.save_as(tmp_path / "jpegls.dcm")
-    with pytest.raises(ImageReadError, match=r"jpegls\.dcm: cannot decode compressed DICOM pixel data \(JPEG-LS"):
-        read_file(tmp_path / "jpegls.dcm")
+    ds.save_as(tmp_path / "compressed.dcm")
+    return tmp_path / "compressed.dcm"
+
+
+def test_compressed_dicom_errors_tell_a_missing_decoder_from_damaged_data(ct_path, tmp_path, monkeypatch):
+    path = garbled(ct_path, tmp_path, JPEGLSLossless)
+    # the dicom extra decodes JPEG-LS, so these bytes are damaged data, not a missing decoder
+    with pytest.raises(ImageReadError, match=r"compressed\.dcm: DICOM pixel data is damaged or truncated"):
+        read_file(path)
+    monkeypatch.setattr(image_io, "_decoder_state", lambda syntax: "missing")
+    with pytest.raises(ImageReadError, match=r"cannot decode compressed DICOM pixel data \(JPEG-LS.*pip install"):
+        read_file(path)
+
+
+def test_compressed_dicom_no_plugin_decodes_is_named(ct_path, tmp_path):
+    with pytest.raises(ImageReadError, match=r"JPEG 2000 Part 2.*pydicom has no decoder for it"):
+        read_file(garbled(ct_path, tmp_path, JPEG2000MC))
+
+
+def test_truncated_uncompressed_dicom_is_damaged_not_missing_a_decoder(ct_path, tmp_path):
+    ds = pydicom.dcmread(ct_path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(tmp_path / "half.dcm")
+    with pytest.raises(ImageReadError, match=r"half\.dcm: DICOM pixel data is damaged or truncated") as error:
+        read_file(tmp_path / "half.dcm")
+    assert "pip install" not in str(error.value)
+
+
+def test_sixteen_bit_colour_dicom_is_scaled_by_bits_stored(ct_path, tmp_path):
+    ds = pydicom.dcmread(ct_path)
+    rgb = np.stack([np.full((8, 8), v, dtype=np.uint16) for v in (0, 2048, 4095)], axis=-1)  # 12 bits stored
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 3, "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.PlanarConfiguration = 16, 12, 11, 0, 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(tmp_path / "rgb16.dcm")
+    pixels = read_file(tmp_path / "rgb16.dcm").pixels
+    np.testing.assert_allclose(pixels[0, 0], [0.0, 2048 / 4095, 1.0], atol=1e-6)  # a uint8 cast would wrap 2048 to 0
 
 
 def test_dicom_without_pixel_data_is_named(ct_path, tmp_path):

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from midol_hub import ClassificationModel, SegmentationModel
+import pytest
+
+from midol_hub import ClassificationModel, SegmentationModel, calibrate, load_model
 from midol_hub import evaluate as evaluation_command
 
 from .conftest import make_micro
@@ -121,17 +123,17 @@ def test_segmentation_decoder_overfits_real_images(tmp_path, data_root):
     assert model.config.num_labels == 2
 
 
-def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, monkeypatch, capsys):
+def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, micro_dir, monkeypatch, capsys):
     monkeypatch.setenv("MIDOL_DATA", str(data_root))
     out = tmp_path / "results.json"
-    argv = ["--model", "midol-micro", "--random-weights", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+    argv = ["--model", str(micro_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--datasets", "Kermany OCT", "ISIC nevus vs melanoma"]
     assert evaluation_command.main(argv) == 0
     results = json.loads(out.read_text())
     assert results["Kermany OCT"]["sizes"]["train"] + results["Kermany OCT"]["sizes"]["test"] == 100
     assert results["ISIC nevus vs melanoma"]["sizes"]["train"] + results["ISIC nevus vs melanoma"]["sizes"]["test"] == 498
-    for protocol in ("linear probe", "kNN"):
-        assert 0 <= results["Kermany OCT"][protocol]["accuracy"] <= 1
+    direct = evaluation_command.evaluate(load_model(micro_dir), data_root, ["Kermany OCT"])
+    assert results["Kermany OCT"]["linear probe"] == direct["Kermany OCT"]["linear probe"]
     table = capsys.readouterr().out
     assert table.startswith("| dataset | train / test |") and "| Kermany OCT | " in table
     from midol_hub.model_card import evaluation_table
@@ -140,11 +142,23 @@ def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, monkeyp
 
 
 def test_modality_separation_of_a_calibrated_model(data_root):
-    model = make_micro(modality_calibration={"purity": {}})
+    model = make_micro()
+    train = {modality: load(data_root)[0].images[:20] for modality, load in
+             [(m, loader) for m, loader in evaluation_command.BENCHMARKS.values()]}
+    calibrate(model, train)
+    model.config.modality_calibration.pop("out_of_scope")  # without the detector, auto is right exactly where routing is
     result = evaluation_command.modality_separation(model, data_root, per_modality=20)
     scores = result["auto routing"]
-    assert result["sizes"]["test"] == 100 and -1 <= scores["silhouette"] <= 1 and 0 <= scores["routing_purity"] <= 1
-    assert "routing_purity" not in evaluation_command.modality_separation(make_micro(), data_root, per_modality=5)["auto routing"]
+    counts = np.array(scores["confusion"]["counts"])
+    assert result["sizes"]["test"] == counts.sum() == 100 and counts.shape == (5, 5)
+    assert scores["macro_accuracy"] == pytest.approx(np.mean(list(scores["accuracy"].values())))
+    for row, modality in enumerate(scores["confusion"]["modalities"]):
+        served = [e for e, m in enumerate(model.config.expert_modalities) if m == modality]
+        assert scores["accuracy"][modality] == pytest.approx(counts[row, served].sum() / counts[row].sum())
+    assert sorted(scores["out_of_scope"]) == ["CT_small.dcm", "MR_small.dcm"]
+    assert sum(len(v) for v in scores["full_resolution_examples"].values()) == 31
+    uncalibrated = evaluation_command.modality_separation(make_micro(), data_root, per_modality=5)["auto routing"]
+    assert "accuracy" not in uncalibrated and np.array(uncalibrated["confusion"]["counts"]).sum() == 25
 
 
 def test_oct_split_never_shares_a_patient(data_root):

@@ -1,13 +1,16 @@
-"""The two objectives against values computed by hand on tiny tensors."""
+"""The objectives: the official M-IDoL loss reproduced from its fixture, and both loss terms
+against values computed by hand on tiny tensors."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from training.losses import DINOLoss, RoutingConsistencyLoss, sinkhorn_knopp
+from training.losses import DINOLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
+
 
 
 def softmax(values, temp):
@@ -18,6 +21,47 @@ def softmax(values, temp):
 def cross_entropy(target, logits, temp):
     log_z = math.log(sum(math.exp(v / temp) for v in logits))
     return -sum(t * (v / temp - log_z) for t, v in zip(target, logits))
+
+
+@pytest.fixture(scope="module")
+def official_cases(data_root) -> list[dict]:
+    path = data_root.parent / "fixtures" / "official_loss_cases.pt"
+    if not path.is_file():
+        pytest.fail(f"the official loss fixture is missing at {path}")
+    return torch.load(path, weights_only=True)
+
+
+def test_midol_loss_reproduces_every_official_case(official_cases):
+    assert len(official_cases) == 6
+    for case in official_cases:
+        loss = MIDoLLoss(case["center"].shape[1], case["ncrops"], case["teacher_temp"], case["student_temp"],
+                         case["route_student_temp"], case["center_momentum"], case["sinkhorn_eps"], case["sinkhorn_iters"])
+        loss.center.copy_(case["center"])
+        total, route, distill = loss(case["student_out"], case["teacher_out"], case["student_logits"], case["teacher_logits"])
+        for ours, key in ((total, "total"), (route, "route_loss"), (distill, "distill_loss")):
+            assert ours.item() == pytest.approx(float(case[key]), rel=1e-4), (case["seed"], key)
+        torch.testing.assert_close(loss.center, case["center_after"], rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_temp_argument_overrides_the_constructor(official_cases):
+    case = official_cases[0]
+    args = (case["student_out"], case["teacher_out"], case["student_logits"], case["teacher_logits"])
+    sharp = MIDoLLoss(case["center"].shape[1], 4, teacher_temp=0.04)
+    soft = MIDoLLoss(case["center"].shape[1], 4, teacher_temp=0.07)
+    overridden = MIDoLLoss(case["center"].shape[1], 4, teacher_temp=0.04)
+    for module in (sharp, soft, overridden):
+        module.center.copy_(case["center"])
+    expected = soft(*args)
+    assert [t.item() for t in overridden(*args, teacher_temp=0.07)] == [t.item() for t in expected]
+    assert sharp(*args)[0].item() != pytest.approx(expected[0].item(), rel=1e-3)
+
+
+def test_route_weight_zero_is_plain_dino(official_cases):
+    case = official_cases[1]
+    loss = MIDoLLoss(case["center"].shape[1], 4, route_weight=0.0)
+    loss.center.copy_(case["center"])
+    total, route, distill = loss(case["student_out"], case["teacher_out"], case["student_logits"], case["teacher_logits"])
+    assert route.item() == 0.0 and total.item() == pytest.approx(float(case["distill_loss"]), rel=1e-5)
 
 
 def test_dino_loss_matches_hand_computation_and_updates_the_centre():
@@ -38,13 +82,17 @@ def test_dino_loss_matches_hand_computation_and_updates_the_centre():
 
 
 def numpy_sinkhorn(logits: np.ndarray, eps: float, iterations: int) -> np.ndarray:
-    q = np.exp(logits / eps).T
+    """The official procedure in float64: values are floored at 1e-12 after exp, after every
+    iteration and at the end, which matters for sharp (divided by 0.04) logits."""
+    q = np.maximum(np.exp((logits - logits.max(axis=1, keepdims=True)) / eps).T, 1e-12)
     q /= q.sum()
     experts, batch = q.shape
     for _ in range(iterations):
         q /= q.sum(axis=1, keepdims=True) * experts
         q /= q.sum(axis=0, keepdims=True) * batch
-    return (q * batch).T
+        q = np.maximum(q, 1e-12)
+    q = np.maximum((q * batch).T, 1e-12)
+    return q / q.sum(axis=1, keepdims=True)
 
 
 def test_sinkhorn_matches_a_plain_numpy_version():
@@ -64,24 +112,49 @@ def test_sinkhorn_rows_sum_to_one_and_experts_share_the_batch():
     assert not balanced.requires_grad
 
 
-def test_routing_loss_matches_hand_computation():
+def routing_case():
     teacher = torch.tensor([[0.2, 0.1], [0.0, 0.3], [0.1, 0.1], [0.3, 0.0]])  # 2 global views x batch 2, E = 2
     student = torch.tensor([[0.1, 0.0], [0.0, 0.1], [0.2, 0.1], [0.1, 0.3], [0.0, 0.0], [0.3, 0.1]])  # 3 views
+    return teacher, student, [(0, 1), (0, 2), (1, 0), (1, 2)]
+
+
+def test_balanced_routing_loss_matches_hand_computation():
+    teacher, student, pairs = routing_case()
     targets = [numpy_sinkhorn(t.numpy().astype(np.float64), 0.05, 3) for t in teacher.chunk(2)]
     views = [v.tolist() for v in student.chunk(3)]
-    pairs = [(0, 1), (0, 2), (1, 0), (1, 2)]
     expected = sum(
         np.mean([cross_entropy(targets[t][b], views[s][b], 0.1) for b in range(2)]) for t, s in pairs
     ) / len(pairs)
-    loss = RoutingConsistencyLoss(student_temp=0.1, eps=0.05, iterations=3)(student, teacher, num_crops=3)
+    loss = RoutingLoss("balanced", student_temp=0.1, eps=0.05, iterations=3)(student, teacher, 3, teacher_temp=0.04)
     assert abs(loss.item() - expected) < 1e-4
 
 
-def test_routing_loss_pulls_the_student_toward_balance():
+def test_official_routing_loss_weights_the_log_target_by_the_student():
+    teacher, student, pairs = routing_case()
+    targets = [numpy_sinkhorn(t.numpy().astype(np.float64) / 0.04, 0.05, 3) for t in teacher.chunk(2)]
+    views = [v.tolist() for v in student.chunk(3)]
+    expected = sum(
+        np.mean([-sum(a * math.log(q) for a, q in zip(softmax(views[s][b], 0.1), targets[t][b]))
+                 for b in range(2)])
+        for t, s in pairs
+    ) / len(pairs)
+    loss = RoutingLoss("official", student_temp=0.1, eps=0.05, iterations=3)(student, teacher, 3, teacher_temp=0.04)
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("form", ["official", "balanced"])
+def test_routing_gradient_moves_the_student_toward_the_target_argmax(form):
     torch.manual_seed(1)
-    student = torch.randn(4 * 16, 3, requires_grad=True)
     teacher = torch.randn(2 * 16, 3)
-    teacher[:, 0] += 2.0
-    loss = RoutingConsistencyLoss()(student, teacher, num_crops=4)
-    loss.backward()
-    assert student.grad is not None and student.grad.abs().sum() > 0
+    student = torch.zeros(4 * 16, 3, requires_grad=True)
+    RoutingLoss(form)(student, teacher, num_crops=4, teacher_temp=0.04).backward()
+    targets = torch.cat(RoutingLoss(form).targets(teacher, 0.04))
+    # a step against the gradient raises the student's logit of the target's argmax expert for view 3
+    view = student.grad[2 * 16: 3 * 16]
+    picked = -view.gather(1, targets[:16].argmax(-1, keepdim=True))
+    assert (picked > 0).float().mean() > 0.9
+
+
+def test_unknown_routing_form_is_named():
+    with pytest.raises(ValueError, match="official, balanced"):
+        RoutingLoss("soft")

@@ -81,6 +81,28 @@ def test_prototype_logits_mix_top_k_experts_by_unrenormalised_gate_probabilities
     torch.testing.assert_close(logits, x @ head.router.weight.T)
 
 
+def test_gate_noise_acts_only_in_training_mode_and_never_on_the_routing_logits():
+    torch.manual_seed(2)
+    head = MoEProjector(dim=8, num_experts=5, hidden_dim=12, top_k=4, num_prototypes=5, gate_noise=1.0).eval()
+    x = torch.randn(64, 8)
+    clean_logits, _, clean = head(x)
+    head.train()
+    torch.manual_seed(3)
+    logits, _, noisy = head(x)
+    torch.testing.assert_close(logits, clean_logits)  # the routing loss always sees clean logits
+    assert (noisy - clean).abs().max() > 1e-4
+    # the noise is N(0, 1) / E on the logits: replaying the generator reproduces the mixture
+    torch.manual_seed(3)
+    noise = torch.randn_like(logits) / 5
+    probs = (logits + noise).softmax(-1)
+    top = probs.topk(4, dim=-1)
+    outputs = head.expert_outputs(x)
+    mixed = torch.einsum("bk,bkd->bd", top.values, outputs.gather(1, top.indices[..., None].expand(-1, -1, 8)))
+    torch.testing.assert_close(noisy, head.prototypes(F.normalize(mixed, dim=-1)), rtol=1e-5, atol=1e-5)
+    head.gate_noise = 0.0
+    torch.testing.assert_close(head(x)[2], clean)
+
+
 def test_forward_embedding_is_the_selected_experts_output(micro):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

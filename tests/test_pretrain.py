@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from midol_hub import load_model
 from training import export, pretrain
+from training.monitor import KNNMonitor
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO = str(REPO / "training" / "configs" / "midol_micro.yaml")
@@ -54,14 +56,15 @@ def test_loss_falls_on_real_images_of_three_modalities(tmp_path, data_root):
     data = [f"oct={data_root / 'oct'}", f"pathology={data_root / 'pathology/crc_val_he_7k_examples'}",
             f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
     code, log = train(tmp_path, "smoke", data, "--batch-size", "16", "--max-steps", "24",
-                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--balance", "roots")
+                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--balance", "roots",
+                      "--set", "optim.lr=5e-3")
     assert code == 0 and len(log) == 24
     early = sum(r["loss"] for r in log[:5]) / 5
     late = sum(r["loss"] for r in log[-5:]) / 5
-    assert late < early - 0.2, (early, late)
+    assert late < early - 1.0, (early, late)  # measured: 16.1 -> 10.7, mostly the routing term sharpening
     last = log[-1]
-    assert set(last["routing_purity"]) == {"oct", "pathology", "dermoscopy"}
-    assert len(last["expert_usage"]) == 5 and 0 < last["expert_entropy"] <= last["max_entropy"] + 1e-6
+    assert set(last["routing_accuracy"]) == {"oct", "pathology", "dermoscopy"}
+    assert len(last["expert_usage"]) == 5 and sum(last["expert_usage"]) == pytest.approx(1.0)
     for key in ("route_loss", "distill_loss", "lr", "wd", "momentum", "images_per_s"):
         assert key in last
 
@@ -72,8 +75,16 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     model = export.export(tmp_path / "run", tmp_path / "model",
                           calibrate=[f"oct={data_root / 'oct'}", retina], max_per_modality=40).model
     calibration = model.config.modality_calibration
-    assert set(calibration["purity"]) == {"oct", "fundus"} and all(0 <= p <= 1 for p in calibration["purity"].values())
-    assert sorted(model.config.expert_modalities) == sorted(["xray", "fundus", "oct", "dermoscopy", "pathology"])
+    counts = np.array(calibration["confusion"])
+    assert calibration["modalities_order"] == ["oct", "fundus"] and counts.sum() == 80
+    for row, modality in enumerate(calibration["modalities_order"]):  # accuracy is the assigned expert's share
+        if modality in model.config.expert_modalities:
+            expert = model.config.expert_modalities.index(modality)
+            assert calibration["accuracy"][modality] == pytest.approx(counts[row, expert] / 40)
+        else:
+            assert calibration["accuracy"][modality] == 0.0
+    assert sum(m == "unassigned" for m in model.config.expert_modalities) >= 3  # two modalities, five experts
+    assert model.config.pretraining["objective"] == "midol" and model.config.pretraining["steps"] == 2
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
     half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16)
@@ -96,8 +107,9 @@ def test_dino_objective_in_bf16_with_accumulation_and_knn_monitoring(tmp_path, d
                       "--set", "optim.precision=bf16", "--set", "optim.accumulate=2",
                       "--set", f"run.knn_data={npz}", "--set", "run.knn_every=2")
     assert code == 0 and all(r["route_loss"] == 0.0 for r in log)
-    assert "knn_accuracy" not in log[0] and 0.0 <= log[1]["knn_accuracy"] <= 1.0
+    assert "knn_accuracy" not in log[0]
     model = export.export(tmp_path / "dino", tmp_path / "dino_model").model
+    assert log[1]["knn_accuracy"] == KNNMonitor(str(npz), 64).accuracy(model)  # the logged value is the teacher's
     assert model.config.num_experts == 1 and model.config.expert_modalities == ["shared"]
     enc = load_model(tmp_path / "dino_model").encode(torch.rand(3, 64, 64), modality="oct")
     assert enc.modality == ["oct"] and enc.embedding.shape == (1, 256)

@@ -36,3 +36,41 @@ def test_examples_use_only_the_public_api():
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("midol_hub"):
                 assert node.module == "midol_hub", f"{path.name} imports {node.module}"
                 assert all(alias.name in midol_hub.__all__ for alias in node.names), path.name
+
+
+def _internal_imports(path: Path) -> set[str]:
+    """Modules of midol_hub that ``path`` imports, at top level or inside functions
+    (imports under ``if TYPE_CHECKING:`` do not run and are left out)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+               for n in ast.walk(node)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped or not isinstance(node, ast.ImportFrom):
+            continue
+        if node.level == 1 and node.module:
+            found.add(node.module.split(".")[0])
+        elif node.level == 1:
+            found.update(alias.name for alias in node.names)
+        elif node.module and node.module.startswith("midol_hub."):
+            found.add(node.module.split(".")[1])
+    return found
+
+
+def test_no_import_cycle_inside_midol_hub():
+    modules = {p.stem: p for p in (REPO / "midol_hub").glob("*.py") if p.stem != "__init__"}
+    graph = {name: _internal_imports(path) & set(modules) for name, path in modules.items()}
+    assert graph["encoding"] and "loading" not in graph["encoding"]  # the graph is really read
+
+    def cycle_from(start: str, node: str, trail: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                return trail + [nxt]
+            if nxt not in trail:
+                found = cycle_from(start, nxt, trail + [nxt])
+                if found:
+                    return found
+        return None
+
+    cycles = [" -> ".join([name, *cycle]) for name in sorted(graph) if (cycle := cycle_from(name, name, []))]
+    assert cycles == []

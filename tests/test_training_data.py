@@ -88,6 +88,21 @@ def test_balanced_sampling_draws_every_root_equally(data_root):
         epoch_indices(PretrainDataset([small], MultiCrop(64)), 0, 0, "none", 8)
 
 
+def test_batch_balancing_puts_every_group_in_every_batch_equally(data_root):
+    xray = open_source(f"xray={data_root / 'xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz'}")
+    fundus = open_source(f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}")
+    blood = open_source(f"pathology={data_root / 'pathology/bloodmnist/bloodmnist.npz'}")
+    dataset = PretrainDataset([xray, fundus, blood], MultiCrop(64))
+    order = epoch_indices(dataset, 0, 0, "batches", 32)
+    epoch = Counter(dataset.locate(i)[0] for i in order)
+    assert max(epoch.values()) - min(epoch.values()) <= 32
+    for start in range(0, len(order), 32):
+        counts = Counter(dataset.locate(i)[0] for i in order[start : start + 32])
+        assert len(counts) == 3 and max(counts.values()) - min(counts.values()) <= 2
+    roots = [Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "roots", 32)[s : s + 32]) for s in (0, 32, 64)]
+    assert any(max(c.values()) - min(c.values()) > 2 for c in roots)  # epoch balance alone leaves batches uneven
+
+
 def test_schedules():
     assert cosine(0, 100, 1.0, 0.0, warmup=10) == 0.0
     assert cosine(5, 100, 1.0, 0.0, warmup=10) == 0.5

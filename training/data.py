@@ -151,25 +151,35 @@ def collate(batch: list[dict]) -> dict:
 def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str, global_batch: int) -> list[int]:
     """The epoch's global sample order, a whole number of global batches long.
 
-    ``balance="roots"`` draws every source (or tag group) equally often: the Sinkhorn term
-    assumes the experts share each batch evenly, which unbalanced corpora would break.
+    ``balance="roots"`` draws every source (or tag group) equally often over the epoch: the
+    Sinkhorn term assumes the experts share each batch evenly, which unbalanced corpora would
+    break. ``balance="batches"`` also interleaves the groups, so every global batch holds them
+    in equal numbers (within two images), not just the epoch.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     if balance == "none":
         order = list(range(len(dataset)))
         rng.shuffle(order)
-    elif balance == "roots":
+    elif balance in ("roots", "batches"):
         groups: dict[Any, list[int]] = {}
         for i, source in enumerate(dataset.sources):
             groups.setdefault(source.tag or source.root, []).extend(range(dataset.offsets[i], dataset.offsets[i + 1]))
         per_group = len(dataset) // len(groups)
-        order = []
+        picked = []
         for members in groups.values():
             picks = rng.sample(members, per_group) if len(members) >= per_group else rng.choices(members, k=per_group)
-            order.extend(picks)
-        rng.shuffle(order)
+            picked.append(picks)
+        if balance == "roots":
+            order = [index for picks in picked for index in picks]
+            rng.shuffle(order)
+        else:
+            order = []
+            for position in range(per_group):  # one image of every group per round, rounds in random group order
+                round_ = [picks[position] for picks in picked]
+                rng.shuffle(round_)
+                order.extend(round_)
     else:
-        raise DataError(f"data.balance must be 'none' or 'roots', got {balance!r}")
+        raise DataError(f"data.balance must be 'none', 'roots' or 'batches', got {balance!r}")
     usable = len(order) // global_batch * global_batch
     if usable == 0:
         raise DataError(f"{len(order)} images are fewer than one global batch of {global_batch}; lower --batch-size")

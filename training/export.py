@@ -1,8 +1,9 @@
 """Export a run's teacher as a midol_hub model: ``python -m training.export RUN_DIR MODEL_DIR``.
 
-``--calibrate TAG=PATH ...`` routes labelled images (one root per modality) through the
-teacher, assigns experts to modalities by maximising routing mass (Hungarian assignment),
-and stores the mapping and each modality's routing purity in the model's config.
+``--calibrate TAG=PATH ...`` routes labelled training images (roots tagged with their
+modality) through the teacher and calibrates its experts with :func:`midol_hub.calibrate`:
+experts matched to modalities by Hungarian assignment on argmax-routing counts, routing
+accuracy per modality, and the out-of-scope detector behind ``"unknown"``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from midol_hub import MIDoLConfig, MIDoLModel, canonical_modality
-from midol_hub.modalities import MODALITIES, SHARED
-from midol_hub.image_io import RawImage
-from midol_hub.preprocessing import Preprocessor, WarningCollector
+from midol_hub import calibrate as midol_calibrate
+from midol_hub.modalities import SHARED
 
 from .checkpoint import list_checkpoints, load_checkpoint
 from .data import DataError, open_source
@@ -51,11 +50,18 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | No
     config = MIDoLConfig(**{**fields, "drop_path_rate": 0.0})
     trained = MIDoLModel(config)
     trained.load_state_dict(state["teacher"])
-    config_out = MIDoLConfig(**{**fields, "drop_path_rate": 0.0, "keep_prototypes": keep_prototypes})
+    config_out = MIDoLConfig(**{**fields, "drop_path_rate": 0.0, "keep_prototypes": keep_prototypes,
+                                "pretraining": pretraining_record(state)})
     model = MIDoLModel(config_out)
     model.load_state_dict(trained.state_dict(), strict=not (config.keep_prototypes and not keep_prototypes))
     model.eval()
-    samples = calibrate_experts(model, calibrate, max_per_modality) if calibrate else None
+    samples = None
+    if calibrate:
+        if config.expert_modalities == [SHARED]:
+            raise DataError("a one-expert (dino objective) model has no experts to calibrate")
+        images = calibration_images(calibrate, max_per_modality)
+        midol_calibrate(model, images)
+        samples = torch.cat([model.preprocess(group[:8], "auto") for group in images.values()])
     fp16_error = None
     if storage == "fp16":
         if samples is None:
@@ -79,47 +85,46 @@ def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
     return float((torch.nn.functional.normalize(rounded(batch).embedding, dim=-1) - expected).abs().max())
 
 
-@torch.no_grad()
-def calibrate_experts(model: MIDoLModel, specs: list[str], max_per_modality: int = 500) -> torch.Tensor:
-    """Assign experts to the tagged modalities by Hungarian assignment on routing mass; store
-    the mapping and purity in the config and return a small batch of the images used."""
-    if model.config.expert_modalities == [SHARED]:
-        raise DataError("a one-expert (dino objective) model has no experts to calibrate")
-    preprocessor, collector = Preprocessor(model.config.profile("auto")), WarningCollector()
+def pretraining_record(state: dict) -> dict:
+    """What trained these weights: the objective and its options, as the run's config.yaml has them."""
+    config = state["config"]
+    model, objective, optim = config["model"], config["objective"], config["optim"]
+    record = {
+        "objective": objective["name"],
+        "routing": objective["routing"] if objective["name"] == "midol" else None,
+        "top_k": state["model_config"]["top_k"],
+        "gate_noise": model["gate_noise"],
+        "teacher_train_mode": model["teacher_train_mode"],
+        "clip_grad": optim["clip_grad"],
+        "clip_mode": optim["clip_mode"],
+        "sinkhorn_iters": objective["sinkhorn_iters"],
+        "init": str(model["init"]) if model["init"] else None,
+        "steps": state["step"],
+        "epochs": optim["epochs"],
+        "batch_size": optim["batch_size"],
+    }
+    official = {"routing": "official", "top_k": 4, "gate_noise": 1.0, "teacher_train_mode": True, "clip_mode": "per_param",
+                "sinkhorn_iters": 3}
+    record["deviations_from_official"] = {key: record[key] for key, value in official.items()
+                                          if objective["name"] == "midol" and record[key] != value}
+    return record
+
+
+def calibration_images(specs: list[str], max_per_modality: int = 500) -> dict[str, list[np.ndarray]]:
+    """Up to ``max_per_modality`` evenly spaced images of every ``MODALITY=PATH`` root (roots of
+    one modality share its budget), as (H, W, C) arrays in [0, 1]."""
     by_modality: dict[str, list] = {}
     for spec in specs:
         if "=" not in spec:
             raise DataError(f"--calibrate {spec!r}: expected MODALITY=PATH, e.g. oct=data/oct")
         source = open_source(spec, split="train")
         by_modality.setdefault(canonical_modality(source.tag), []).append(source)
-    modalities, mass, chosen, samples = list(by_modality), [], [], []
-    for modality in modalities:
-        raws = []
-        for source in by_modality[modality]:  # several roots of one modality share its budget
-            share = max_per_modality // len(by_modality[modality])
-            pick = np.linspace(0, len(source) - 1, min(len(source), share)).astype(int)
-            raws += [RawImage(source.read(int(i)), source.name(int(i))) for i in pick]
-        samples.append(preprocessor.from_raw(raws[:8], collector))
-        probs = torch.cat([
-            model(preprocessor.from_raw(raws[i : i + 64], collector)).routing_logits.softmax(-1)
-            for i in range(0, len(raws), 64)
-        ])
-        mass.append(probs.mean(0).numpy())  # per-image share, so big modalities do not dominate
-        chosen.append(probs.argmax(-1).numpy())
-    collector.emit()
-    rows, cols = linear_sum_assignment(-np.stack(mass))
-    assignment = {modalities[r]: int(c) for r, c in zip(rows, cols)}
-    free = [m for m in MODALITIES if m not in assignment]
-    experts = [None] * model.config.num_experts
-    for modality, expert in assignment.items():
-        experts[expert] = modality
-    for index in range(len(experts)):
-        experts[index] = experts[index] or free.pop(0)
-    purity = {m: float((chosen[i] == assignment[m]).mean()) for i, m in enumerate(modalities) if m in assignment}
-    model.config.expert_modalities = experts
-    model.config.modality_calibration = {"purity": purity, "images_per_modality": {
-        m: int(len(chosen[i])) for i, m in enumerate(modalities)}}
-    return torch.cat(samples)
+    images = {}
+    for modality, sources in by_modality.items():
+        share = max_per_modality // len(sources)
+        images[modality] = [source.read(int(i)) for source in sources
+                            for i in np.linspace(0, len(source) - 1, min(len(source), share)).astype(int)]
+    return images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     calibration = exported.model.config.modality_calibration
     print(f"exported {args.run_dir} -> {args.model_dir}; experts: {exported.model.config.expert_modalities}"
-          + (f"; purity: {calibration['purity']}" if calibration else "")
+          + (f"; routing accuracy: {calibration['accuracy']}" if calibration else "")
           + (f"; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}" if args.storage == "fp16" else ""))
     return 0
 

@@ -13,21 +13,34 @@ from torch.nn.parallel import DistributedDataParallel
 from midol_hub import MIDoLModel
 
 from .distributed import is_distributed
-from .losses import DINOLoss, RoutingConsistencyLoss
+from .losses import MIDoLLoss
 
 
 class TrainingError(RuntimeError):
     """A run that cannot start, resume or go on; the message says what to fix."""
 
 
+CLIP_MODES = ("per_param", "global")
+
+
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms and relative-position tables."""
+    """No weight decay on biases and norms (every 1-D parameter), as the official DINO groups."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.ndim <= 1 or name.endswith(".bias") or "relative_position" in name else decay).append(param)
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
+
+
+@torch.no_grad()
+def clip_each_parameter(parameters, max_norm: float) -> None:
+    """Scale each parameter's gradient to norm ``max_norm`` at most, separately (official
+    ``utils.clip_gradients``; ``clip_grad_norm_`` would clip their global norm instead)."""
+    for param in parameters:
+        if param.grad is not None:
+            scale = max_norm / (param.grad.norm(2) + 1e-6)
+            param.grad.mul_(scale.clamp(max=1.0))
 
 
 @dataclass
@@ -39,17 +52,21 @@ class StepResult:
 
 
 class Learner:
-    """Student, EMA teacher, both objectives, AdamW, AMP and gradient accumulation."""
+    """Student, EMA teacher, the M-IDoL loss, AdamW, clipping, AMP and gradient accumulation."""
 
     def __init__(self, config: dict[str, Any], student: MIDoLModel, teacher: MIDoLModel, device: torch.device) -> None:
         obj, optim = config["objective"], config["optim"]
         self.student, self.teacher, self.device = student, teacher, device
         self.model = DistributedDataParallel(student) if is_distributed() else student
-        self.distill = DINOLoss(student.config.num_prototypes, obj["student_temp"], obj["center_momentum"]).to(device)
-        self.route = RoutingConsistencyLoss(obj["route_student_temp"], obj["sinkhorn_eps"], obj["sinkhorn_iters"])
-        self.use_routing = obj["name"] == "midol"
-        self.weights = obj["distill_weight"], obj["route_weight"]
-        self.clip_grad = optim["clip_grad"]
+        self.loss = MIDoLLoss(
+            student.config.num_prototypes, 2 + config["crops"]["local_number"], obj["teacher_temp"], obj["student_temp"],
+            obj["route_student_temp"], obj["center_momentum"], obj["sinkhorn_eps"], obj["sinkhorn_iters"],
+            route_weight=obj["route_weight"] if obj["name"] == "midol" else 0.0, distill_weight=obj["distill_weight"],
+            routing=obj["routing"],
+        ).to(device)
+        self.clip_grad, self.clip_mode = optim["clip_grad"], optim["clip_mode"]
+        if self.clip_mode not in CLIP_MODES:
+            raise TrainingError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
         precision = optim["precision"]
         if precision not in ("fp32", "bf16", "fp16"):
@@ -82,10 +99,8 @@ class Learner:
                 with torch.no_grad():
                     teacher_out = self.teacher(torch.cat(crops[:2]))
                 student_out = self.model(torch.cat(crops))
-                distill = self.distill(student_out.prototype_logits, teacher_out.prototype_logits, len(crops), teacher_temp)
-                route = (self.route(student_out.routing_logits, teacher_out.routing_logits, len(crops))
-                         if self.use_routing else distill.new_zeros(()))
-                loss = self.weights[0] * distill + self.weights[1] * route
+                loss, route, distill = self.loss(student_out.prototype_logits, teacher_out.prototype_logits,
+                                                 student_out.routing_logits, teacher_out.routing_logits, teacher_temp)
             value, route_value, distill_value = torch.stack([loss, route, distill]).tolist()  # one device sync
             if not math.isfinite(value):
                 raise TrainingError(f"the loss is {value}; lower optim.lr or train in fp32")
@@ -95,7 +110,9 @@ class Learner:
             result.distill_loss += distill_value * share
             result.teacher_routing.append(teacher_out.routing_logits.float().softmax(-1)[: len(crops[0])].detach())
         self.scaler.unscale_(self.optimizer)
-        if self.clip_grad:
+        if self.clip_grad and self.clip_mode == "per_param":
+            clip_each_parameter(self.student.parameters(), self.clip_grad)
+        elif self.clip_grad:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad)
         if freeze_last_layer:
             self.student.head.prototypes.parametrizations.weight.original1.grad = None
@@ -109,9 +126,9 @@ class Learner:
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "distill_loss": self.distill.state_dict()}
+                "loss": self.loss.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.distill.load_state_dict(state["distill_loss"])
+        self.loss.load_state_dict(state["loss"])

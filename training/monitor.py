@@ -1,21 +1,23 @@
-"""What the log records besides the losses: expert usage, routing purity per tag, kNN accuracy."""
+"""What the log records besides the losses: expert usage, routing accuracy per tag, kNN accuracy."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import numpy as np
 import torch
 
-from midol_hub.evaluation import knn_predict
+from midol_hub.evaluation import knn_predict, routing_report
+from midol_hub.image_io import RawImage
 from midol_hub.modalities import default_profiles
-from midol_hub.preprocessing import Preprocessor
+from midol_hub.preprocessing import Preprocessor, WarningCollector
+
+from .data import Source
 
 
 def routing_stats(probs: torch.Tensor, sources: torch.Tensor, tags: list[str | None]) -> dict:
-    """Expert usage and its entropy (nats; log E is perfectly balanced), and per tagged root the
-    share of its images routed to that root's most used expert (1.0 = pure)."""
+    """Batch expert usage (argmax shares) and the entropy of the mean routing (nats; log E is
+    perfectly balanced); with tagged roots, the batch's routing accuracy (see ``routing_report``)."""
     chosen = probs.argmax(dim=-1)
     mean = probs.mean(dim=0)
     stats = {
@@ -23,14 +25,41 @@ def routing_stats(probs: torch.Tensor, sources: torch.Tensor, tags: list[str | N
         "expert_entropy": float(-(mean * mean.clamp_min(1e-12).log()).sum()),
         "max_entropy": math.log(probs.shape[1]),
     }
-    purity = {}
-    for source, tag in enumerate(tags):
-        picked = chosen[sources == source].tolist()
-        if tag is not None and picked:
-            purity[tag] = Counter(picked).most_common(1)[0][1] / len(picked)
-    if purity:
-        stats["routing_purity"] = purity
+    tagged = [i for i, s in enumerate(sources.tolist()) if tags[s] is not None]
+    if tagged:
+        report = routing_report([tags[s] for s in sources[tagged].tolist()], chosen[tagged].numpy(), probs.shape[1])
+        stats["routing_accuracy"] = report["accuracy"]
     return stats
+
+
+class RoutingMonitor:
+    """The teacher's argmax routing of fixed training images of every tag, preprocessed as
+    ``encode(modality="auto")`` does: routing accuracy per tag, macro mean, NMI, expert usage."""
+
+    def __init__(self, sources: list[Source], size: int, per_tag: int = 100) -> None:
+        by_tag: dict[str, list[Source]] = {}
+        for source in sources:
+            if source.tag is not None:
+                by_tag.setdefault(source.tag, []).append(source)
+        preprocessor, collector = Preprocessor(default_profiles(size)["auto"]), WarningCollector()
+        self.tags, batches = [], []
+        for tag, roots in by_tag.items():
+            raws = []
+            for source in roots:  # several roots of one tag share its images
+                picks = np.linspace(0, len(source) - 1, min(len(source), per_tag // len(roots))).astype(int)
+                raws += [RawImage(source.read(int(i)), source.name(int(i))) for i in picks]
+            batches.append(preprocessor.from_raw(raws, collector))
+            self.tags += [tag] * len(raws)
+        self.images = torch.cat(batches) if batches else None
+
+    @torch.no_grad()
+    def report(self, model: torch.nn.Module) -> dict:
+        was_training, device = model.training, next(model.parameters()).device
+        model.eval()
+        experts = torch.cat([model(chunk.to(device)).routing_logits.argmax(-1).cpu() for chunk in self.images.split(256)])
+        model.train(was_training)
+        report = routing_report(self.tags, experts.numpy(), model.config.num_experts)
+        return {key: report[key] for key in ("macro_accuracy", "accuracy", "nmi", "expert_usage")}
 
 
 class KNNMonitor:
@@ -47,10 +76,12 @@ class KNNMonitor:
 
     @torch.no_grad()
     def accuracy(self, model: torch.nn.Module) -> float:
-        device = next(model.parameters()).device
+        was_training, device = model.training, next(model.parameters()).device
+        model.eval()
         features = []
         for images, _ in (self.train, self.val):
             batches = [self.preprocessor.batch(list(images[i : i + 256])) for i in range(0, len(images), 256)]
             features.append(torch.cat([model(b.to(device)).pooled.float().cpu() for b in batches]))
+        model.train(was_training)
         scores = knn_predict(features[0], torch.from_numpy(self.train[1]), features[1])
         return float((scores.argmax(-1).numpy() == self.val[1]).mean())

@@ -29,7 +29,7 @@ from .config import ConfigError, load_config, save_config
 from .data import DataError, PretrainDataset, collate, epoch_indices, open_source
 from .distributed import init_distributed, is_distributed
 from .learner import Learner, TrainingError
-from .monitor import KNNMonitor, routing_stats
+from .monitor import KNNMonitor, RoutingMonitor, routing_stats
 from .schedules import cosine, linear_then_constant
 
 log = logging.getLogger("training")
@@ -46,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
     parser.add_argument("--objective", choices=("midol", "dino"), default=None, help="midol, or the plain DINO ablation")
-    parser.add_argument("--balance", choices=("none", "roots"), default=None,
-                        help="roots: draw every data root (or tag) equally often per epoch")
+    parser.add_argument("--balance", choices=("none", "roots", "batches"), default=None,
+                        help="roots: draw every data root (or tag) equally often per epoch; batches: and in every batch")
     return parser.parse_args(argv)
 
 
@@ -69,8 +69,9 @@ def model_config(config: dict[str, Any], drop_path: float) -> MIDoLConfig:
     entry = get_entry(config["model"]["arch"])
     if entry is None:
         raise ConfigError(f"model.arch {config['model']['arch']!r} is not a registry name")
-    fields = {**entry.config, **config["model"]["overrides"]}
-    fields.update(keep_prototypes=True, num_prototypes=config["model"]["num_prototypes"], drop_path_rate=drop_path)
+    model = config["model"]
+    fields = {**entry.config, "top_k": model["top_k"], "gate_noise": model["gate_noise"], **model["overrides"]}
+    fields.update(keep_prototypes=True, num_prototypes=model["num_prototypes"], drop_path_rate=drop_path)
     if config["objective"]["name"] == "dino":
         fields.update(num_experts=1, top_k=1, expert_modalities=[SHARED])
     elif config["objective"]["name"] != "midol":
@@ -81,17 +82,32 @@ def model_config(config: dict[str, Any], drop_path: float) -> MIDoLConfig:
 def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLModel, MIDoLModel]:
     student = MIDoLModel(model_config(config, config["model"]["drop_path_rate"]))
     if config["model"]["init"]:
-        init = load_model(config["model"]["init"])
-        missing, unexpected = student.load_state_dict(init.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("head.prototypes") for k in missing):
-            raise TrainingError(f"model.init {config['model']['init']} does not match model.arch: {missing or unexpected}")
-    teacher = MIDoLModel(model_config(config, 0.0))
+        init_from(student, config["model"]["init"])
+    # the official teacher is never switched to eval mode: stochastic depth and gate noise act on it too
+    teacher_train_mode = config["model"]["teacher_train_mode"]
+    teacher = MIDoLModel(model_config(config, config["model"]["drop_path_rate"] if teacher_train_mode else 0.0))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
     # DINO's norm_last_layer: prototype norms stay fixed at 1
     student.head.prototypes.parametrizations.weight.original0.requires_grad_(False)
-    return student.to(device).train(), teacher.to(device).eval()
+    return student.to(device).train(), teacher.to(device).train(teacher_train_mode)
+
+
+def init_from(student: MIDoLModel, source: str) -> None:
+    """Start from a midol_hub model: its whole backbone, and the head tensors whose shapes
+    match (a one-expert DINO head does not fit five experts: the head then starts fresh,
+    as the official run starts a fresh head on an ImageNet backbone)."""
+    own = student.state_dict()
+    init = load_model(source).state_dict()
+    backbone_missing = [k for k in own if k.startswith("backbone.") and (k not in init or init[k].shape != own[k].shape)]
+    if backbone_missing:
+        raise TrainingError(f"model.init {source} does not match model.arch: backbone tensors {backbone_missing[:3]} differ")
+    fitting = {k: v for k, v in init.items() if k in own and v.shape == own[k].shape}
+    student.load_state_dict(fitting, strict=False)
+    fresh = sorted({k.rsplit(".", 1)[0] for k in own if k not in fitting})
+    if fresh:
+        log.info("model.init %s: backbone loaded; fresh (not in the init or of another shape): %s", source, ", ".join(fresh))
 
 
 ARCHITECTURE_KEYS = ("backbone", "embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size",
@@ -179,6 +195,9 @@ def run(args: argparse.Namespace) -> None:
             save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
 
     knn = KNNMonitor(run_cfg["knn_data"], image_size) if run_cfg["knn_data"] and run_cfg["knn_every"] else None
+    routing = None
+    if rank == 0 and run_cfg["routing_every"] and obj["name"] == "midol" and any(s.tag for s in sources):
+        routing = RoutingMonitor(sources, image_size, run_cfg["routing_images"])
     warmup = int(optim_cfg["warmup_epochs"] * steps_per_epoch)
     base_lr = optim_cfg["lr"] * global_batch / 256
     log_file = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
@@ -227,6 +246,8 @@ def run(args: argparse.Namespace) -> None:
                     record.update(routing_stats(torch.cat(result.teacher_routing).cpu(), torch.cat(sources_seen), tags))
                 if knn is not None and step % run_cfg["knn_every"] == 0:
                     record["knn_accuracy"] = knn.accuracy(teacher)
+                if routing is not None and (step % run_cfg["routing_every"] == 0 or step == max_steps):
+                    record["routing"] = routing.report(teacher)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             progress.update(1)

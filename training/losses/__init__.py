@@ -1,6 +1,7 @@
-"""M-IDoL's two objectives, one per file."""
+"""M-IDoL's objectives, one per file, and the official combination of them."""
 
 from .dino import DINOLoss
-from .routing import RoutingConsistencyLoss, sinkhorn_knopp
+from .midol import MIDoLLoss
+from .routing import ROUTING_FORMS, RoutingLoss, sinkhorn_knopp
 
-__all__ = ["DINOLoss", "RoutingConsistencyLoss", "sinkhorn_knopp"]
+__all__ = ["DINOLoss", "MIDoLLoss", "ROUTING_FORMS", "RoutingLoss", "sinkhorn_knopp"]

@@ -7,12 +7,15 @@ from typing import Sequence
 import torch
 
 
-def cross_view_cross_entropy(targets: Sequence[torch.Tensor], student_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean over cross-view pairs of the batch-mean cross-entropy ``-sum(target * log_prob)``."""
-    total, terms = student_log_probs[0].new_zeros(()), 0
-    for t_index, target in enumerate(targets):
-        for s_index, log_probs in enumerate(student_log_probs):
+def cross_view_pairs(teacher_terms: Sequence[torch.Tensor], student_terms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over cross-view pairs (i, j != i) of the batch mean of ``-sum(teacher_i * student_j)``.
+
+    With teacher probabilities and student log-probabilities this is DINO's cross-entropy.
+    """
+    total, terms = student_terms[0].new_zeros(()), 0
+    for t_index, teacher in enumerate(teacher_terms):
+        for s_index, student in enumerate(student_terms):
             if s_index != t_index:
-                total = total + (-target * log_probs).sum(dim=-1).mean()
+                total = total + (-teacher * student).sum(dim=-1).mean()
                 terms += 1
     return total / terms

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cross_view import cross_view_cross_entropy
+from .cross_view import cross_view_pairs
 from ..distributed import all_reduce_sum, world_size
 
 
@@ -28,7 +28,7 @@ class DINOLoss(nn.Module):
         """student_logits: (num_crops * B, K); teacher_logits: (2 * B, K). Updates the centre."""
         student = F.log_softmax(student_logits.float() / self.student_temp, dim=-1).chunk(num_crops)
         teacher = F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
-        loss = cross_view_cross_entropy(teacher, student)
+        loss = cross_view_pairs(teacher, student)
         self.update_center(teacher_logits)
         return loss
 

@@ -1,0 +1,96 @@
+"""Expert calibration: which expert serves which modality, and which images are none of them.
+
+The router learns its split of the images without labels, so an expert has no modality
+until labelled images (training data only) are routed through the model. Experts are then
+matched one-to-one to modalities by Hungarian assignment on the argmax-routing counts (the
+same rule ``modality="auto"`` answers by); an expert that no modality reaches stays
+``"unassigned"``. An out-of-scope detector is fitted at the same time: per modality, the
+centre of its images' L2-normalised pooled features and the cosine distance that
+``quantile`` of them stay within. ``modality="auto"`` answers ``"unknown"`` for an image
+farther than that from the centre of the modality it was routed to, or routed to an
+unassigned expert.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .evaluation import routing_report
+from .modalities import SHARED, UNASSIGNED, UNKNOWN, canonical_modality
+
+if TYPE_CHECKING:
+    from .configuration_midol import MIDoLConfig
+    from .modeling_midol import MIDoLModel
+
+
+def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float = 0.99, batch_size: int = 64) -> dict:
+    """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}).
+
+    Updates ``model.config.expert_modalities`` and ``model.config.modality_calibration`` in
+    place and returns the calibration: per-modality routing ``accuracy`` and its mean
+    ``macro_accuracy``, the modality x expert ``confusion`` counts, ``nmi`` and the
+    ``out_of_scope`` detector. Use training images only: evaluate on held-out ones.
+    """
+    config = model.config
+    if config.expert_modalities == [SHARED]:
+        raise ValueError("a one-expert (plain DINO) model has no experts to calibrate")
+    if not 0 < quantile <= 1:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
+    labels, experts, pooled = [], [], []
+    for modality, items in images.items():
+        key = canonical_modality(modality)
+        if key in labels:
+            raise ValueError(f"modality {key!r} is given twice; pass each modality's images once")
+        encoding = model.encode(list(items), modality="auto", output="pooled", batch_size=batch_size)
+        labels += [key] * len(encoding)
+        experts.append(encoding.expert_index)
+        pooled.append(encoding.pooled)
+    report = routing_report(labels, torch.cat(experts).numpy(), config.num_experts)
+    features = F.normalize(torch.cat(pooled), dim=-1)
+    label_array = np.array(labels)
+    centres, radius = {}, {}
+    for modality, expert in report["assignment"].items():
+        if expert is None:
+            continue
+        own = features[torch.from_numpy(label_array == modality)]
+        centre = F.normalize(own.mean(dim=0), dim=0)
+        centres[modality] = centre.tolist()
+        radius[modality] = float(torch.quantile(1 - own @ centre, quantile))
+    expert_modalities = [UNASSIGNED] * config.num_experts
+    for modality, expert in report["assignment"].items():
+        if expert is not None:
+            expert_modalities[expert] = modality
+    calibration = {
+        "method": "Hungarian assignment on argmax-routing counts of labelled training images",
+        **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
+        "images_per_modality": {m: int((label_array == m).sum()) for m in report["modalities_order"]},
+        "out_of_scope": {"quantile": quantile, "radius": radius, "centres": centres},
+    }
+    config.expert_modalities = expert_modalities
+    config.modality_calibration = calibration
+    return calibration
+
+
+def detect_modalities(config: MIDoLConfig, expert_index: torch.Tensor, pooled: torch.Tensor) -> list[str]:
+    """The modality ``modality="auto"`` reports per image: its expert's modality, or ``"unknown"``
+    when that expert is unassigned or the image lies outside the modality's calibrated radius."""
+    if config.backbone_only:
+        return [UNKNOWN] * len(expert_index)
+    names = [config.expert_modalities[i] for i in expert_index.tolist()]
+    detector = (config.modality_calibration or {}).get("out_of_scope")
+    if not detector:
+        return [UNKNOWN if name == UNASSIGNED else name for name in names]
+    features = F.normalize(pooled.float(), dim=-1)
+    result = []
+    for row, name in enumerate(names):
+        if name not in detector["centres"]:
+            result.append(UNKNOWN)
+            continue
+        centre = torch.tensor(detector["centres"][name], dtype=features.dtype, device=features.device)
+        distance = float(1 - features[row] @ centre)
+        result.append(name if distance <= detector["radius"][name] else UNKNOWN)
+    return result
