@@ -142,7 +142,7 @@ def predict(model, data, transform, batch_size) -> np.ndarray:
     with torch.inference_mode():
         for start in range(0, len(data), batch_size):
             batch = torch.stack([transform(image) for image in data.images[start : start + batch_size]])
-            outputs.append(model(batch))
+            outputs.append(model(batch).logits)
     return scores_of(torch.cat(outputs), data.multilabel)
 
 
@@ -160,7 +160,7 @@ def train_finetune(model, sets, args, output_dir):
             batch = order[start : start + args.batch_size].tolist()
             pixels = torch.stack([transform(train.images[i]) for i in batch])
             pixels = torch.where(torch.rand(len(batch), 1, 1, 1) < 0.5, pixels.flip(-1), pixels)  # random flips
-            loss = loss_of(model(pixels), labels[batch], train.multilabel, args.label_smoothing)
+            loss = loss_of(model(pixels).logits, labels[batch], train.multilabel, args.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

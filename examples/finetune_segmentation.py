@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -73,13 +72,6 @@ def read_mask(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.where(array == 255, 1, array).astype(np.int64))
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(1)
-    one_hot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
-    intersection = (probs * one_hot).sum((0, 2, 3))
-    return 1 - ((2 * intersection + 1) / (probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3)) + 1))[1:].mean()
-
-
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     encoder = load_model(args.model, pretrained=not args.random_weights)
@@ -105,14 +97,13 @@ def run(args: argparse.Namespace) -> dict:
         shuffled = train_idx[torch.randperm(len(train_idx))]
         for start in range(0, len(shuffled), args.batch_size):
             batch = shuffled[start : start + args.batch_size]
-            logits = model(pixels[batch])
-            loss = F.cross_entropy(logits, masks[batch]) + dice_loss(logits, masks[batch])
+            loss = model(pixels[batch], labels=masks[batch]).loss  # cross-entropy + Dice
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         model.eval()
         with torch.inference_mode():
-            prediction = torch.cat([model(pixels[val_idx[i : i + 16]]).argmax(1) for i in range(0, len(val_idx), 16)])
+            prediction = torch.cat([model(pixels[val_idx[i : i + 16]]).logits.argmax(1) for i in range(0, len(val_idx), 16)])
         scores = segmentation_scores(prediction, masks[val_idx], num_classes)
         if scores["dice"] > best["dice"]:
             best = {"epoch": epoch, "dice": scores["dice"], "iou": scores["iou"]}

@@ -36,6 +36,7 @@ from .errors import (
     WeightsNotAvailableError,
 )
 from .features import extract_features
+from .image_processing_midol import MIDoLImageProcessor
 from .loading import load_model
 from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
@@ -71,6 +72,7 @@ __all__: list[Any] = [
     "Failure",
     "ImageReadError",
     "MIDoLConfig",
+    "MIDoLImageProcessor",
     "MIDoLInputWarning",
     "MIDoLModel",
     "MIDoLOutput",

@@ -347,8 +347,12 @@ def run_push(args: argparse.Namespace) -> None:
     card_path = model_dir / "README.md"
     if not card_path.is_file():
         raise CLIError(f"{model_dir}: no model card README.md; save the model with save_pretrained")
-    card = ModelCard.load(card_path)
-    if not card.data.to_dict().get("license") or card.data.to_dict().get("library_name") != "midol-hub":
+    try:
+        card = ModelCard.load(card_path)  # parses the front matter and its model-index
+    except (ValueError, KeyError, TypeError) as error:
+        raise CLIError(f"{card_path}: the card's YAML front matter does not parse ({error})") from None
+    meta = card.data.to_dict()
+    if not meta.get("license") or meta.get("library_name") != "midol-hub":
         raise CLIError(f"{card_path}: the card's YAML front matter lacks license or library_name: midol-hub")
     api = HfApi(token=args.token)
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
@@ -358,7 +362,7 @@ def run_push(args: argparse.Namespace) -> None:
         repo_id=args.repo_id,
         folder_path=model_dir,
         revision=args.revision,
-        allow_patterns=["config.json", "model.safetensors", "README.md"],
+        allow_patterns=["config.json", "model.safetensors", "preprocessor_config.json", "README.md"],
         commit_message="Upload M-IDoL model with midol-hub",
     )
     print(f"pushed {model_dir} to {args.repo_id} ({commit.oid if hasattr(commit, 'oid') else commit})")

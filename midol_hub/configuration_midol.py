@@ -9,7 +9,16 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .modalities import AUTO, MODALITIES, SHARED, UNASSIGNED, ModalityProfile, canonical_modality, default_profiles
+from .modalities import (
+    AUTO,
+    MODALITIES,
+    SHARED,
+    UNASSIGNED,
+    ModalityProfile,
+    canonical_modality,
+    default_profiles,
+    expert_index_for,
+)
 
 
 class MIDoLConfig(PreTrainedConfig):
@@ -138,16 +147,7 @@ class MIDoLConfig(PreTrainedConfig):
 
     def expert_for(self, modality: str) -> int:
         """Index of the expert that serves ``modality`` (a one-expert head serves them all)."""
-        key = canonical_modality(modality)
-        if self.expert_modalities == [SHARED]:
-            return 0
-        if key not in self.expert_modalities:
-            served = ", ".join(m for m in self.expert_modalities if m != UNASSIGNED)
-            raise ValueError(
-                f"this model has no expert for {key!r} (its experts serve {served}); "
-                "use modality='auto' to let the router choose, or another model"
-            )
-        return self.expert_modalities.index(key)
+        return expert_index_for(self.expert_modalities, modality)
 
     def preprocessing_hash(self) -> str:
         """sha256 of the canonical preprocessing settings, to key caches and provenance."""

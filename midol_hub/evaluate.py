@@ -24,6 +24,7 @@ from .evaluation import classification_metrics, knn_classify, linear_probe
 from .features import extract_features
 from .loading import load_model
 from .modalities import UNKNOWN
+from .model_card import SEPARATION
 
 OCT_CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 
@@ -117,7 +118,6 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
     return results
 
 
-SEPARATION = "Modality separation (test sets)"
 FULL_RESOLUTION = {
     "xray": ["xray/nih_chestxray14_examples/*.png"],
     "fundus": ["fundus/skimage_examples/retina.jpg"],

@@ -37,7 +37,7 @@ from .registry import get_entry, list_models
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, "preprocessor_config.json", "README.md"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -70,6 +70,20 @@ def canonical_modality(name: str, *, allow_auto: bool = False) -> str:
     )
 
 
+def expert_index_for(expert_modalities: list[str], modality: str) -> int:
+    """Index of the expert that serves ``modality`` (a one-expert head serves them all)."""
+    key = canonical_modality(modality)
+    if list(expert_modalities) == [SHARED]:
+        return 0
+    if key not in expert_modalities:
+        served = ", ".join(m for m in expert_modalities if m != UNASSIGNED)
+        raise ValueError(
+            f"this model has no expert for {key!r} (its experts serve {served}); "
+            "use modality='auto' to let the router choose, or another model"
+        )
+    return list(expert_modalities).index(key)
+
+
 ResizePolicy = Literal["crop", "whole"]
 ChannelPolicy = Literal["gray", "rgb"]
 

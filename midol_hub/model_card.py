@@ -1,21 +1,29 @@
-"""Render the model card ``README.md`` that ``save_pretrained`` writes next to the weights.
+"""The model card ``README.md`` that ``save_pretrained`` writes next to the weights.
 
-Templates live in ``model_cards/``: one per registry model (front matter and description)
-plus ``midol.md`` for any other model, each embedding the shared ``common.md`` body.
+Front matter comes from ``huggingface_hub.ModelCardData`` (licence, library, pipeline tag,
+tags, datasets, base model, and a ``model-index`` of the evaluation results, so the Hub shows
+them); the text from ``model_cards/``: one template per registry model plus ``midol.md`` for
+any other, each embedding the shared ``common.md``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from string import Template
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from .configuration_midol import MIDoLConfig
 from .registry import PAPER_CITATION, get_entry
 
 GENERIC_TEMPLATE = "midol"
+TAGS = ["medical-imaging", "self-supervised", "mixture-of-experts", "swin-transformer", "m-idol"]
+SEPARATION = "Modality separation (test sets)"  # the key midol_hub.evaluate writes its routing results under
+METRIC_TYPES = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "auc": "roc_auc", "f1": "f1"}
 
 
 def card_templates() -> list[str]:
@@ -28,32 +36,43 @@ def _read(name: str) -> Template:
     return Template(resources.files("midol_hub.model_cards").joinpath(f"{name}.md").read_text(encoding="utf-8"))
 
 
+def _load_results(results: dict[str, Any] | str | Path | None) -> dict[str, Any] | None:
+    if results is None or isinstance(results, dict):
+        return results
+    return json.loads(Path(results).read_text(encoding="utf-8"))
+
+
 def render_model_card(
     config: MIDoLConfig,
     name: str | None = None,
     results: dict[str, Any] | str | Path | None = None,
     base_model: str | None = None,
     notes: str | None = None,
-) -> str:
-    """Fill the card for ``config``.
+) -> ModelCard:
+    """The card for ``config``.
 
     ``name`` picks the registry model's template (licence, datasets, description);
-    ``results`` is a dict or JSON file ``{dataset: {protocol: {metric: value}}}`` that becomes
-    the evaluation table; ``base_model`` goes into the front matter of derived models;
-    ``notes`` is markdown added after the table (training details, comparisons).
+    ``results`` is a dict or JSON file ``{dataset: {protocol: {metric: value}}}`` (as
+    ``midol_hub.evaluate`` writes) that becomes the evaluation table and the model-index;
+    ``base_model`` goes into the front matter of derived models; ``notes`` is markdown added
+    after the table (training details, comparisons).
     """
     entry = get_entry(name) if name else None
     template = entry.name if entry is not None and entry.name in card_templates() else GENERIC_TEMPLATE
-    front = []
-    if entry is not None and entry.datasets:
-        front += ["datasets:"] + [f"- {json.dumps(d)}" for d in entry.datasets]
-    if base_model:
-        front.append(f"base_model: {base_model}")
+    results = _load_results(results)
+    data = ModelCardData(
+        license=entry.license if entry else "other",
+        library_name="midol-hub",
+        pipeline_tag="image-feature-extraction",
+        tags=TAGS,
+        datasets=list(entry.datasets) if entry and entry.datasets else None,
+        base_model=base_model,
+        model_name=name or "M-IDoL model",
+        eval_results=eval_results(results) or None,
+    )
     values = dict(
         name=name or "M-IDoL model",
         load_name=name or "path/to/this/model",
-        license=entry.license if entry else "other",
-        extra_front_matter="".join(line + "\n" for line in front),
         num_experts=config.num_experts,
         backbone=config.backbone,
         embed_dim=config.embed_dim,
@@ -64,7 +83,8 @@ def render_model_card(
         img_size=config.img_size,
         num_features=config.num_features,
         experts=", ".join(f"{i}: {m}" for i, m in enumerate(config.expert_modalities)),
-        calibrated="yes" if config.modality_calibration else "no (expert order follows the paper's framing)",
+        calibrated=_calibration_summary(config),
+        pretraining=_pretraining_summary(config),
         input_spec="{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in input_spec(config).items()) + "\n}",
         evaluation=evaluation_table(results),
         notes="\n" + notes.strip() + "\n" if notes else "",
@@ -72,7 +92,32 @@ def render_model_card(
         data_citations="\n".join(f"- {c}" for c in entry.data_citations) if entry and entry.data_citations else "",
     )
     values["common"] = _read("common").substitute(values)
-    return _read(template).substitute(values)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_read(template).substitute(values)}")
+
+
+def _calibration_summary(config: MIDoLConfig) -> str:
+    calibration = config.modality_calibration
+    if not calibration:
+        return "no (expert order follows the paper's framing)"
+    if "macro_accuracy" not in calibration:
+        return "yes"
+    accuracy = ", ".join(f"{m} {a:.2f}" for m, a in calibration["accuracy"].items())
+    return f"yes, on training images: routing accuracy {accuracy} (macro {calibration['macro_accuracy']:.2f})"
+
+
+def _pretraining_summary(config: MIDoLConfig) -> str:
+    record = config.pretraining
+    if not record:
+        return "not recorded"
+    text = f"{record['objective']} objective"
+    if record.get("routing"):
+        text += f", {record['routing']} routing"
+    text += f", top-{record['top_k']} gates, {record['steps']} steps of batch {record['batch_size']}"
+    if record.get("init"):
+        text += f", started from {Path(record['init']).name}"
+    deviations = record.get("deviations_from_official") or {}
+    text += "; deviations from the official code: " + (", ".join(f"{k}={v}" for k, v in deviations.items()) or "none")
+    return text
 
 
 def input_spec(config: MIDoLConfig) -> dict[str, dict[str, Any]]:
@@ -90,18 +135,65 @@ def input_spec(config: MIDoLConfig) -> dict[str, dict[str, Any]]:
     }
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def eval_results(results: dict[str, Any] | None) -> list[EvalResult]:
+    """The model-index entries of ``results``: every numeric test-split metric, and the macro
+    accuracy of ``modality="auto"`` when the results hold a modality-separation block."""
+    entries = []
+    for dataset, protocols in (results or {}).items():
+        if dataset == SEPARATION:
+            scores = protocols.get("auto routing", {})
+            if "macro_accuracy" in scores:
+                entries.append(EvalResult(task_type="image-classification", task_name="modality detection (modality='auto')",
+                                          dataset_type="midol-hub-modality-test-splits", dataset_name=dataset,
+                                          dataset_split="test", metric_type="accuracy", metric_name="macro accuracy",
+                                          metric_value=float(scores["macro_accuracy"])))
+            continue
+        for protocol, metrics in protocols.items():
+            if protocol == "sizes":
+                continue
+            for metric, value in metrics.items():
+                if metric in METRIC_TYPES and isinstance(value, (int, float)):
+                    # the Hub groups results by task and dataset, so the protocol goes into the metric's name
+                    entries.append(EvalResult(task_type="image-classification", task_name="frozen-feature classification",
+                                              dataset_type=_slug(dataset), dataset_name=dataset, dataset_split="test",
+                                              metric_type=METRIC_TYPES[metric], metric_name=f"{protocol} {metric}",
+                                              metric_value=float(value)))
+    return entries
+
+
 def evaluation_table(results: dict[str, Any] | str | Path | None) -> str:
-    """Markdown table of ``{dataset: {protocol: {metric: value}}}``, metrics as columns
-    (a ``sizes`` entry per dataset, as ``midol_hub.evaluate`` writes, is left out)."""
-    if results is None:
+    """Markdown tables of ``{dataset: {protocol: {metric: value}}}``, metrics as columns, and of
+    the modality-separation block when present (``sizes`` entries are left out)."""
+    results = _load_results(results)
+    if not results:
         return "No evaluation results yet."
-    if not isinstance(results, dict):
-        results = json.loads(Path(results).read_text(encoding="utf-8"))
-    results = {name: {p: m for p, m in protocols.items() if p != "sizes"} for name, protocols in results.items()}
+    separation = results.get(SEPARATION)
+    results = {name: {p: m for p, m in protocols.items() if p != "sizes"} for name, protocols in results.items()
+               if name != SEPARATION}
     metrics = sorted({m for protocols in results.values() for scores in protocols.values() for m in scores})
     lines = ["| dataset | protocol | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for dataset, protocols in results.items():
         for protocol, scores in protocols.items():
             cells = [f"{scores[m]:.3f}" if isinstance(scores.get(m), (int, float)) else "" for m in metrics]
             lines.append(f"| {dataset} | {protocol} | " + " | ".join(cells) + " |")
+    if separation:
+        lines += ["", separation_table(separation["auto routing"], separation["sizes"]["test"])]
+    return "\n".join(lines)
+
+
+def separation_table(scores: dict[str, Any], size: int) -> str:
+    """How ``modality="auto"`` answered on held-out images of known modality."""
+    lines = [f"`modality=\"auto\"` on {size} test-split images (NMI between modality and expert {scores['nmi']:.3f}):", ""]
+    if "accuracy" not in scores:
+        return "\n".join(lines + ["Uncalibrated: no expert is assigned to a modality yet."])
+    lines += ["| modality | named correctly | called unknown |", "|---|---|---|"]
+    lines += [f"| {m} | {a:.3f} | {scores['unknown_rate'][m]:.3f} |" for m, a in scores["accuracy"].items()]
+    lines.append(f"| **macro** | **{scores['macro_accuracy']:.3f}** | |")
+    if scores.get("out_of_scope"):
+        said = ", ".join(f"{name} -> {answer}" for name, answer in scores["out_of_scope"].items())
+        lines += ["", f"Out of scope (CT and MR slices; the right answer is `unknown`): {said}."]
     return "\n".join(lines)

@@ -114,6 +114,7 @@ class MIDoLOutput(ModelOutput):
         prototype_logits: (B, K) prototype logits when the model keeps prototypes.
         patch_tokens: (B, D, h, w) final-stage tokens after the last norm, NCHW.
         pyramid: the four Swin stage outputs, NCHW, from high to low resolution.
+        pooler_output: ``pooled`` under transformers' name (what ``pipeline(..., pool=True)`` reads).
     """
 
     embedding: torch.Tensor | None = None
@@ -123,6 +124,7 @@ class MIDoLOutput(ModelOutput):
     prototype_logits: torch.Tensor | None = None
     patch_tokens: torch.Tensor | None = None
     pyramid: tuple[torch.Tensor, ...] | None = None
+    pooler_output: torch.Tensor | None = None
 
 
 class MIDoLModel(PreTrainedModel):
@@ -189,12 +191,17 @@ class MIDoLModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args: Any,
                         **kwargs: Any) -> MIDoLModel:
         """transformers' loader with M-IDoL's guarantees, for ``load_model`` and ``AutoModel`` alike:
-        float32 unless ``dtype`` is given, every tensor of the file must fit the config (never
+        float32 unless ``dtype`` names another precision, every tensor of the file must fit the config (never
         silently random weights), eval mode, and the provenance of the weights file attached."""
         from .provenance import Provenance, resolve_weights_file
 
+        # weights may be stored in fp16 to halve the file; compute in fp32 unless a dtype is named
+        # ("auto", which pipelines pass, means the storage precision: not a compute choice here)
+        for key in ("dtype", "torch_dtype"):
+            if kwargs.get(key) == "auto":
+                kwargs.pop(key)
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-            kwargs["dtype"] = torch.float32  # weights may be stored in fp16; compute in fp32 by default
+            kwargs["dtype"] = torch.float32
         return_info = kwargs.pop("output_loading_info", False)
         found = None
         if pretrained_model_name_or_path is not None:
@@ -240,7 +247,6 @@ class MIDoLModel(PreTrainedModel):
         output_patch_tokens: bool = False,
         output_pyramid: bool = False,
         return_dict: bool = True,
-        **kwargs: Any,
     ) -> MIDoLOutput | tuple:
         """Run the network on normalised images (B, 3, S, S).
 
@@ -266,6 +272,7 @@ class MIDoLModel(PreTrainedModel):
             prototype_logits=prototype_logits,
             patch_tokens=final.permute(0, 3, 1, 2) if output_patch_tokens else None,
             pyramid=pyramid,
+            pooler_output=pooled,
         )
         return output if return_dict else output.to_tuple()
 
@@ -290,18 +297,20 @@ class MIDoLModel(PreTrainedModel):
         card_notes: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md``.
+        """Write ``config.json``, ``model.safetensors``, ``preprocessor_config.json`` and a model card ``README.md``.
 
         ``results`` (``{dataset: {protocol: {metric: value}}}`` or a JSON file) fills the card's
         evaluation table; ``base_model`` records what a derived model started from; ``card_notes``
         is markdown added to the card.
         """
+        from .image_processing_midol import MIDoLImageProcessor
         from .model_card import render_model_card
 
         super().save_pretrained(save_directory, *args, **kwargs)
+        MIDoLImageProcessor.from_config(self.config).save_pretrained(save_directory)
         name = getattr(self.config, "name_or_path", None) or None
         card = render_model_card(self.config, name=name, results=results, base_model=base_model, notes=card_notes)
-        (Path(save_directory) / "README.md").write_text(card, encoding="utf-8")
+        card.save(Path(save_directory) / "README.md")
 
 
 def check_weights_file(config: MIDoLConfig, weights_path: Path) -> None:

@@ -7,6 +7,7 @@ Both are transformers ``PreTrainedModel`` classes sharing :class:`MIDoLConfig` (
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, PreTrainedModel
 from transformers import initialization as hf_init
+from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 
 from .configuration_midol import MIDoLConfig
 from .modalities import canonical_modality
@@ -58,31 +60,55 @@ class _TaskModel(PreTrainedModel):
             return None
         return torch.full((batch,), self.config.expert_for(self.config.task_modality), dtype=torch.long, device=device)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Write the model and its ``preprocessor_config.json`` (defaulting to the task modality),
+        so ``pipeline(..., model=save_directory)`` preprocesses as ``preprocess`` does."""
+        from .image_processing_midol import MIDoLImageProcessor
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        MIDoLImageProcessor.from_config(self.config).save_pretrained(save_directory)
+
     def preprocess(self, images: Any) -> torch.Tensor:
         """Images -> normalised batch with the task modality's preprocessing profile."""
         return self.midol.preprocess(images, self.config.task_modality or "auto")
 
 
 class ClassificationModel(_TaskModel):
-    """Encoder feature (expert embedding or pooled) -> LayerNorm -> linear classifier."""
+    """Encoder feature (expert embedding or pooled) -> per-feature standardisation -> linear classifier.
+
+    The standardisation is a BatchNorm without affine parameters, as in MAE's linear probe: a
+    per-sample LayerNorm would keep the offset that all embeddings share and drown the features
+    that tell classes apart.
+    """
 
     def __init__(self, config: MIDoLConfig) -> None:
         super().__init__(config)
         self.midol = MIDoLModel(config)
-        self.norm = nn.LayerNorm(config.num_features)
+        self.norm = nn.BatchNorm1d(config.num_features, affine=False, eps=1e-6)
         self.classifier = nn.Linear(config.num_features, config.num_labels)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Logits (B, num_labels)."""
-        out = self.midol(pixel_values, expert_index=self.expert_index(pixel_values.shape[0], pixel_values.device))
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                expert_index: torch.Tensor | None = None) -> ImageClassifierOutput:
+        """Logits (B, num_labels), and with ``labels`` the loss of ``config.problem_type``:
+        cross-entropy on class indices (B,), or binary cross-entropy on 0/1 targets (B, num_labels)."""
+        if expert_index is None:
+            expert_index = self.expert_index(pixel_values.shape[0], pixel_values.device)
+        out = self.midol(pixel_values, expert_index=expert_index)
         features = out.embedding if self.config.task_feature == "embedding" else out.pooled
-        return self.classifier(self.norm(features))
+        logits = self.classifier(self.norm(features))
+        loss = None
+        if labels is not None:
+            if self.config.problem_type == "multi_label_classification":
+                loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+            else:
+                loss = F.cross_entropy(logits, labels.long())
+        return ImageClassifierOutput(loss=loss, logits=logits)
 
     @torch.inference_mode()
     def predict(self, images: Any) -> torch.Tensor:
         """Probabilities (B, num_labels): softmax, or sigmoid for multi-label models."""
-        logits = self(self.preprocess(images).to(next(self.parameters()).device)).float()
+        logits = self(self.preprocess(images).to(next(self.parameters()).device)).logits.float()
         return logits.sigmoid() if self.config.problem_type == "multi_label_classification" else logits.softmax(-1)
 
 
@@ -101,21 +127,41 @@ class SegmentationModel(_TaskModel):
         self.classifier = nn.Conv2d(dim, config.num_labels, kernel_size=1)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Logits (B, num_labels, H, W) at the input resolution."""
-        pyramid = self.midol(pixel_values, expert_index=self.expert_index(pixel_values.shape[0], pixel_values.device),
-                             output_pyramid=True).pyramid
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None,
+                expert_index: torch.Tensor | None = None) -> SemanticSegmenterOutput:
+        """Logits (B, num_labels, H, W) at the input resolution, and with ``labels`` (B, H, W)
+        the loss: cross-entropy + soft Dice."""
+        if expert_index is None:
+            expert_index = self.expert_index(pixel_values.shape[0], pixel_values.device)
+        pyramid = self.midol(pixel_values, expert_index=expert_index, output_pyramid=True).pyramid
         x = None
         for level in reversed(range(len(pyramid))):
             lateral = self.lateral[level](pyramid[level])
             x = lateral if x is None else lateral + F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             x = self.fuse[level](x)
-        return F.interpolate(self.classifier(x), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(self.classifier(x), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        loss = None if labels is None else F.cross_entropy(logits, labels.long()) + dice_loss(logits, labels)
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (1..C-1), from logits (B, C, H, W) and
+    class indices (B, H, W); class 0 is background."""
+    probs = logits.softmax(1)
+    one_hot = F.one_hot(target.long(), logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    intersection = (probs * one_hot).sum(dim=(0, 2, 3))
+    total = probs.sum(dim=(0, 2, 3)) + one_hot.sum(dim=(0, 2, 3))
+    return 1 - ((2 * intersection + 1) / (total + 1))[1:].mean()
 
 
 def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups with layer-wise lr decay (as RETFound / BEiT): the patch embedding gets
-    ``lr * decay ** (L + 1)``, Swin block b gets ``lr * decay ** (L - b)``, the head ``lr``."""
+    ``lr * decay ** (L + 1)``, Swin block b gets ``lr * decay ** (L - b)``, the head ``lr``.
+
+    Not timm's ``param_groups_layer_decay``: for Swin it counts the final norm as one more
+    layer, so every backbone scale is one decay step higher than RETFound's (and it leaves the
+    task head out); tests/test_downstream.py checks that difference.
+    """
     depths = model.config.depths
     num_layers = sum(depths)
     starts = [sum(depths[:i]) for i in range(len(depths))]

@@ -27,6 +27,8 @@ from midol_hub import (
     segmentation_scores,
 )
 
+from midol_hub.tasks import dice_loss
+
 from .conftest import make_micro
 
 
@@ -160,8 +162,13 @@ def test_classification_model_round_trip_and_auto_class(micro, tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "cls")
     assert isinstance(loaded, ClassificationModel)
     x = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([0, 1])
     with torch.no_grad():
-        assert torch.equal(model(x), loaded(x))
+        out, again = model(x, labels=labels), loaded(x, labels=labels)
+    assert torch.equal(out.logits, again.logits)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels))
+    with pytest.raises(TypeError, match="output_pyramids"):
+        model(x, output_pyramids=True)  # unknown arguments raise instead of being swallowed
     probs = loaded.predict([np.zeros((30, 30), dtype=np.uint8)])
     assert probs.shape == (1, 2) and probs.sum().item() == pytest.approx(1.0)
 
@@ -183,6 +190,24 @@ def test_layerwise_lr_decay_scales_by_depth(micro):
     assert id(model.classifier.bias) in no_decay and id(model.classifier.weight) not in no_decay
 
 
+def test_timm_layer_decay_is_one_step_off_retfounds_so_ours_is_kept(micro):
+    from timm.optim import param_groups_layer_decay
+
+    model = ClassificationModel.from_encoder(micro, ["a", "b"], "oct")
+    ours = {id(p): g["lr_scale"] for g in layerwise_lr_groups(model, 1.0, 0.5, 0.05) for p in g["params"]}
+    timm_groups = param_groups_layer_decay(model.midol.backbone, weight_decay=0.05, layer_decay=0.5)
+    backbone = dict(model.midol.backbone.named_parameters())
+    theirs = {name: g["lr_scale"] for g in timm_groups for name, p in backbone.items() if any(p is q for q in g["params"])}
+    assert theirs["patch_embed.proj.weight"] == 2 * ours[id(backbone["patch_embed.proj.weight"])]  # 0.5^12 vs 0.5^13
+    assert theirs["layers.0.blocks.0.attn.qkv.weight"] == 2 * ours[id(backbone["layers.0.blocks.0.attn.qkv.weight"])]
+    assert len(theirs) == len(backbone)  # and nothing of the task head
+
+
 def test_segmentation_model_outputs_full_resolution_logits(micro):
     model = SegmentationModel.from_encoder(micro, ["background", "lesion", "other"], "derm")
-    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3, 64, 64)
+    labels = torch.randint(0, 3, (2, 64, 64))
+    out = model(torch.randn(2, 3, 64, 64), labels=labels)
+    assert out.logits.shape == (2, 3, 64, 64)
+    perfect = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 50
+    assert dice_loss(perfect, labels).item() < 1e-3 and dice_loss(-perfect, labels).item() > 0.99
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, labels) + dice_loss(out.logits, labels))

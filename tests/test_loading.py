@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
@@ -29,9 +30,11 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_save_writes_config_weights_and_card(micro_dir):
-    assert sorted(p.name for p in micro_dir.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in micro_dir.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                           "preprocessor_config.json"]
     card = (micro_dir / "README.md").read_text()
-    assert card.startswith("---\nlicense: apache-2.0\n") and "pipeline_tag: image-feature-extraction" in card
+    meta = ModelCard(card).data
+    assert meta.license == "apache-2.0" and meta.pipeline_tag == "image-feature-extraction"
     assert "not a medical device" in card
 
 

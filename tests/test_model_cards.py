@@ -7,6 +7,7 @@ import re
 
 import pytest
 import yaml
+from huggingface_hub import ModelCard
 
 from midol_hub import get_entry
 from midol_hub.model_card import card_templates, input_spec, render_model_card
@@ -16,8 +17,8 @@ from .conftest import make_micro
 RESULTS = {"PneumoniaMNIST": {"linear probe": {"accuracy": 0.8123, "auc": 0.9}, "kNN": {"accuracy": 0.75}}}
 
 
-def split_card(card: str) -> tuple[dict, str]:
-    match = re.match(r"^---\n(.*?)\n---\n(.*)$", card, re.DOTALL)
+def split_card(card) -> tuple[dict, str]:
+    match = re.match(r"^---\n(.*?)\n---\n(.*)$", str(card), re.DOTALL)
     assert match, "card must start with YAML front matter"
     return yaml.safe_load(match.group(1)), match.group(2)
 
@@ -26,7 +27,7 @@ def split_card(card: str) -> tuple[dict, str]:
 def test_every_template_renders_valid_yaml_that_matches_the_config(template):
     entry = get_entry(template) if template else None
     config = entry.make_config() if entry else make_micro().config
-    card = render_model_card(config, name=template, results=RESULTS, base_model="midol-swin-base" if not template else None)
+    card = str(render_model_card(config, name=template, results=RESULTS, base_model="midol-swin-base" if not template else None))
     meta, body = split_card(card)
     assert meta["library_name"] == "midol-hub"
     assert meta["pipeline_tag"] == "image-feature-extraction"
@@ -43,6 +44,12 @@ def test_every_template_renders_valid_yaml_that_matches_the_config(template):
     assert "| PneumoniaMNIST | linear probe | 0.812 | 0.900 |" in body
     assert "| PneumoniaMNIST | kNN | 0.750 |  |" in body
     assert "not a medical device" in body and "arXiv:2604.08936" in body
+    index = meta["model-index"][0]
+    assert index["name"] == (template or "M-IDoL model")
+    found = {(r["dataset"]["name"], m["name"], m["type"], m["value"]) for r in index["results"] for m in r["metrics"]}
+    assert found == {("PneumoniaMNIST", "linear probe accuracy", "accuracy", 0.8123),
+                     ("PneumoniaMNIST", "linear probe auc", "roc_auc", 0.9), ("PneumoniaMNIST", "kNN accuracy", "accuracy", 0.75)}
+    assert ModelCard(card).data.eval_results[0].metric_value == 0.8123  # huggingface_hub reads it back
 
 
 def test_all_registry_models_have_a_template():
