@@ -35,6 +35,7 @@ from midol_hub import (
     best_thresholds,
     classification_metrics,
     extract_features,
+    fit_linear_probe,
     from_csv,
     from_folder,
     from_npz,
@@ -45,6 +46,9 @@ from midol_hub import (
 )
 
 
+PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic-regression strengths tried on validation
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registry name, model directory or Hub id")
@@ -53,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("linear-probe", "finetune"), default="linear-probe")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 for linear-probe, 5e-4 x batch/256 for finetune")
+    parser.add_argument("--lr", type=float, default=None, help="finetune: default 5e-4 x batch/256")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay when fine-tuning (RETFound)")
@@ -109,30 +113,17 @@ def validation_score(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def train_linear_probe(encoder, model, sets, args, cache_dir):
-    """Train the LayerNorm + linear head on cached frozen features; returns val and test scores."""
+    """Fit the head on cached frozen features: a logistic regression on standardised features
+    whose regularisation is chosen on validation, written into the model's standardising norm
+    and linear classifier. Returns val and test scores."""
     features = [extract_features(encoder, s.images, args.modality, args.feature, cache_dir, progress=True) for s in sets]
-    labels = [torch.as_tensor(s.labels) for s in sets]
-    head = torch.nn.Sequential(model.norm, model.classifier)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr or 1e-3, weight_decay=args.weight_decay)
-    best, best_state, waited = -1.0, None, 0
-    for _ in tqdm(range(args.epochs), desc="linear probe", unit="epoch"):
-        order = torch.randperm(len(features[0]))
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start : start + args.batch_size]
-            loss = loss_of(head(features[0][batch]), labels[0][batch], sets[0].multilabel, args.label_smoothing)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        with torch.no_grad():
-            score = validation_score(sets[1].labels, scores_of(head(features[1]), sets[1].multilabel))
-        if score > best:
-            best, best_state, waited = score, {k: v.clone() for k, v in head.state_dict().items()}, 0
-        else:
-            waited += 1
-            if waited >= args.patience:
-                break
-    head.load_state_dict(best_state)
+    probe = fit_linear_probe(features[0], sets[0].labels, features[1], sets[1].labels, cs=PROBE_CS, seed=args.seed)
     with torch.no_grad():
+        model.norm.running_mean.copy_(probe.mean)
+        model.norm.running_var.copy_(probe.std**2 - model.norm.eps)  # so that sqrt(var + eps) is the std
+        model.classifier.weight.copy_(probe.weight)
+        model.classifier.bias.copy_(probe.bias)
+        head = torch.nn.Sequential(model.norm, model.classifier).eval()
         return [scores_of(head(f), s.multilabel) for f, s in zip(features[1:], sets[1:])]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -92,25 +93,73 @@ def best_thresholds(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return np.array(chosen)
 
 
-def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, c: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Probabilities (N, C) from an L2-regularised logistic regression on standardised frozen features."""
+@dataclass
+class LinearProbe:
+    """A logistic regression on standardised features, as tensors: ``logits(x) = ((x - mean) / std) @ weight.T + bias``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    c: float
+    multilabel: bool
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return ((features.float() - self.mean) / self.std) @ self.weight.T + self.bias
+
+    def probs(self, features: torch.Tensor) -> np.ndarray:
+        logits = self.logits(features)
+        return (logits.sigmoid() if self.multilabel else logits.softmax(-1)).numpy()
+
+
+def fit_linear_probe(train_x: torch.Tensor, train_y: np.ndarray, val_x: torch.Tensor | None = None,
+                     val_y: np.ndarray | None = None, cs: Sequence[float] = (1.0,), seed: int = 0) -> LinearProbe:
+    """L2-regularised logistic regression (scikit-learn, lbfgs) on standardised frozen features.
+
+    With several ``cs`` (inverse regularisation strengths) and a validation set, the one with
+    the best validation macro AUC (balanced accuracy where AUC is undefined) is kept; the fit
+    uses the training set only. Multi-label targets (N, C) get one regression per label.
+    """
     _sklearn()
     from sklearn.linear_model import LogisticRegression
     from sklearn.multiclass import OneVsRestClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
-    classifier = LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    if np.asarray(train_y).ndim == 2:
-        classifier = OneVsRestClassifier(classifier)
-    model = make_pipeline(StandardScaler(), classifier).fit(np.asarray(train_x), np.asarray(train_y))
-    probs = model.predict_proba(np.asarray(test_x))
-    num_classes = int(np.asarray(train_y).max()) + 1 if np.asarray(train_y).ndim == 1 else probs.shape[1]
-    if probs.shape[1] != num_classes:  # a class missing from the training set
-        full = np.zeros((len(probs), num_classes))
-        full[:, model[-1].classes_] = probs
-        probs = full
-    return probs
+    x, y = np.asarray(train_x, dtype=np.float64), np.asarray(train_y)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std == 0] = 1.0
+    standardised = (x - mean) / std
+    multilabel = y.ndim == 2
+    num_classes = y.shape[1] if multilabel else int(y.max()) + 1
+    best, best_score = None, -np.inf
+    for c in cs:
+        classifier = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+        classifier = (OneVsRestClassifier(classifier) if multilabel else classifier).fit(standardised, y)
+        probe = _as_probe(classifier, mean, std, num_classes, c, multilabel)
+        if len(cs) == 1 or val_x is None:
+            return probe
+        metrics = classification_metrics(np.asarray(val_y), probe.probs(torch.as_tensor(np.asarray(val_x))))
+        score = metrics["auc"] if np.isfinite(metrics["auc"]) else metrics["balanced_accuracy"]
+        if score > best_score:
+            best, best_score = probe, score
+    return best
+
+
+def _as_probe(classifier, mean: np.ndarray, std: np.ndarray, num_classes: int, c: float, multilabel: bool) -> LinearProbe:
+    estimators = classifier.estimators_ if multilabel else [classifier]
+    coef = np.concatenate([e.coef_ for e in estimators])
+    intercept = np.concatenate([e.intercept_ for e in estimators])
+    if not multilabel and len(classifier.classes_) == 2:  # one decision value d: softmax([0, d]) = sigmoid(d)
+        coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight, bias = np.zeros((num_classes, coef.shape[1])), np.full(num_classes, -1e4)  # absent classes: never predicted
+    rows = np.arange(num_classes) if multilabel else classifier.classes_.astype(int)
+    weight[rows], bias[rows] = coef, intercept
+    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    return LinearProbe(as_tensor(mean), as_tensor(std), as_tensor(weight), as_tensor(bias), c, multilabel)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, c: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Probabilities (N, C) from an L2-regularised logistic regression on standardised frozen features."""
+    return fit_linear_probe(train_x, train_y, cs=(c,), seed=seed).probs(torch.as_tensor(np.asarray(test_x)))
 
 
 def knn_classify(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, k: int = 20,

@@ -8,11 +8,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 import pytest
 
-from midol_hub import ClassificationModel, SegmentationModel, calibrate, load_model
+from midol_hub import ClassificationModel, SegmentationModel, calibrate, extract_features, from_npz, linear_probe, load_model
 from midol_hub import evaluate as evaluation_command
 
 from .conftest import make_micro
@@ -49,6 +50,24 @@ def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys):
     stamps = [p.stat().st_mtime_ns for p in cached]
     assert classification.main(argv) == 0  # second run: every split comes from the cache
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_example_linear_probe_matches_the_library_on_pneumoniamnist(tmp_path, data_root):
+    npz = data_root / "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz"
+    argv = ["--model", "midol-micro", "--data", str(npz), "--modality", "xray", "--output-dir", str(tmp_path / "run")]
+    assert classification.main(argv) == 0  # default settings, as a new user runs it
+    example_accuracy = json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["accuracy"]
+    encoder = load_model("midol-micro")
+    cache = str(tmp_path / "run" / "feature_cache")
+    train, test = from_npz(npz, "train"), from_npz(npz, "test")
+    features = [extract_features(encoder, part.images, "xray", cache_dir=cache) for part in (train, test)]
+    library_accuracy = float((linear_probe(features[0], train.labels, features[1]).argmax(1) == test.labels).mean())
+    assert example_accuracy >= library_accuracy - 0.01, (example_accuracy, library_accuracy)
+    # the saved model reproduces the probe: its head is the fitted regression
+    model = ClassificationModel.from_pretrained(tmp_path / "run" / "model")
+    with torch.no_grad():
+        logits = model.classifier(model.eval().norm(features[1]))
+    assert float((logits.argmax(1).numpy() == test.labels).mean()) == pytest.approx(example_accuracy)
 
 
 def test_finetune_on_a_real_class_folder(tmp_path, data_root):

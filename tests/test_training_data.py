@@ -9,17 +9,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from training.augment import MultiCrop
 from training.config import ConfigError, load_config
-from training.data import DataError, PretrainDataset, collate, epoch_indices, open_source
+from training.data import (
+    DataError,
+    PretrainDataset,
+    collate,
+    epoch_indices,
+    open_source,
+)
 from training.schedules import cosine, linear_then_constant
+from training.shards import decode_sample, open_shards
 
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
-def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
+def test_sources_read_folders_npz_lists_and_plain_tars(data_root, tmp_path):
     folder = open_source(f"oct={data_root / 'oct'}")
     assert folder.tag == "oct" and len(folder) == 100 and folder.read(0).shape[2] == 1
     npz = open_source(str(data_root / "fundus/retinamnist/retinamnist.npz"))
@@ -29,8 +37,10 @@ def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
     with tarfile.open(tmp_path / "shard-000.tar", "w") as shard:
         for path in sorted((data_root / "pathology/crc_val_he_7k_examples").glob("*.jpg"))[:3]:
             shard.add(path, arcname=f"sample/{path.name}")
-    tar = open_source(f"pathology={tmp_path / 'shard-000.tar'}")
-    assert len(tar) == 3 and tar.read(2).shape == (224, 224, 3)
+    shards = open_shards(f"pathology={tmp_path / 'shard-000.tar'}")  # a plain tar of images streams as a shard
+    assert shards == [{"path": str(tmp_path / "shard-000.tar"), "tag": "pathology", "samples": 3}]
+    sample = next(iter(wds.tarfile_to_samples()([{"url": shards[0]["path"]}])))
+    assert decode_sample(sample).shape == (224, 224, 3)
     listed = sorted(str(p) for p in (data_root / "oct/kermany_oct2017_samples_b").glob("*.jpeg"))
     (tmp_path / "train.txt").write_text("\n".join(listed[:3]) + "\n")
     assert len(open_source(f"oct={tmp_path / 'train.txt'}")) == 3
@@ -45,7 +55,7 @@ def test_sources_read_folders_npz_and_tar_shards(data_root, tmp_path):
         (lambda p: str(p / "absent"), "does not exist"),
         (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no images"),
         (lambda p: np.savez(p / "x.npz", images=np.zeros((2, 8, 8))) or str(p / "x.npz"), r"no 'train_images' array \(it has images\)"),
-        (lambda p: (p / "notes.md").write_text("x") and str(p / "notes.md"), "expected a folder, an .npz file, a .tar shard or a .txt list"),
+        (lambda p: (p / "notes.md").write_text("x") and str(p / "notes.md"), "expected a folder, an .npz file or a .txt list"),
     ],
 )
 def test_bad_data_paths_say_what_to_fix(tmp_path, make, message):

@@ -1,12 +1,10 @@
-"""Pretraining data: image folders, MedMNIST-style .npz files and tar shards, with optional
+"""Pretraining data: image folders, MedMNIST-style .npz files and image lists, with optional
 modality tags, skipped-and-reported unreadable files, and a root-balancing sampler."""
 
 from __future__ import annotations
 
-import io
 import logging
 import random
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 
 from midol_hub.errors import ImageReadError
-from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, decode_image, read_file
+from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, read_file
 
 log = logging.getLogger("training.data")
 SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
@@ -43,19 +41,16 @@ class Source:
         item = self.items[index]
         if self.kind == "folder":
             return read_file(item).pixels
-        if self.kind == "npz":
-            array = item if item.ndim == 3 else item[:, :, None]
-            return array_to_unit(array, f"{self.root}[{index}]", None)
-        return _read_tar_member(self.root, item)
+        array = item if item.ndim == 3 else item[:, :, None]
+        return array_to_unit(array, f"{self.root}[{index}]", None)
 
     def name(self, index: int) -> str:
-        item = self.items[index]
-        return str(item) if self.kind == "folder" else f"{self.root}[{index if self.kind == 'npz' else item}]"
+        return str(self.items[index]) if self.kind == "folder" else f"{self.root}[{index}]"
 
 
 def open_source(spec: str, split: str = "train") -> Source:
-    """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file, a .tar shard or a .txt
-    list of image paths (one per line, e.g. the training split of a patient-level split)."""
+    """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file or a .txt list of image
+    paths (one per line, e.g. the training split of a patient-level split)."""
     tag, sep, path_text = spec.partition("=")
     if not sep:
         tag, path_text = None, spec
@@ -86,23 +81,10 @@ def open_source(spec: str, split: str = "train") -> Source:
         if not files:
             raise DataError(f"image list {path} is empty")
         return Source(str(path), tag, "folder", files)
-    if path.suffix == ".tar":
-        with tarfile.open(path) as shard:
-            members = [m.name for m in shard.getmembers() if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
-        if not members:
-            raise DataError(f"tar shard {path} holds no images")
-        return Source(str(path), tag, "tar", members)
-    raise DataError(f"data path {path}: expected a folder, an .npz file, a .tar shard or a .txt list of images")
-
-
-def _read_tar_member(shard: str, member: str) -> np.ndarray:
-    source = f"{shard}:{member}"
-    try:
-        with tarfile.open(shard) as archive:
-            data = archive.extractfile(member).read()
-    except (OSError, KeyError, AttributeError, tarfile.TarError) as error:
-        raise ImageReadError(source, f"unreadable tar member ({error})") from None
-    return decode_image(io.BytesIO(data), source).pixels
+    raise DataError(
+        f"data path {path}: expected a folder, an .npz file or a .txt list of images "
+        "(tar shards stream through training.shards)"
+    )
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -148,6 +130,15 @@ def collate(batch: list[dict]) -> dict:
     return {"crops": crops, "source": torch.tensor([b["source"] for b in good]), "failed": failed}
 
 
+BALANCE_MODES = ("none", "roots", "batches")
+
+
+def balanced_count(group_sizes: list[int], balance: str) -> int:
+    """Images per epoch: all of them, or with balancing, the same number (total // groups) per group."""
+    total = sum(group_sizes)
+    return total if balance == "none" else total // len(group_sizes) * len(group_sizes)
+
+
 def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str, global_batch: int) -> list[int]:
     """The epoch's global sample order, a whole number of global batches long.
 
@@ -157,10 +148,12 @@ def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str,
     in equal numbers (within two images), not just the epoch.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
+    if balance not in BALANCE_MODES:
+        raise DataError(f"data.balance must be 'none', 'roots' or 'batches', got {balance!r}")
     if balance == "none":
         order = list(range(len(dataset)))
         rng.shuffle(order)
-    elif balance in ("roots", "batches"):
+    else:
         groups: dict[Any, list[int]] = {}
         for i, source in enumerate(dataset.sources):
             groups.setdefault(source.tag or source.root, []).extend(range(dataset.offsets[i], dataset.offsets[i + 1]))
@@ -178,9 +171,43 @@ def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str,
                 round_ = [picks[position] for picks in picked]
                 rng.shuffle(round_)
                 order.extend(round_)
-    else:
-        raise DataError(f"data.balance must be 'none', 'roots' or 'batches', got {balance!r}")
     usable = len(order) // global_batch * global_batch
     if usable == 0:
         raise DataError(f"{len(order)} images are fewer than one global batch of {global_batch}; lower --batch-size")
     return order[:usable]
+
+
+class MapData:
+    """Map-style training data (folders, .npz, lists): one epoch = ``epoch_indices``, split over ranks."""
+
+    def __init__(self, sources: list[Source], augment: Callable, seed: int, balance: str, global_batch: int,
+                 per_rank: int, accumulate: int, rank: int, world: int, workers: int) -> None:
+        self.sources, self.seed, self.balance, self.global_batch = sources, seed, balance, global_batch
+        self.per_rank, self.accumulate, self.rank, self.world, self.workers = per_rank, accumulate, rank, world, workers
+        self.dataset = PretrainDataset(sources, augment, seed=seed)
+        self.tags = [s.tag for s in sources]
+        self.steps_per_epoch = len(epoch_indices(self.dataset, 0, seed, balance, global_batch)) // global_batch
+
+    def loader(self, epoch: int, batch_in_epoch: int) -> torch.utils.data.DataLoader:
+        """The rank's micro-batches of ``epoch``, from step ``batch_in_epoch`` on."""
+        self.dataset.epoch = epoch
+        order = epoch_indices(self.dataset, epoch, self.seed, self.balance, self.global_batch)[self.rank :: self.world]
+        start = batch_in_epoch * self.accumulate * self.per_rank
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.per_rank, sampler=order[start:], collate_fn=collate,
+            num_workers=self.workers, drop_last=True,
+            generator=torch.Generator().manual_seed(self.seed + epoch),  # keeps the global RNG untouched
+        )
+
+    def samples_by_tag(self, per_tag: int) -> dict[str, list[np.ndarray]]:
+        """Up to ``per_tag`` evenly spaced images of every tag (roots of one tag share it)."""
+        by_tag: dict[str, list[Source]] = {}
+        for source in self.sources:
+            if source.tag is not None:
+                by_tag.setdefault(source.tag, []).append(source)
+        samples = {}
+        for tag, roots in by_tag.items():
+            picks = [(source, i) for source in roots
+                     for i in np.linspace(0, len(source) - 1, min(len(source), per_tag // len(roots))).astype(int)]
+            samples[tag] = [source.read(int(i)) for source, i in picks]
+        return samples

@@ -12,7 +12,6 @@ from midol_hub.image_io import RawImage
 from midol_hub.modalities import default_profiles
 from midol_hub.preprocessing import Preprocessor, WarningCollector
 
-from .data import Source
 
 
 def routing_stats(probs: torch.Tensor, sources: torch.Tensor, tags: list[str | None]) -> dict:
@@ -36,21 +35,13 @@ class RoutingMonitor:
     """The teacher's argmax routing of fixed training images of every tag, preprocessed as
     ``encode(modality="auto")`` does: routing accuracy per tag, macro mean, NMI, expert usage."""
 
-    def __init__(self, sources: list[Source], size: int, per_tag: int = 100) -> None:
-        by_tag: dict[str, list[Source]] = {}
-        for source in sources:
-            if source.tag is not None:
-                by_tag.setdefault(source.tag, []).append(source)
+    def __init__(self, samples_by_tag: dict[str, list[np.ndarray]], size: int) -> None:
         preprocessor, collector = Preprocessor(default_profiles(size)["auto"]), WarningCollector()
         self.tags, batches = [], []
-        for tag, roots in by_tag.items():
-            raws = []
-            for source in roots:  # several roots of one tag share its images
-                picks = np.linspace(0, len(source) - 1, min(len(source), per_tag // len(roots))).astype(int)
-                raws += [RawImage(source.read(int(i)), source.name(int(i))) for i in picks]
-            batches.append(preprocessor.from_raw(raws, collector))
-            self.tags += [tag] * len(raws)
-        self.images = torch.cat(batches) if batches else None
+        for tag, samples in samples_by_tag.items():
+            batches.append(preprocessor.from_raw([RawImage(p, f"{tag}[{i}]") for i, p in enumerate(samples)], collector))
+            self.tags += [tag] * len(samples)
+        self.images = torch.cat(batches)
 
     @torch.no_grad()
     def report(self, model: torch.nn.Module) -> dict:

@@ -26,11 +26,12 @@ from midol_hub.modalities import SHARED
 from .augment import MultiCrop
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, load_config, save_config
-from .data import DataError, PretrainDataset, collate, epoch_indices, open_source
+from .data import BALANCE_MODES, DataError, MapData, open_source
 from .distributed import init_distributed, is_distributed
 from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, RoutingMonitor, routing_stats
 from .schedules import cosine, linear_then_constant
+from .shards import StreamData, is_shard_spec, open_shards
 
 log = logging.getLogger("training")
 
@@ -39,14 +40,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file over training/configs/defaults.yaml")
-    parser.add_argument("--data", nargs="+", required=True, help="folders, .npz files or .tar shards; TAG=PATH tags a root")
+    parser.add_argument("--data", nargs="+", required=True,
+                        help="folders, .npz files, .txt image lists, or shard folders / shards / brace patterns; TAG=PATH tags a root")
     parser.add_argument("--output-dir", required=True, help="run directory: config, log.jsonl, checkpoints")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
     parser.add_argument("--objective", choices=("midol", "dino"), default=None, help="midol, or the plain DINO ablation")
-    parser.add_argument("--balance", choices=("none", "roots", "batches"), default=None,
+    parser.add_argument("--balance", choices=BALANCE_MODES, default=None,
                         help="roots: draw every data root (or tag) equally often per epoch; batches: and in every batch")
     return parser.parse_args(argv)
 
@@ -92,6 +94,23 @@ def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLMod
     # DINO's norm_last_layer: prototype norms stay fixed at 1
     student.head.prototypes.parametrizations.weight.original0.requires_grad_(False)
     return student.to(device).train(), teacher.to(device).train(teacher_train_mode)
+
+
+def open_training_data(specs: list[str], config: dict[str, Any], augment: MultiCrop, per_rank: int, rank: int,
+                       world: int) -> MapData | StreamData:
+    """Folders, .npz files and lists as map-style data, or shard directories, shards and brace
+    patterns as a stream; the two kinds do not mix in one run."""
+    shard_specs = [spec for spec in specs if is_shard_spec(spec.partition("=")[2] if "=" in spec else spec)]
+    common = dict(seed=config["run"]["seed"], balance=config["data"]["balance"], global_batch=config["optim"]["batch_size"],
+                  per_rank=per_rank, accumulate=config["optim"]["accumulate"], rank=rank, world=world,
+                  workers=config["data"]["num_workers"])
+    if not shard_specs:
+        return MapData([open_source(spec, config["data"]["split"]) for spec in specs], augment, **common)
+    if len(shard_specs) != len(specs):
+        raise DataError("--data mixes shards with folders or files; write them all to shards with "
+                        "python -m training.make_shards, or train on the folders and files alone")
+    shards = [shard for spec in shard_specs for shard in open_shards(spec)]
+    return StreamData(shards, augment, buffer=config["data"]["shuffle_buffer"], **common)
 
 
 def init_from(student: MIDoLModel, source: str) -> None:
@@ -160,10 +179,9 @@ def run(args: argparse.Namespace) -> None:
     image_size = student.config.img_size
     augment = MultiCrop(image_size, config["crops"]["global_scale"], config["crops"]["local_scale"],
                         config["crops"]["local_number"], config["crops"]["local_size"])
-    sources = [open_source(spec, config["data"]["split"]) for spec in args.data]
-    dataset = PretrainDataset(sources, augment, seed=run_cfg["seed"])
     global_batch = optim_cfg["batch_size"]
-    steps_per_epoch = len(epoch_indices(dataset, 0, run_cfg["seed"], config["data"]["balance"], global_batch)) // global_batch
+    data = open_training_data(args.data, config, augment, per_rank, rank, world)
+    steps_per_epoch = data.steps_per_epoch
     total_steps = optim_cfg["epochs"] * steps_per_epoch
     max_steps = min(total_steps, run_cfg["max_steps"] or total_steps)
 
@@ -196,26 +214,17 @@ def run(args: argparse.Namespace) -> None:
 
     knn = KNNMonitor(run_cfg["knn_data"], image_size) if run_cfg["knn_data"] and run_cfg["knn_every"] else None
     routing = None
-    if rank == 0 and run_cfg["routing_every"] and obj["name"] == "midol" and any(s.tag for s in sources):
-        routing = RoutingMonitor(sources, image_size, run_cfg["routing_images"])
+    if rank == 0 and run_cfg["routing_every"] and obj["name"] == "midol" and any(data.tags):
+        routing = RoutingMonitor(data.samples_by_tag(run_cfg["routing_images"]), image_size)
     warmup = int(optim_cfg["warmup_epochs"] * steps_per_epoch)
     base_lr = optim_cfg["lr"] * global_batch / 256
     log_file = open(out / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None
     progress = _progress_bar(rank, max_steps, step)
     skipped = 0
-    tags = [s.tag for s in sources]
+    tags = data.tags
 
     while step < max_steps:
-        dataset.epoch = epoch
-        order = epoch_indices(dataset, epoch, run_cfg["seed"], config["data"]["balance"], global_batch)
-        rank_order = order[rank::world]
-        start = batch_in_epoch * optim_cfg["accumulate"] * per_rank
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank, sampler=rank_order[start:], collate_fn=collate,
-            num_workers=config["data"]["num_workers"], drop_last=True,
-            generator=torch.Generator().manual_seed(run_cfg["seed"] + epoch),  # keeps the global RNG untouched
-        )
-        batches = iter(loader)
+        batches = iter(data.loader(epoch, batch_in_epoch))
         while batch_in_epoch < steps_per_epoch and step < max_steps:
             started = time.perf_counter()
             lr = cosine(step, total_steps, base_lr, optim_cfg["min_lr"], warmup)
