@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from midol_hub import MIDoLModel
@@ -21,6 +29,10 @@ class TrainingError(RuntimeError):
 
 
 CLIP_MODES = ("per_param", "global")
+STRATEGIES = ("ddp", "fsdp")
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+FULL_LOAD = StateDictOptions(full_state_dict=True)
+FULL_LOAD_OPTIMIZER = StateDictOptions(full_state_dict=True, strict=False)  # frozen prototypes have no Adam state yet
 
 
 def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
@@ -57,7 +69,19 @@ class Learner:
     def __init__(self, config: dict[str, Any], student: MIDoLModel, teacher: MIDoLModel, device: torch.device) -> None:
         obj, optim = config["objective"], config["optim"]
         self.student, self.teacher, self.device = student, teacher, device
-        self.model = DistributedDataParallel(student) if is_distributed() else student
+        self.strategy = config["dist"]["strategy"]
+        if self.strategy not in STRATEGIES:
+            raise TrainingError(f"dist.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        self.sharded = is_distributed() and self.strategy == "fsdp"
+        if self.sharded:  # each Swin stage and the head are units: gathered for their forward, freed after
+            for model in (student, teacher):
+                for stage in model.backbone.layers:
+                    fully_shard(stage)
+                fully_shard(model.head)
+                fully_shard(model)
+            self.model = student
+        else:
+            self.model = DistributedDataParallel(student) if is_distributed() else student
         self.loss = MIDoLLoss(
             student.config.num_prototypes, 2 + config["crops"]["local_number"], obj["teacher_temp"], obj["student_temp"],
             obj["route_student_temp"], obj["center_momentum"], obj["sinkhorn_eps"], obj["sinkhorn_iters"],
@@ -120,15 +144,41 @@ class Learner:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
+            if self.sharded:  # a forward without backward leaves FSDP's root unit gathered: shard it back
+                self.teacher.reshard()
             for t_param, s_param in zip(self.teacher.parameters(), self.student.parameters()):
                 t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
         return result
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "loss": self.loss.state_dict()}
+    def full_state(self) -> dict[str, Any]:
+        """Student, teacher and optimizer as full (unsharded) state dicts on the CPU, so that a
+        checkpoint of any strategy resumes under DDP and exports. Under FSDP every rank must call it."""
+        if not self.sharded:
+            return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                    "learner": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                                "loss": self.loss.state_dict()}}
+        return {"student": get_model_state_dict(self.student, options=FULL),
+                "teacher": get_model_state_dict(self.teacher, options=FULL),
+                "learner": {"optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=FULL),
+                            "scaler": self.scaler.state_dict(), "loss": self.loss.state_dict()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.loss.load_state_dict(state["loss"])
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`full_state` saved (from a run of either strategy, see below)."""
+        optimizer = state["learner"]["optimizer"]
+        by_name = all(isinstance(key, str) for key in optimizer["state"])  # what FSDP saves: keyed by parameter name
+        if self.sharded:
+            if not by_name and optimizer["state"]:
+                raise TrainingError("this checkpoint's optimizer state comes from a DDP run; resume it with "
+                                    "dist.strategy=ddp (an FSDP checkpoint resumes under either strategy)")
+            set_model_state_dict(self.student, state["student"], options=FULL_LOAD)
+            set_model_state_dict(self.teacher, state["teacher"], options=FULL_LOAD)
+            set_optimizer_state_dict(self.student, self.optimizer, optimizer, options=FULL_LOAD_OPTIMIZER)
+        else:
+            self.student.load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            if by_name and optimizer["state"]:
+                set_optimizer_state_dict(self.student, self.optimizer, optimizer, options=FULL_LOAD_OPTIMIZER)
+            else:
+                self.optimizer.load_state_dict(optimizer)
+        self.scaler.load_state_dict(state["learner"]["scaler"])
+        self.loss.load_state_dict(state["learner"]["loss"])

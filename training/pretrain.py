@@ -137,9 +137,9 @@ def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
     return {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
 
 
-def checksum(model: torch.nn.Module) -> str:
+def checksum(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for tensor in model.state_dict().values():
+    for tensor in state.values():
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -194,9 +194,7 @@ def run(args: argparse.Namespace) -> None:
                 f"--resume: {checkpoints[-1].name} was trained with another architecture or objective; "
                 "resume with the run's own config (see config.yaml in the run directory)"
             )
-        student.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        learner.load_state_dict(state["learner"])
+        learner.load_full_state(state)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
     if rank == 0:
@@ -204,17 +202,17 @@ def run(args: argparse.Namespace) -> None:
         save_config(config, out / "config.yaml")
 
     def save(step_now: int, epoch_now: int, batch_now: int) -> None:
+        full = learner.full_state()  # a collective under FSDP: every rank takes part
         if rank == 0:
-            payload = {
-                "student": student.state_dict(), "teacher": teacher.state_dict(), "learner": learner.state_dict(),
-                "step": step_now, "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(),
-                "config": config, "model_config": student.config.to_dict(),
-            }
+            payload = {**full, "step": step_now, "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(),
+                       "config": config, "model_config": student.config.to_dict()}
             save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
 
-    knn = KNNMonitor(run_cfg["knn_data"], image_size) if run_cfg["knn_data"] and run_cfg["knn_every"] else None
+    # monitors run the teacher: on rank 0, or on every rank when FSDP needs them all for a forward
+    monitoring = rank == 0 or learner.sharded
+    knn = KNNMonitor(run_cfg["knn_data"], image_size) if monitoring and run_cfg["knn_data"] and run_cfg["knn_every"] else None
     routing = None
-    if rank == 0 and run_cfg["routing_every"] and obj["name"] == "midol" and any(data.tags):
+    if monitoring and run_cfg["routing_every"] and obj["name"] == "midol" and any(data.tags):
         routing = RoutingMonitor(data.samples_by_tag(run_cfg["routing_images"]), image_size)
     warmup = int(optim_cfg["warmup_epochs"] * steps_per_epoch)
     base_lr = optim_cfg["lr"] * global_batch / 256
@@ -246,6 +244,11 @@ def run(args: argparse.Namespace) -> None:
             result = learner.step(micro_batches, teacher_temp, momentum, freeze_last_layer=epoch < optim_cfg["freeze_last_layer"])
             step += 1
             batch_in_epoch += 1
+            monitors = {}
+            if knn is not None and step % run_cfg["knn_every"] == 0:
+                monitors["knn_accuracy"] = knn.accuracy(teacher)
+            if routing is not None and (step % run_cfg["routing_every"] == 0 or step == max_steps):
+                monitors["routing"] = routing.report(teacher)
             if log_file is not None and step % run_cfg["log_every"] == 0:
                 record = {"step": step, "epoch": epoch, "loss": result.loss, "route_loss": result.route_loss,
                           "distill_loss": result.distill_loss, "lr": lr, "wd": wd, "momentum": momentum,
@@ -253,10 +256,7 @@ def run(args: argparse.Namespace) -> None:
                           "images_per_s": global_batch / (time.perf_counter() - started)}
                 if result.teacher_routing:
                     record.update(routing_stats(torch.cat(result.teacher_routing).cpu(), torch.cat(sources_seen), tags))
-                if knn is not None and step % run_cfg["knn_every"] == 0:
-                    record["knn_accuracy"] = knn.accuracy(teacher)
-                if routing is not None and (step % run_cfg["routing_every"] == 0 or step == max_steps):
-                    record["routing"] = routing.report(teacher)
+                record.update(monitors)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             progress.update(1)
@@ -267,14 +267,14 @@ def run(args: argparse.Namespace) -> None:
             epoch, batch_in_epoch = epoch + 1, 0
             save(step, epoch, batch_in_epoch)
     progress.close()
-    _check_ranks_in_sync(teacher, rank, world, out)
+    _check_ranks_in_sync(learner.full_state()["teacher"], rank, world, out)
     if log_file is not None:
         log_file.close()
 
 
-def _check_ranks_in_sync(teacher: MIDoLModel, rank: int, world: int, out: Path) -> None:
+def _check_ranks_in_sync(teacher_state: dict[str, torch.Tensor], rank: int, world: int, out: Path) -> None:
     """Rank 0 records every rank's teacher checksum; they must agree under DDP."""
-    sums = [checksum(teacher)]
+    sums = [checksum(teacher_state)]
     if is_distributed():
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, sums[0])
