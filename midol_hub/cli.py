@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
     encode.add_argument("--skip-errors", action="store_true", help="skip unreadable files and list them instead of stopping")
     encode.add_argument("--random-weights", action="store_true", help="the architecture with random weights (no trained weights needed)")
+    encode.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode (default: free cores, up to 8)")
+    encode.add_argument("--part-size", type=int, default=1024, help="images per part written as the run goes")
+    encode.add_argument("--resume", action="store_true", help="continue a killed run: skip files its parts already hold")
     encode.set_defaults(handler=run_encode)
 
     info = commands.add_parser("info", help="architecture, parameters, experts, preprocessing and provenance")
@@ -140,6 +143,7 @@ def run_encode(args: argparse.Namespace) -> None:
     import torch
 
     from . import load_model
+    from .bulk import encode_files, merge_parts, parts_dir, remove_parts
 
     out = Path(args.out)
     check_writable(out, ENCODE_FORMATS)
@@ -150,40 +154,56 @@ def run_encode(args: argparse.Namespace) -> None:
     if out.suffix == ".npy" and outputs != ["embedding"]:
         raise CLIError(f"{out}: .npy holds one array (the embeddings); use .npz or .safetensors for {args.output}")
     files = collect_images(args.paths)
+    rank, world, device = _join_ranks(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        model = load_model(args.model, pretrained=not args.random_weights, device=args.device)
-    if args.random_weights:
+        model = load_model(args.model, pretrained=not args.random_weights, device=device)
+    if args.random_weights and rank == 0:
         print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="skipped")  # failures are listed below
-        encoding = model.encode(
-            [str(f) for f in files],
-            modality=args.modality,
-            output=[o for o in outputs if o != "routing"] or ["embedding"],
-            batch_size=args.batch_size,
-            dtype=torch.bfloat16 if args.dtype == "bf16" else None,
-            progress=True,
-            errors="skip" if args.skip_errors else "raise",
-        )
-    arrays = {name: getattr(encoding, name).numpy() for name in outputs if name != "routing"}
-    if "routing" in outputs:
-        arrays["routing"] = encoding.routing.numpy()
-    kept = [str(files[i]) for i in encoding.indices]
-    manifest = {
-        "model": args.model,
-        "provenance": encoding.provenance,
-        "experts": list(encoding.experts),
-        "rows": [
-            {"row": row, "path": path, "modality": modality, "confidence": round(float(confidence), 6)}
-            for row, (path, modality, confidence) in enumerate(zip(kept, encoding.modality, encoding.confidence))
-        ],
-        "failures": [{"path": f.source, "error": f.error} for f in encoding.failures],
-    }
-    write_features(out, arrays, kept, encoding.modality, manifest)
-    print(f"wrote {len(kept)} row(s) to {out} and {manifest_path(out)}; {len(encoding.failures)} failure(s)")
-    for failure in encoding.failures:
-        print(f"  skipped {failure.source}: {failure.error}", file=sys.stderr)
+    try:
+        resumed = encode_files(model, [str(f) for f in files], out, modality=args.modality, outputs=outputs,
+                               batch_size=args.batch_size, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+                               workers=args.workers, skip_errors=args.skip_errors, part_size=args.part_size,
+                               resume=args.resume, rank=rank, world=world)
+    except FileExistsError as error:
+        raise CLIError(str(error)) from None
+    except Exception:
+        directory = parts_dir(out)
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()  # nothing encoded yet: leave nothing behind (written parts stay, for --resume)
+        raise
+    if resumed and rank == 0:
+        print(f"resumed: {resumed} file(s) were already encoded", file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()  # every rank's parts are written
+    if rank == 0:
+        merged = merge_parts(out, [str(f) for f in files], outputs)
+        modality = [row["modality"] for row in merged.rows]
+        manifest = {"model": args.model, "provenance": model.provenance.to_dict() if model.provenance else {},
+                    "experts": list(model.config.expert_modalities), "rows": merged.rows, "failures": merged.failures}
+        write_features(out, merged.arrays, [row["path"] for row in merged.rows], modality, manifest)
+        remove_parts(out)
+        print(f"wrote {len(merged.rows)} row(s) to {out} and {manifest_path(out)}; {len(merged.failures)} failure(s)")
+        for failure in merged.failures:
+            print(f"  skipped {failure['path']}: {failure['error']}", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _join_ranks(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, world size, device): under torchrun, join the process group; each rank takes its
+    own GPU when there are GPUs."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def manifest_path(out: Path) -> Path:

@@ -1,0 +1,85 @@
+"""`midol encode` on archives: decoding workers, parts written as it goes, resume after a kill,
+and two ranks under torchrun giving what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def midol(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_root) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "feats.npz"
+    result = midol("encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing",
+                   "--batch-size", "4", "--part-size", "8", "--workers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def same_outputs(a: Path, b: Path) -> None:
+    first, second = np.load(a), np.load(b)
+    assert first.files == second.files
+    for name in first.files:
+        if first[name].dtype.kind == "f":
+            np.testing.assert_allclose(first[name], second[name], atol=1e-5)
+        else:
+            assert (first[name] == second[name]).all(), name
+    manifests = [json.loads(Path(str(p) + ".manifest.json").read_text()) for p in (a, b)]
+    assert [(r["path"], r["modality"]) for r in manifests[0]["rows"]] == [(r["path"], r["modality"]) for r in manifests[1]["rows"]]
+
+
+def test_straight_run_keeps_input_order_and_leaves_no_parts(straight, data_root):
+    data = np.load(straight)
+    expected = sorted(str(p) for p in (data_root / "oct").rglob("*.jpeg"))
+    assert data["paths"].tolist() == expected and data["embedding"].shape == (100, 256)
+    assert not straight.with_name(straight.name + ".parts").exists()
+
+
+def test_a_killed_encode_resumes_where_it_stopped(straight, data_root, tmp_path):
+    out = tmp_path / "feats.npz"
+    parts = tmp_path / "feats.npz.parts"
+    command = [sys.executable, "-m", "midol_hub.cli", "encode", str(data_root / "oct"), "--out", str(out),
+               "--output", "embedding,pooled,routing", "--batch-size", "4", "--part-size", "8", "--workers", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(list(parts.glob("*.npz")))
+    assert 3 <= written < 13 and not out.exists()  # killed half-way: some parts, no output
+    again = midol("encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing")
+    assert again.returncode == 1 and "pass --resume" in again.stderr
+    resumed = midol("encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing",
+                    "--batch-size", "4", "--part-size", "8", "--workers", "1", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed: {written * 8} file(s) were already encoded" in resumed.stderr
+    same_outputs(out, straight)
+
+
+def test_two_ranks_give_what_one_process_gives(straight, data_root, tmp_path):
+    out = tmp_path / "feats.npz"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29582", "-m", "midol_hub.cli",
+         "encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing", "--batch-size", "4",
+         "--part-size", "8", "--workers", "0"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    same_outputs(out, straight)
