@@ -12,7 +12,7 @@ import platform
 
 import torch
 
-from . import encode, loading, train_step
+from . import encode, loader, loading, train_step
 
 TARGETS = {
     "encode_overhead_ratio": (">=", 0.97),
@@ -23,6 +23,8 @@ TARGETS = {
     "load_peak_rss_ratio": ("<=", 1.3),
     "load_time_ratio": ("<=", 1.2),
     "train_step_midol_vs_dino_ratio": ("<=", 1.10),
+    "loader_vs_step_ratio": (">=", 1.0),
+    "shard_vs_folder_ratio": (">=", 0.9),
 }
 
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(encode.measure(repeats=repeats))
     results.update(loading.measure(repeats=1 if args.quick else 3))
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
+    results.update(loader.measure(batches=4 if args.quick else 12))
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'measurement':<38} {'value':>10}  target")
     for key, value in results.items():

@@ -1,0 +1,63 @@
+"""Pretraining input speed: the shard loader against one training step, and shards against folders.
+
+loader_vs_step_ratio: images/s the shard loader delivers (decode + 2 global + 2 local crops,
+2 DataLoader workers) over images/s of one midol-micro training step on the same machine
+(above 1: the loader keeps up). shard_vs_folder_ratio: the shard loader against the folder
+loader on the same images and workers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+
+import torch
+
+from training.augment import MultiCrop
+from training.config import load_config
+from training.data import MapData, open_source
+from training.learner import Learner
+from training.pretrain import build_models
+from training.shards import StreamData, open_shards, write_shards
+
+from .common import interleaved_medians
+BATCH = 32
+FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")  # 515 real files, 3 formats
+
+
+def images_per_second(data, batches: int) -> float:
+    loader = iter(data.loader(epoch=0, batch_in_epoch=0))
+    next(loader)  # workers started
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * BATCH / (time.perf_counter() - started)
+
+
+def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("MIDOL_DATA", "../shared/data"))
+    sources = [open_source(f"{folder.split('/')[0]}={root / folder}") for folder in FOLDERS]
+    augment = MultiCrop(64)
+    common = dict(seed=0, balance="none", global_batch=BATCH, per_rank=BATCH, accumulate=1, rank=0, world=1, workers=workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_shards(tmp, sources, shard_size=64)
+        shards = StreamData(open_shards(tmp), augment, **common)
+        folders = MapData(sources, augment, **common)
+        shards.steps_per_epoch = folders.steps_per_epoch  # one epoch of the same images
+        shard_ips, folder_ips = images_per_second(shards, batches), images_per_second(folders, batches)
+    config = load_config("training/configs/midol_micro_v2.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        student, teacher = build_models(config, torch.device("cpu"))
+    learner = Learner(config, student, teacher, torch.device("cpu"))
+    learner.set_schedules(1e-4, 0.04)
+    crops = [torch.randn(BATCH, 3, 64, 64) for _ in range(4)]
+    step = interleaved_medians({"step": lambda: learner.step([crops], 0.04, 0.99, False)}, repeats=3)["step"]
+    step_ips = BATCH / step
+    return {"loader_vs_step_ratio": shard_ips / step_ips, "shard_vs_folder_ratio": shard_ips / folder_ips,
+            "shard_loader_images_per_s": shard_ips, "folder_loader_images_per_s": folder_ips,
+            "train_step_images_per_s": step_ips}
