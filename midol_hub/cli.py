@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
     plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
-    plot.add_argument("--by", choices=("modality", "label"), default="modality")
+    plot.add_argument("--by", default="modality",
+                      help="modality (the router's or the forced one), label, or folder (each file's top folder below the "
+                           "files' common root: the true groups); comma-separated for panels side by side, e.g. folder,modality")
     plot.add_argument("--out", required=True, help="image file, e.g. map.png")
     plot.add_argument("--method", choices=("pca", "umap"), default=None, help="default: umap when installed, else pca")
     plot.set_defaults(handler=run_plot)
@@ -445,25 +447,47 @@ def run_plot(args: argparse.Namespace) -> None:
         data = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as error:
         raise CLIError(f"{path}: not a readable .npz file ({error})") from None
-    key = "modality" if args.by == "modality" else "labels"
-    for needed in ("embedding", key):
-        if needed not in data:
-            raise CLIError(f"{path}: has no '{needed}' array (it has {', '.join(data.files)})")
-    features, groups = data["embedding"].astype(np.float64), data[key].astype(str)
+    panels = [name.strip() for name in args.by.split(",") if name.strip()]
+    unknown = sorted(set(panels) - set(PLOT_GROUPS))
+    if unknown or not panels:
+        raise CLIError(f"--by {args.by}: choose from {', '.join(PLOT_GROUPS)} (comma-separated for several panels)")
+    if "embedding" not in data:
+        raise CLIError(f"{path}: has no 'embedding' array (it has {', '.join(data.files)})")
+    groupings = {name: plot_groups(data, name, path) for name in panels}
+    features = data["embedding"].astype(np.float64)
     if len(features) < 3:
         raise CLIError(f"{path}: needs at least 3 rows to draw a map, has {len(features)}")
     points, method = project_2d(features, args.method)
-    figure, axes = plt.subplots(figsize=(6, 5), dpi=120)
-    for group in sorted(set(groups)):
-        mask = groups == group
-        axes.scatter(points[mask, 0], points[mask, 1], s=12, label=f"{group} ({mask.sum()})")
-    axes.set_title(f"{path.name}: {method.upper()} by {args.by}")
-    axes.legend(fontsize=8, markerscale=1.5)
+    figure, all_axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 5), dpi=120, squeeze=False)
+    for axes, (name, groups) in zip(all_axes[0], groupings.items()):
+        for group in sorted(set(groups)):
+            mask = groups == group
+            axes.scatter(points[mask, 0], points[mask, 1], s=12, label=f"{group} ({mask.sum()})")
+        axes.set_title(f"{path.name}: {method.upper()} by {name}")
+        axes.legend(fontsize=8, markerscale=1.5)
     figure.tight_layout()
     with atomic_write(out) as tmp:
         figure.savefig(tmp, format=out.suffix.lstrip("."))
     plt.close(figure)
-    print(f"wrote {out} ({method}, {len(features)} points)")
+    summary = "; ".join(f"{name}: " + ", ".join(f"{g} ({(groups == g).sum()})" for g in sorted(set(groups)))
+                        for name, groups in groupings.items())
+    print(f"wrote {out} ({method}, {len(features)} points; {summary})")
+
+
+PLOT_GROUPS = ("modality", "label", "folder")
+
+
+def plot_groups(data: Any, by: str, path: Path) -> np.ndarray:
+    """Each row's group for a panel: its modality, its label, or its file's top folder."""
+    key = {"modality": "modality", "label": "labels", "folder": "paths"}[by]
+    if key not in data:
+        raise CLIError(f"{path}: has no '{key}' array for --by {by} (it has {', '.join(data.files)})")
+    values = data[key].astype(str)
+    if by != "folder":
+        return values
+    common = Path(os.path.commonpath(list(values)))
+    parts = [Path(p).relative_to(common).parts for p in values]
+    return np.array([p[0] if len(p) > 1 else "." for p in parts])
 
 
 def project_2d(features: np.ndarray, method: str | None) -> tuple[np.ndarray, str]:

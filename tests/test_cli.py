@@ -190,3 +190,10 @@ def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
         assert image.size == (720, 600)
     code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "m.png"), "--by", "label")
     assert code == 1 and "has no 'labels' array" in err
+    code, out, _ = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "two.png"), "--method", "pca",
+                       "--by", "folder,modality")
+    assert code == 0 and "folder: oct (4), pathology (15); modality: " in out  # top folders below the common root
+    with Image.open(tmp_path / "two.png") as image:
+        assert image.size == (1440, 600)  # two panels side by side
+    code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x.png"), "--by", "colour")
+    assert code == 1 and "--by colour: choose from modality, label, folder" in err
