@@ -40,7 +40,8 @@ class _TaskModel(PreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder: MIDoLModel, class_names: list[str], modality: str, multilabel: bool = False,
                      feature: str = "embedding") -> Any:
-        """A new task model whose encoder starts from ``encoder``'s weights."""
+        """A new task model whose encoder starts from ``encoder``'s weights, in eval mode like
+        ``from_pretrained``'s (training loops switch it with ``model.train()``)."""
         fields = encoder.config.to_dict()
         for key in ("transformers_version", "model_type", "architectures"):
             fields.pop(key, None)
@@ -53,7 +54,7 @@ class _TaskModel(PreTrainedModel):
         model = cls(config)
         state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.prototypes")}
         model.midol.load_state_dict(state)
-        return model
+        return model.eval()
 
     def expert_index(self, batch: int, device: torch.device) -> torch.Tensor | None:
         if self.config.task_modality is None:
