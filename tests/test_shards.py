@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,17 +87,28 @@ def test_streamed_training_resumes_exactly_and_ignores_the_worker_count(tmp_path
     assert load_model(tmp_path / "model").config.num_features == model.config.num_features
 
 
-def test_two_ranks_stream_their_own_shards(tmp_path, shards):
+def test_two_ranks_stream_shards_resume_after_a_kill_and_export(tmp_path, shards):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
-         "training.pretrain", "--config", MICRO, "--data", f"{shards}/shard-{{000001..000006}}.tar",
-         "--output-dir", str(tmp_path / "ddp"), "--batch-size", "8", "--max-steps", "2"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads((tmp_path / "ddp" / "ranks.json").read_text())["in_sync"]
-    export.export(tmp_path / "ddp", tmp_path / "model")
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+               "training.pretrain", "--config", MICRO, "--data", f"{shards}/shard-{{000001..000006}}.tar",
+               "--output-dir", str(out), "--batch-size", "8", "--max-steps", "30", "--set", "run.checkpoint_every=2"]
+    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("checkpoint-*.pt")):
+        time.sleep(0.2)
+    # the launcher and both ranks (torchrun starts its workers in sessions of their own), mid-run
+    subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+    run.wait()
+    killed_at = int(sorted(out.glob("checkpoint-*.pt"))[-1].stem.split("-")[1])
+    assert killed_at < 30
+    resumed = subprocess.run([*command[:-4], "--max-steps", str(killed_at + 2), "--set", "run.checkpoint_every=2",
+                              "--resume"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [killed_at + 1, killed_at + 2]
+    assert json.loads((out / "ranks.json").read_text())["in_sync"]
+    export.export(out, tmp_path / "model")
     assert load_model(tmp_path / "model").config.img_size == 64
 
 
