@@ -193,6 +193,12 @@ def separation_table(scores: dict[str, Any], size: int) -> str:
     lines += ["| modality | named correctly | called unknown |", "|---|---|---|"]
     lines += [f"| {m} | {a:.3f} | {scores['unknown_rate'][m]:.3f} |" for m, a in scores["accuracy"].items()]
     lines.append(f"| **macro** | **{scores['macro_accuracy']:.3f}** | |")
+    if scores.get("full_resolution_examples"):
+        parts = []
+        for modality, said in scores["full_resolution_examples"].items():
+            misses = [f"{name} -> {answer}" for name, answer in said.items() if answer != modality]
+            parts.append(f"{modality} {len(said) - len(misses)}/{len(said)}" + (f" ({', '.join(misses)})" if misses else ""))
+        lines += ["", f"Full-resolution example files named correctly: {'; '.join(parts)}."]
     if scores.get("out_of_scope"):
         said = ", ".join(f"{name} -> {answer}" for name, answer in scores["out_of_scope"].items())
         lines += ["", f"Out of scope (CT and MR slices; the right answer is `unknown`): {said}."]

@@ -28,7 +28,7 @@ def test_unknown_modality_lists_the_valid_names():
 
 
 def test_config_json_round_trip_keeps_every_field(tmp_path):
-    config = MIDoLConfig(**get_entry("midol-micro").config, modality_calibration={"purity": {"oct": 0.9}})
+    config = MIDoLConfig(**get_entry("midol-micro").config, modality_calibration={"accuracy": {"oct": 0.9}, "macro_accuracy": 0.9})
     config.save_pretrained(tmp_path)
     loaded = MIDoLConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()

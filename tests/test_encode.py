@@ -142,7 +142,7 @@ def test_empty_list_is_rejected(micro):
 
 def calibrated_micro_routing_everything_to(expert: int):
     """A micro model whose router always picks ``expert``, marked as calibrated."""
-    model = make_micro(3, modality_calibration={"purity": {"oct": 0.95}})
+    model = make_micro(3, modality_calibration={"accuracy": {"oct": 0.95}, "macro_accuracy": 0.95})
     with torch.no_grad():
         model.head.router.weight.zero_()
         model.backbone.norm.bias.fill_(1.0)  # pooled features then have a positive mean

@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from midol_hub import get_entry
-from midol_hub.model_card import card_templates, input_spec, render_model_card
+from midol_hub.model_card import card_templates, input_spec, render_model_card, separation_table
 
 from .conftest import make_micro
 
@@ -63,3 +63,16 @@ def test_save_pretrained_fills_the_evaluation_table_from_a_json_file(tmp_path):
     _, body = split_card((tmp_path / "model" / "README.md").read_text())
     assert "| PneumoniaMNIST | linear probe | 0.812 | 0.900 |" in body
     assert "No evaluation results yet." not in body
+
+
+def test_separation_table_reports_accuracy_misses_and_out_of_scope_answers():
+    scores = {"nmi": 0.8, "accuracy": {"fundus": 1.0, "pathology": 0.5}, "macro_accuracy": 0.75,
+              "unknown_rate": {"fundus": 0.0, "pathology": 0.25},
+              "full_resolution_examples": {"fundus": {"retina.jpg": "fundus"},
+                                           "pathology": {"a.tif": "pathology", "ihc.png": "dermoscopy"}},
+              "out_of_scope": {"CT_small.dcm": "unknown"}}
+    table = separation_table(scores, 40)
+    assert "on 40 test-split images (NMI between modality and expert 0.800)" in table
+    assert "| pathology | 0.500 | 0.250 |" in table and "| **macro** | **0.750** | |" in table
+    assert "named correctly: fundus 1/1; pathology 1/2 (ihc.png -> dermoscopy)." in table
+    assert "CT_small.dcm -> unknown." in table

@@ -14,6 +14,7 @@ import torch
 
 from midol_hub import load_model
 from training import export, pretrain
+from training.checkpoint import list_checkpoints, load_checkpoint
 from training.monitor import KNNMonitor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +86,13 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
             assert calibration["accuracy"][modality] == 0.0
     assert sum(m == "unassigned" for m in model.config.expert_modalities) >= 3  # two modalities, five experts
     assert model.config.pretraining["objective"] == "midol" and model.config.pretraining["steps"] == 2
+    assert model.config.pretraining["deviations_from_official"] == {}  # midol_micro.yaml: the official objective
+    state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
+    state["config"]["objective"]["routing"], state["config"]["data"]["balance"] = "balanced", "batches"
+    state["config"]["model"]["init"] = str(tmp_path / "runs" / "dino-e1")
+    record = export.pretraining_record(state)
+    assert record["deviations_from_official"] == {"routing": "balanced", "balance": "batches"}
+    assert record["init"] == "dino-e1"  # the model's name, not this machine's path
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
     half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16)

@@ -1,8 +1,10 @@
-"""The README's "Use with transformers" snippets run as written, on the shipped model and real images."""
+"""The README shows what its commands really do: the quickstart's output, the transformers snippets."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,14 @@ def snippets(section: str) -> list[str]:
     text = README.read_text(encoding="utf-8")
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", body, re.DOTALL)
+
+
+def test_quickstart_prints_what_the_readme_shows():
+    quickstart = README.read_text(encoding="utf-8").split("## Quickstart\n", 1)[1].split("\n## ", 1)[0]
+    shown = re.findall(r"\n\n```\n(.*?)```", quickstart, re.DOTALL)[0]  # the unlabelled block
+    printed = subprocess.run([sys.executable, str(README.parent / "examples/quickstart.py")], capture_output=True,
+                             text=True, check=True).stdout
+    assert printed == shown
 
 
 def test_use_with_transformers_snippets_run(tmp_path, monkeypatch, data_root):

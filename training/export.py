@@ -98,13 +98,14 @@ def pretraining_record(state: dict) -> dict:
         "clip_grad": optim["clip_grad"],
         "clip_mode": optim["clip_mode"],
         "sinkhorn_iters": objective["sinkhorn_iters"],
-        "init": str(model["init"]) if model["init"] else None,
+        "init": Path(model["init"]).name if model["init"] else None,  # the name, not this machine's path
+        "balance": config["data"]["balance"],
         "steps": state["step"],
         "epochs": optim["epochs"],
         "batch_size": optim["batch_size"],
     }
     official = {"routing": "official", "top_k": 4, "gate_noise": 1.0, "teacher_train_mode": True, "clip_mode": "per_param",
-                "sinkhorn_iters": 3}
+                "sinkhorn_iters": 3, "balance": "none"}
     record["deviations_from_official"] = {key: record[key] for key, value in official.items()
                                           if objective["name"] == "midol" and record[key] != value}
     return record
