@@ -3,15 +3,14 @@ and end-to-end folder encoding against the forward pass alone."""
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+from midol_hub.evaluate import data_root
 
 from .common import interleaved_medians
 
@@ -22,7 +21,7 @@ REAL_IMAGES = (
 
 
 def real_image_paths(limit: int) -> list[str]:
-    root = Path(os.environ.get("MIDOL_DATA", "../shared/data"))
+    root = data_root()
     paths = []
     for folder in REAL_IMAGES:
         paths += sorted(str(p) for p in (root / folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from midol_hub.evaluate import data_root
 from training.augment import MultiCrop
 from training.config import load_config
 from training.data import MapData, open_source
@@ -22,8 +23,9 @@ from training.pretrain import build_models
 from training.shards import StreamData, open_shards, write_shards
 
 from .common import interleaved_medians
+
 BATCH = 32
-FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")  # 515 real files, 3 formats
+FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")  # 515 real JPEG and TIFF files
 
 
 def images_per_second(data, batches: int) -> float:
@@ -36,10 +38,7 @@ def images_per_second(data, batches: int) -> float:
 
 
 def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
-    import os
-    from pathlib import Path
-
-    root = Path(os.environ.get("MIDOL_DATA", "../shared/data"))
+    root = data_root()
     sources = [open_source(f"{folder.split('/')[0]}={root / folder}") for folder in FOLDERS]
     augment = MultiCrop(64)
     common = dict(seed=0, balance="none", global_batch=BATCH, per_rank=BATCH, accumulate=1, rank=0, world=1, workers=workers)

@@ -88,15 +88,14 @@ def detect_modalities(config: MIDoLConfig, expert_index: torch.Tensor, pooled: t
     if not detector:
         return [UNKNOWN if name == UNASSIGNED else name for name in names]
     features = F.normalize(pooled.double(), dim=-1)
-    result = []
-    for row, name in enumerate(names):
-        if name not in detector["mean"]:
-            result.append(UNKNOWN)
-            continue
-        mean = torch.tensor(detector["mean"][name], dtype=features.dtype, device=features.device)
-        variance = torch.tensor(detector["variance"][name], dtype=features.dtype, device=features.device)
-        distance = float(_distance(features[row : row + 1], mean, variance))
-        result.append(name if distance <= detector["radius"][name] else UNKNOWN)
+    result = [UNKNOWN] * len(names)
+    for name in set(names) & set(detector["mean"]):  # one distance computation per modality, not per image
+        rows = [row for row, routed in enumerate(names) if routed == name]
+        mean, variance = (torch.tensor(detector[key][name], dtype=features.dtype, device=features.device)
+                          for key in ("mean", "variance"))
+        inside = _distance(features[rows], mean, variance) <= detector["radius"][name]
+        for row, ok in zip(rows, inside.tolist()):
+            result[row] = name if ok else UNKNOWN
     return result
 
 

@@ -150,17 +150,17 @@ class Learner:
                 t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
         return result
 
+    def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s full (unsharded) state dict; under FSDP a collective every rank must call."""
+        return get_model_state_dict(model, options=FULL) if self.sharded else model.state_dict()
+
     def full_state(self) -> dict[str, Any]:
-        """Student, teacher and optimizer as full (unsharded) state dicts on the CPU, so that a
-        checkpoint of any strategy resumes under DDP and exports. Under FSDP every rank must call it."""
-        if not self.sharded:
-            return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
-                    "learner": {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                                "loss": self.loss.state_dict()}}
-        return {"student": get_model_state_dict(self.student, options=FULL),
-                "teacher": get_model_state_dict(self.teacher, options=FULL),
-                "learner": {"optimizer": get_optimizer_state_dict(self.student, self.optimizer, options=FULL),
-                            "scaler": self.scaler.state_dict(), "loss": self.loss.state_dict()}}
+        """Student, teacher and optimizer as full (unsharded) state dicts, so that a checkpoint of
+        any strategy resumes under DDP and exports. Under FSDP every rank must call it."""
+        optimizer = (get_optimizer_state_dict(self.student, self.optimizer, options=FULL) if self.sharded
+                     else self.optimizer.state_dict())
+        return {"student": self.model_state(self.student), "teacher": self.model_state(self.teacher),
+                "learner": {"optimizer": optimizer, "scaler": self.scaler.state_dict(), "loss": self.loss.state_dict()}}
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`full_state` saved (from a run of either strategy, see below)."""

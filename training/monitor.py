@@ -13,7 +13,6 @@ from midol_hub.modalities import default_profiles
 from midol_hub.preprocessing import Preprocessor, WarningCollector
 
 
-
 def routing_stats(probs: torch.Tensor, sources: torch.Tensor, tags: list[str | None]) -> dict:
     """Batch expert usage (argmax shares) and the entropy of the mean routing (nats; log E is
     perfectly balanced); with tagged roots, the batch's routing accuracy (see ``routing_report``)."""

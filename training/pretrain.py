@@ -267,7 +267,7 @@ def run(args: argparse.Namespace) -> None:
             epoch, batch_in_epoch = epoch + 1, 0
             save(step, epoch, batch_in_epoch)
     progress.close()
-    _check_ranks_in_sync(learner.full_state()["teacher"], rank, world, out)
+    _check_ranks_in_sync(learner.model_state(teacher), rank, world, out)
     if log_file is not None:
         log_file.close()
 

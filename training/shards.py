@@ -30,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from midol_hub.errors import ImageReadError
+from midol_hub.image_io import decode_image
 
 from .data import DataError, Source, balanced_count, collate
 
@@ -158,8 +159,6 @@ def decode_sample(sample: dict[str, Any]) -> np.ndarray:
         return np.load(io.BytesIO(sample["npy"])).astype(np.float32)
     for extension in ("png", "jpg", "jpeg", "tif", "tiff", "bmp"):
         if extension in sample:
-            from midol_hub.image_io import decode_image
-
             return decode_image(io.BytesIO(sample[extension]), f"{sample.get('__url__')}:{sample['__key__']}").pixels
     raise ImageReadError(f"{sample.get('__url__')}:{sample['__key__']}", f"no image member (found {sorted(sample)})")
 
