@@ -10,23 +10,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
-from midol_hub.evaluate import data_root
-
 from .common import interleaved_medians
-
-REAL_IMAGES = (
-    "oct/kermany_oct2017_samples_c", "dermoscopy/isic_uda1_fullres", "pathology/crc_val_he_7k_examples",
-    "xray/nih_chestxray14_examples", "fundus/skimage_examples",
-)
-
+from .shared_data import data_root, fullres_parts
 
 def real_image_paths(limit: int) -> list[str]:
-    root = data_root()
-    paths = []
-    for folder in REAL_IMAGES:
-        paths += sorted(str(p) for p in (root / folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not paths:
-        raise FileNotFoundError(f"no real images under {root}; set MIDOL_DATA")
+    """``limit`` full-resolution test files of all five modalities (repeated when fewer)."""
+    paths = [p for files in fullres_parts(data_root(), "test").values() for p in files]
     return (paths * (limit // len(paths) + 1))[:limit]
 
 

@@ -1,9 +1,11 @@
-"""Pretraining input speed: the shard loader against one training step, and shards against folders.
+"""Pretraining input speed: the loader against one training step, and shards against folders.
 
-loader_vs_step_ratio: images/s the shard loader delivers (decode + 2 global + 2 local crops,
-2 DataLoader workers) over images/s of one midol-micro training step on the same machine
-(above 1: the loader keeps up). shard_vs_folder_ratio: the shard loader against the folder
-loader on the same images and workers.
+loader_vs_step_ratio: images/s the loader delivers on midol-micro's training data
+(``training.prepare_shared_data``: MedMNIST arrays plus the resized full-resolution copies,
+every modality in every batch, decode + 2 global + 2 local crops + stain jitter, 2 DataLoader
+workers) over images/s of one midol-micro training step on the same machine (above 1: the
+loader keeps up). shard_vs_folder_ratio: the shard loader against the folder loader on the
+same 515 real JPEG and TIFF files and workers.
 """
 
 from __future__ import annotations
@@ -11,18 +13,20 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from midol_hub.evaluate import data_root
 from training.augment import MultiCrop
 from training.config import load_config
 from training.data import MapData, open_source
 from training.learner import Learner
+from training.prepare_shared_data import prepare
 from training.pretrain import build_models
 from training.shards import StreamData, open_shards, write_shards
 
 from .common import interleaved_medians
+from .shared_data import data_root
 
 BATCH = 32
 FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")  # 515 real JPEG and TIFF files
@@ -48,7 +52,11 @@ def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
         folders = MapData(sources, augment, **common)
         shards.steps_per_epoch = folders.steps_per_epoch  # one epoch of the same images
         shard_ips, folder_ips = images_per_second(shards, batches), images_per_second(folders, batches)
-    config = load_config("training/configs/midol_micro_v2.yaml")
+        config = load_config("training/configs/midol_micro_v3.yaml")
+        training_data = MapData([open_source(spec) for spec in prepare(Path(tmp) / "data", root)],
+                                MultiCrop(64, stain_tags=tuple(config["crops"]["stain_tags"])),
+                                **{**common, "balance": config["data"]["balance"]})
+        training_ips = images_per_second(training_data, batches)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         student, teacher = build_models(config, torch.device("cpu"))
@@ -57,6 +65,7 @@ def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
     crops = [torch.randn(BATCH, 3, 64, 64) for _ in range(4)]
     step = interleaved_medians({"step": lambda: learner.step([crops], 0.04, 0.99, False)}, repeats=3)["step"]
     step_ips = BATCH / step
-    return {"loader_vs_step_ratio": shard_ips / step_ips, "shard_vs_folder_ratio": shard_ips / folder_ips,
-            "shard_loader_images_per_s": shard_ips, "folder_loader_images_per_s": folder_ips,
+    return {"loader_vs_step_ratio": training_ips / step_ips, "shard_vs_folder_ratio": shard_ips / folder_ips,
+            "training_data_loader_images_per_s": training_ips, "shard_loader_images_per_s": shard_ips,
+            "folder_loader_images_per_s": folder_ips,
             "train_step_images_per_s": step_ips}

@@ -9,7 +9,7 @@ CSVs take --val/--test sets of the same kind, or are split by --split fractions 
 --group-column, e.g. patient id, so no patient spans two sets).
 
 The best epoch on validation is saved to OUTPUT_DIR/model (load it with
-``midol_hub.ClassificationModel.from_pretrained``) with OUTPUT_DIR/metrics.json holding
+``midol_hub.MIDoLForImageClassification.from_pretrained``) with OUTPUT_DIR/metrics.json holding
 ``val`` and ``test`` blocks: accuracy, balanced accuracy, macro AUC (``auc``), macro F1,
 per-class metrics and the confusion matrix.
 """
@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from midol_hub import (
-    ClassificationModel,
     DatasetError,
     ImageReadError,
+    MIDoLForImageClassification,
     ModelNotFoundError,
     WeightsNotAvailableError,
     best_thresholds,
@@ -43,8 +43,8 @@ from midol_hub import (
     group_split,
     layerwise_lr_groups,
     load_model,
+    run_command,
 )
-
 
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic-regression strengths tried on validation
 
@@ -163,7 +163,7 @@ def train_finetune(model, sets, args, output_dir):
             waited += 1
             if waited >= args.patience:
                 break
-    best_model = ClassificationModel.from_pretrained(output_dir / "model")
+    best_model = MIDoLForImageClassification.from_pretrained(output_dir / "model")
     return [predict(best_model, s, transform, args.batch_size) for s in sets[1:]]
 
 
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
     for name, part in (("train", train), ("val", val), ("test", test)):
         if len(part) == 0:
             raise DatasetError(f"the {name} set is empty; adjust --split or pass --{name}")
-    model = ClassificationModel.from_encoder(encoder, train.class_names, args.modality, train.multilabel, args.feature)
+    model = MIDoLForImageClassification.from_encoder(encoder, train.class_names, args.modality, train.multilabel, args.feature)
     if args.mode == "linear-probe":
         cache_dir = Path(args.cache_dir or output_dir / "feature_cache")
         val_scores, test_scores = train_linear_probe(encoder, model, sets, args, cache_dir)
@@ -200,15 +200,14 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        metrics = run(args)
-    except (DatasetError, ImageReadError, ModelNotFoundError, WeightsNotAvailableError, ValueError) as error:
-        print(f"finetune_classification: error: {error}", file=sys.stderr)
-        return 1
-    test = metrics["test"]
-    print(f"test: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
-          f"AUC {test['auc']:.3f}, F1 {test['f1']:.3f}; saved to {args.output_dir}")
-    return 0
+
+    def body() -> None:
+        test = run(args)["test"]
+        print(f"test: accuracy {test['accuracy']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f}, "
+              f"AUC {test['auc']:.3f}, F1 {test['f1']:.3f}; saved to {args.output_dir}")
+
+    return run_command("finetune_classification", body,
+                       (DatasetError, ImageReadError, ModelNotFoundError, WeightsNotAvailableError, ValueError))
 
 
 if __name__ == "__main__":

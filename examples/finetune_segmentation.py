@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from midol_hub import (
     ImageReadError,
+    MIDoLForSemanticSegmentation,
     ModalityTransform,
     ModelNotFoundError,
-    SegmentationModel,
     WeightsNotAvailableError,
     load_model,
+    run_command,
     segmentation_scores,
 )
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
     n_val = int(round(args.val_fraction * len(pairs)))
     train_idx, val_idx = (order, order) if n_val == 0 else (order[n_val:], order[:n_val])
     names = ["background"] + [f"class_{c}" for c in range(1, num_classes)]
-    model = SegmentationModel.from_encoder(encoder, names, args.modality)
+    model = MIDoLForSemanticSegmentation.from_encoder(encoder, names, args.modality)
     if args.freeze_encoder:
         model.midol.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
@@ -115,14 +116,13 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        metrics = run(args)
-    except (ImageReadError, ModelNotFoundError, WeightsNotAvailableError, ValueError) as error:
-        print(f"finetune_segmentation: error: {error}", file=sys.stderr)
-        return 1
-    print(f"best validation Dice {metrics['best']['dice']:.3f}, IoU {metrics['best']['iou']:.3f} "
-          f"(epoch {metrics['best']['epoch']}); saved to {args.output_dir}")
-    return 0
+
+    def body() -> None:
+        best = run(args)["best"]
+        print(f"best validation Dice {best['dice']:.3f}, IoU {best['iou']:.3f} (epoch {best['epoch']}); "
+              f"saved to {args.output_dir}")
+
+    return run_command("finetune_segmentation", body, (ImageReadError, ModelNotFoundError, WeightsNotAvailableError, ValueError))
 
 
 if __name__ == "__main__":

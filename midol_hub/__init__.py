@@ -15,16 +15,6 @@ from .configuration_midol import MIDoLConfig
 from .convert import convert_checkpoint
 from .datasets import LabelledImages, from_csv, from_folder, from_npz, group_split
 from .encoding import Encoding, Failure
-from .evaluation import (
-    best_thresholds,
-    classification_metrics,
-    few_shot,
-    fit_linear_probe,
-    knn_classify,
-    linear_probe,
-    routing_report,
-    segmentation_scores,
-)
 from .errors import (
     CheckpointError,
     DatasetError,
@@ -36,6 +26,16 @@ from .errors import (
     WeightsMismatchError,
     WeightsNotAvailableError,
 )
+from .evaluation import (
+    best_thresholds,
+    classification_metrics,
+    few_shot,
+    fit_linear_probe,
+    knn_classify,
+    linear_probe,
+    routing_report,
+    segmentation_scores,
+)
 from .features import extract_features
 from .image_processing_midol import MIDoLImageProcessor
 from .loading import load_model
@@ -43,7 +43,14 @@ from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
 from .preprocessing import ModalityTransform, get_transform
 from .registry import get_entry, list_models
-from .tasks import ClassificationModel, SegmentationModel, layerwise_lr_groups
+from .tasks import (
+    ClassificationModel,
+    MIDoLForImageClassification,
+    MIDoLForSemanticSegmentation,
+    SegmentationModel,
+    layerwise_lr_groups,
+)
+from .utils import run_command
 
 __version__ = "0.1.0"
 
@@ -53,6 +60,8 @@ __all__: list[Any] = [
     "CheckpointError",
     "ClassificationModel",
     "DatasetError",
+    "MIDoLForImageClassification",
+    "MIDoLForSemanticSegmentation",
     "LabelledImages",
     "SegmentationModel",
     "best_thresholds",
@@ -92,4 +101,5 @@ __all__: list[Any] = [
     "get_transform",
     "list_models",
     "load_model",
+    "run_command",
 ]

@@ -14,19 +14,21 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .encoding import Failure, Plan, concat_encodings, encode_planned, expand_frames, plan_row, preprocess_planned
 from .errors import ImageReadError
 from .image_io import read_any
-from .preprocessing import Preprocessor, WarningCollector
-
-if TYPE_CHECKING:
-    from .modeling_midol import MIDoLModel
+from .modalities import AUTO, canonical_modality
+from .modeling_midol import MIDoLModel
+from .preprocessing import WarningCollector
+from .utils import atomic_write
 
 PART = re.compile(r"rank-(\d{3})-part-(\d{6})\.npz$")
+ROW_FIELDS = ("modality", "modality_source", "unknown_reason")
 
 
 def default_workers() -> int:
@@ -34,22 +36,24 @@ def default_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-class _Images(torch.utils.data.Dataset):
-    """File i -> (i, normalised tensor) or (i, error message), read and preprocessed in a worker."""
+class _Rows(torch.utils.data.Dataset):
+    """Row i (a file, or one frame of it) -> (i, normalised tensor, plan) or (i, error message),
+    read, planned and preprocessed in a worker."""
 
-    def __init__(self, files: Sequence[str], indices: list[int], preprocessor: Preprocessor) -> None:
-        self.files, self.indices, self.preprocessor = files, indices, preprocessor
+    def __init__(self, files: Sequence[str], rows: list[tuple[int, int | None]], config: Any, forced: str | None) -> None:
+        self.files, self.rows, self.config, self.forced = files, rows, config, forced
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.rows)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str]:
-        index = self.indices[position]
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str, Plan | None]:
+        index, frame = self.rows[position]
         try:
-            raw = read_any(self.files[index], index, WarningCollector())
-            return index, self.preprocessor.from_raw([raw], WarningCollector())[0]
+            raw = read_any(self.files[index], index, WarningCollector(), frame)
+            plan = plan_row(self.config, self.forced, raw.dicom_modality)
+            return position, preprocess_planned(self.config, [raw], [plan], WarningCollector())[0], plan
         except ImageReadError as error:
-            return index, error.reason
+            return position, error.reason, None
 
 
 def _collate(items: list) -> list:
@@ -71,104 +75,112 @@ def parts_dir(out: Path) -> Path:
 
 def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality: str, outputs: Sequence[str],
                  batch_size: int = 32, dtype: torch.dtype | None = None, workers: int | None = None,
-                 skip_errors: bool = False, part_size: int = 1024, resume: bool = False, rank: int = 0,
-                 world: int = 1, progress: bool = True) -> int:
+                 errors: str = "raise", part_size: int = 1024, resume: bool = False, rank: int = 0,
+                 world: int = 1, progress: bool = True, frames: str | int | None = None) -> int:
     """Encode this rank's share of ``files`` into part files beside ``out``; returns how many of
-    its files earlier parts already held (0 unless ``resume``). An unreadable file stops the run
-    (naming it) unless ``skip_errors``, which records it in the part instead."""
+    its rows earlier parts already held (0 unless ``resume``). An unreadable file stops the run
+    (naming it) unless ``errors="skip"``, which records it in the part instead. ``frames`` expands
+    multi-frame files as in :meth:`MIDoLModel.encode`."""
     from tqdm.auto import tqdm
 
     directory = parts_dir(out)
     directory.mkdir(parents=True, exist_ok=True)
-    mine = list(range(rank, len(files), world))
     existing = sorted(p for p in directory.iterdir() if (m := PART.match(p.name)) and int(m.group(1)) == rank)
     if existing and not resume:
         raise FileExistsError(f"{directory} holds parts of an earlier run; pass --resume to continue it, "
                               "or delete the folder to start again")
-    done: set[int] = set()
+    done: set[tuple[int, int]] = set()
+    failed_before: set[int] = set()
     for part in existing:
         with np.load(part) as data:
-            done.update(data["indices"].tolist())
-            done.update(json.loads(str(data["failures"]))["indices"])
-    todo = [i for i in mine if i not in done]
-    preprocessor = Preprocessor(model.config.profile(modality))
-    loader = torch.utils.data.DataLoader(_Images(files, todo, preprocessor), batch_size=batch_size, collate_fn=_collate,
-                                         num_workers=default_workers() if workers is None else workers)
+            done.update(zip(data["indices"].tolist(), data["frames"].tolist()))
+            failed_before.update(json.loads(str(data["failures"]))["indices"])
+    counting_failures: list[Failure] = []
+    mine = [i for i in range(rank, len(files), world) if i not in failed_before]
+    expanded = expand_frames([files[i] for i in mine], frames, errors, counting_failures)
+    rows = [(mine[position], frame) for _, position, frame in expanded]
+    todo = [row for row in rows if (row[0], -1 if row[1] is None else row[1]) not in done]
+    forced = None if canonical_modality(modality, allow_auto=True) == AUTO else canonical_modality(modality)
+    loader = torch.utils.data.DataLoader(_Rows(files, todo, model.config, forced), batch_size=batch_size,
+                                         collate_fn=_collate, num_workers=default_workers() if workers is None else workers)
     encode_outputs = [o for o in outputs if o != "routing"] or ["embedding"]
-    buffer: list[tuple[list[int], Any]] = []
+    buffer: list = []
     failures: dict[str, list] = {"indices": [], "paths": [], "errors": []}
+    for failure in counting_failures:
+        failures["indices"].append(mine[failure.index])
+        failures["paths"].append(failure.source)
+        failures["errors"].append(failure.error)
     buffered, part_number = 0, len(existing)
 
     def flush() -> None:
         nonlocal buffer, failures, buffered, part_number
         if not buffer and not failures["indices"]:
             return
-        arrays = _concat_parts(buffer, outputs)
+        arrays = _concat_parts(buffer, outputs, model.config, encode_outputs, model.provenance)
         target = directory / f"rank-{rank:03d}-part-{part_number:06d}.npz"
-        tmp = target.with_name("." + target.name + ".tmp")
-        with open(tmp, "wb") as handle:
+        with atomic_write(target) as tmp, open(tmp, "wb") as handle:  # a killed run leaves whole parts only
             np.savez(handle, **arrays, failures=np.array(json.dumps(failures)))
-        os.replace(tmp, target)  # a killed run leaves whole parts only
         buffer, failures, buffered, part_number = [], {"indices": [], "paths": [], "errors": []}, 0, part_number + 1
 
     with tqdm(total=len(todo), disable=not progress or rank != 0, unit="img", desc="encode") as bar:
         for items in loader:
-            good = [(i, x) for i, x in items if isinstance(x, torch.Tensor)]
-            for index, reason in ((i, x) for i, x in items if not isinstance(x, torch.Tensor)):
-                if not skip_errors:
+            good = [(todo[p], x, plan) for p, x, plan in items if plan is not None]
+            for position, reason, _ in (item for item in items if item[2] is None):
+                index = todo[position][0]
+                if errors == "raise":
                     raise ImageReadError(str(files[index]), reason)
                 failures["indices"].append(index)
                 failures["paths"].append(str(files[index]))
                 failures["errors"].append(reason)
             if good:
-                encoding = model.encode(torch.stack([x for _, x in good]), modality=modality, output=encode_outputs,
-                                        batch_size=batch_size, dtype=dtype, preprocessed=True)
-                buffer.append(([i for i, _ in good], encoding))
+                buffer.append(encode_planned(model, torch.stack([x for _, x, _ in good]), [plan for _, _, plan in good],
+                                             encode_outputs, [row[0] for row, _, _ in good],
+                                             [row[1] for row, _, _ in good], dtype=dtype))
                 buffered += len(good)
             bar.update(len(items))
             if buffered >= part_size:
                 flush()
         flush()
-    return len(mine) - len(todo)
+    return len(rows) - len(todo)
 
 
-def _concat_parts(buffer: list[tuple[list[int], Any]], outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    indices = [i for ids, _ in buffer for i in ids]
-    encodings = [encoding for _, encoding in buffer]
-    arrays = {"indices": np.array(indices, dtype=np.int64)}
+def _concat_parts(buffer: list, outputs: Sequence[str], config: Any, encode_outputs: Sequence[str],
+                  provenance: Any) -> dict[str, np.ndarray]:
+    encoding = concat_encodings(buffer, config, encode_outputs, provenance)
+    arrays = {"indices": np.array(encoding.indices, dtype=np.int64),
+              "frames": np.array([-1 if f is None else f for f in encoding.frames], dtype=np.int64),
+              "confidence": encoding.confidence.numpy()}
     for name in outputs:
-        if name == "routing":
-            arrays[name] = np.concatenate([e.routing.numpy() for e in encodings]) if encodings else np.zeros((0, 0))
-        elif encodings:
-            arrays[name] = np.concatenate([getattr(e, name).numpy() for e in encodings])
-    arrays["modality"] = np.array([m for e in encodings for m in e.modality], dtype=str)
-    arrays["confidence"] = np.concatenate([e.confidence.numpy() for e in encodings]) if encodings else np.zeros(0)
+        arrays[name] = (encoding.routing if name == "routing" else getattr(encoding, name)).numpy()
+    for name in ROW_FIELDS:
+        arrays[name] = np.array(["" if v is None else v for v in getattr(encoding, name)], dtype=str)
     return arrays
 
 
 def merge_parts(out: Path, files: Sequence[str], outputs: Sequence[str]) -> BulkResult:
-    """All ranks' parts, rows sorted into input order."""
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-    indices, modality, confidence, failures = [], [], [], []
+    """All ranks' parts, rows sorted into input order (file, then frame)."""
+    pieces: dict[str, list[np.ndarray]] = {name: [] for name in (*outputs, "indices", "frames", "confidence", *ROW_FIELDS)}
+    failures = []
     for part in sorted(p for p in parts_dir(out).iterdir() if PART.match(p.name)):
         with np.load(part) as data:
-            indices.append(data["indices"])
-            modality.append(data["modality"])
-            confidence.append(data["confidence"])
-            for name in outputs:
-                if name in data.files:
+            for name in pieces:
+                if name in data.files and len(data["indices"]):
                     pieces[name].append(data[name])
             failed = json.loads(str(data["failures"]))
             failures += [{"index": i, "path": p, "error": e}
                          for i, p, e in zip(failed["indices"], failed["paths"], failed["errors"])]
-    order_of = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
-    order = np.argsort(order_of, kind="stable")
-    arrays = {name: np.concatenate(chunks)[order] for name, chunks in pieces.items() if chunks}
-    modality_all = np.concatenate(modality)[order] if modality else np.zeros(0, dtype=str)
-    confidence_all = np.concatenate(confidence)[order] if confidence else np.zeros(0)
-    rows = [{"row": row, "path": str(files[int(i)]), "modality": str(m), "confidence": round(float(c), 6)}
-            for row, (i, m, c) in enumerate(zip(order_of[order], modality_all, confidence_all))]
+    merged = {name: np.concatenate(chunks) for name, chunks in pieces.items() if chunks}
+    if "indices" not in merged:
+        merged = {name: np.zeros(0) for name in pieces}
+    order = np.lexsort((merged["frames"], merged["indices"]))
+    merged = {name: values[order] for name, values in merged.items()}
+    rows = [{"row": row, "path": str(files[int(i)]), "frame": None if f < 0 else int(f),
+             "modality": str(m), "confidence": round(float(c), 6), "modality_source": str(s), "unknown_reason": str(r) or None}
+            for row, (i, f, m, c, s, r) in enumerate(zip(merged["indices"], merged["frames"], merged["modality"],
+                                                          merged["confidence"], merged["modality_source"],
+                                                          merged["unknown_reason"]))]
     failures.sort(key=lambda f: f["index"])
+    arrays = {name: merged[name] for name in outputs if name in merged}
     return BulkResult(arrays, rows, [{"path": f["path"], "error": f["error"]} for f in failures])
 
 

@@ -1,104 +1,143 @@
-"""Expert calibration: which expert serves which modality, and which images are none of them.
+"""Calibration: which expert serves which modality, which images are none of them, and how
+sure ``modality="auto"`` may be. Fitted on labelled training images only.
 
-The router learns its split of the images without labels, so an expert has no modality
-until labelled images (training data only) are routed through the model. Experts are then
-matched one-to-one to modalities by Hungarian assignment on the argmax-routing counts (the
-same rule ``modality="auto"`` answers by); an expert that no modality reaches stays
-``"unassigned"``. An out-of-scope detector is fitted at the same time: per modality, a
-diagonal Gaussian of its images' L2-normalised pooled features, and the mean squared z-score
-that ``quantile`` of them stay within. ``modality="auto"`` answers ``"unknown"`` for an image
-farther than that from the modality it was routed to, or routed to an unassigned expert.
-(Measured on midol-micro: a centroid-cosine radius let an MR slice pass as pathology; the
-diagonal Gaussian flags both out-of-scope slices at the same false-unknown rate.)
+- **Experts.** The router learns its split of the images without labels, so an expert has
+  no modality until labelled images are routed through the model. Experts are matched
+  one-to-one to modalities by Hungarian assignment on the argmax-routing counts (the rule
+  ``modality="auto"`` answers by); an expert that no modality reaches stays ``"unassigned"``.
+- **Out-of-scope detector** (used by :mod:`midol_hub.detection`): class means of the
+  ``stage_pooled`` features, their shared (tied) covariance as a probabilistic PCA (its
+  ``components`` leading directions and variances, one variance for the rest), and the
+  threshold that ``quantile`` of held-out training images stay under. The scores of held-out images (two-fold: each half scored by a detector
+  fitted on the other) also give the in-scope score distribution behind the confidence.
+- **Router confidence.** Platt scaling of the router's probability against "routed to the
+  right expert" on the training images.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .detection import out_of_scope_score
 from .evaluation import routing_report
-from .modalities import SHARED, UNASSIGNED, UNKNOWN, canonical_modality
+from .modalities import SHARED, UNASSIGNED, canonical_modality
+from .modeling_midol import MIDoLModel
 
-VARIANCE_FLOOR = 1e-6  # keeps near-constant feature dimensions from dominating the distance
-
-if TYPE_CHECKING:
-    from .configuration_midol import MIDoLConfig
-    from .modeling_midol import MIDoLModel
+SCORE_QUANTILES = 100  # stored points of the in-scope score distribution (levels 0, 0.01, ..., 0.99)
 
 
-def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float = 0.99, batch_size: int = 64) -> dict:
-    """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}).
+def fit_detector(features: torch.Tensor, labels: Sequence[str], components: int = 64) -> dict:
+    """Class means of ``features`` (N, D) grouped by ``labels`` and their tied covariance as a
+    probabilistic PCA: the ``components`` leading principal directions of the within-class scatter
+    with their variances, and the mean of the remaining variances for every other direction."""
+    features = features.double()
+    names = list(dict.fromkeys(labels))
+    label_array = np.array(labels)
+    means = torch.stack([features[torch.from_numpy(label_array == m)].mean(dim=0) for m in names])
+    residual = features - means[[names.index(m) for m in labels]]
+    covariance = residual.T @ residual / len(features)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    order = eigenvalues.argsort(descending=True)
+    keep, rest = order[: min(components, features.shape[1] - 1)], order[min(components, features.shape[1] - 1):]
+    floor = 1e-6 * float(eigenvalues.max())  # directions the training images never vary in still count, finitely
+    return {"modalities": names, "means": _rounded(means), "basis": _rounded(eigenvectors[:, keep]),
+            "variances": _rounded(eigenvalues[keep].clamp_min(floor)),
+            "residual_variance": max(float(eigenvalues[rest].clamp_min(0).mean()), floor)}
+
+
+def _rounded(tensor: torch.Tensor) -> list:
+    """A JSON-friendly nested list with 7 significant digits (the config stays readable and small)."""
+    return np.vectorize(lambda v: float(f"{v:.7g}"))(tensor.numpy()).tolist()
+
+
+def held_out_scores(features: torch.Tensor, labels: Sequence[str], components: int, seed: int = 0) -> torch.Tensor:
+    """Each image's out-of-scope score under a detector fitted on the other half of the images."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = [np.sort(order[::2]), np.sort(order[1::2])]
+    scores = torch.empty(len(labels), dtype=torch.float64)
+    for fit_on, score_on in (halves, halves[::-1]):
+        detector = fit_detector(features[fit_on], [labels[i] for i in fit_on], components)
+        scores[score_on] = out_of_scope_score(detector, features[score_on])
+    return scores
+
+
+def platt(probability: np.ndarray, right: np.ndarray) -> dict:
+    """Logistic regression of ``right`` on the log-odds of ``probability``: {"scale", "bias"}."""
+    from sklearn.linear_model import LogisticRegression
+
+    p = np.clip(probability, 1e-6, 1 - 1e-6)
+    if right.all() or not right.any():  # nothing to separate: a constant at the observed rate
+        rate = (right.sum() + 0.5) / (len(right) + 1)
+        return {"scale": 0.0, "bias": float(np.log(rate / (1 - rate)))}
+    fit = LogisticRegression(C=1e4).fit(np.log(p / (1 - p))[:, None], right)
+    return {"scale": float(fit.coef_[0, 0]), "bias": float(fit.intercept_[0])}
+
+
+def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float = 0.975, components: int = 64,
+              batch_size: int = 64) -> dict:
+    """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}),
+    fit the out-of-scope detector and the router's confidence.
 
     Updates ``model.config.expert_modalities`` and ``model.config.modality_calibration`` in
     place and returns the calibration: per-modality routing ``accuracy`` and its mean
-    ``macro_accuracy``, the modality x expert ``confusion`` counts, ``nmi`` and the
-    ``out_of_scope`` detector. Use training images only: evaluate on held-out ones.
+    ``macro_accuracy``, the modality x expert ``confusion`` counts, ``nmi``, the
+    ``out_of_scope`` detector and ``router_confidence``. Use training images only: evaluate on
+    held-out ones.
     """
     config = model.config
     if config.expert_modalities == [SHARED]:
         raise ValueError("a one-expert (plain DINO) model has no experts to calibrate")
-    if not 0 < quantile <= 1:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
-    labels, experts, pooled = [], [], []
-    for modality, items in images.items():
-        key = canonical_modality(modality)
-        if key in labels:
-            raise ValueError(f"modality {key!r} is given twice; pass each modality's images once")
-        encoding = model.encode(list(items), modality="auto", output="pooled", batch_size=batch_size)
-        labels += [key] * len(encoding)
-        experts.append(encoding.expert_index)
-        pooled.append(encoding.pooled)
-    report = routing_report(labels, torch.cat(experts).numpy(), config.num_experts)
-    features = F.normalize(torch.cat(pooled).double(), dim=-1)
-    label_array = np.array(labels)
-    means, variances, radius = {}, {}, {}
-    for modality, expert in report["assignment"].items():
-        if expert is None:
-            continue
-        own = features[torch.from_numpy(label_array == modality)]
-        mean, variance = own.mean(dim=0), own.var(dim=0, unbiased=False) + VARIANCE_FLOOR
-        means[modality], variances[modality] = mean.tolist(), variance.tolist()
-        radius[modality] = float(torch.quantile(_distance(own, mean, variance), quantile))
-    expert_modalities = [UNASSIGNED] * config.num_experts
-    for modality, expert in report["assignment"].items():
-        if expert is not None:
-            expert_modalities[expert] = modality
-    calibration = {
-        "method": "Hungarian assignment on argmax-routing counts of labelled training images",
-        **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
-        "images_per_modality": {m: int((label_array == m).sum()) for m in report["modalities_order"]},
-        "out_of_scope": {"quantile": quantile, "radius": radius, "mean": means, "variance": variances},
-    }
-    config.expert_modalities = expert_modalities
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    previous, config.modality_calibration = config.modality_calibration, None  # route without the old detector
+    try:
+        calibration = _fit(model, images, quantile, components, batch_size)
+    except BaseException:
+        config.modality_calibration = previous
+        raise
     config.modality_calibration = calibration
     return calibration
 
 
-def detect_modalities(config: MIDoLConfig, expert_index: torch.Tensor, pooled: torch.Tensor) -> list[str]:
-    """The modality ``modality="auto"`` reports per image: its expert's modality, or ``"unknown"``
-    when that expert is unassigned or the image lies outside the modality's calibrated radius."""
-    if config.backbone_only:
-        return [UNKNOWN] * len(expert_index)
-    names = [config.expert_modalities[i] for i in expert_index.tolist()]
-    detector = (config.modality_calibration or {}).get("out_of_scope")
-    if not detector:
-        return [UNKNOWN if name == UNASSIGNED else name for name in names]
-    features = F.normalize(pooled.double(), dim=-1)
-    result = [UNKNOWN] * len(names)
-    for name in set(names) & set(detector["mean"]):  # one distance computation per modality, not per image
-        rows = [row for row, routed in enumerate(names) if routed == name]
-        mean, variance = (torch.tensor(detector[key][name], dtype=features.dtype, device=features.device)
-                          for key in ("mean", "variance"))
-        inside = _distance(features[rows], mean, variance) <= detector["radius"][name]
-        for row, ok in zip(rows, inside.tolist()):
-            result[row] = name if ok else UNKNOWN
-    return result
-
-
-def _distance(features: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
-    """Mean squared z-score of each row under a diagonal Gaussian: 1 on average for its own images."""
-    return ((features - mean) ** 2 / variance).mean(dim=-1)
+def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, components: int, batch_size: int) -> dict:
+    config = model.config
+    labels, experts, probability, features = [], [], [], []
+    for modality, items in images.items():
+        key = canonical_modality(modality)
+        if key in labels:
+            raise ValueError(f"modality {key!r} is given twice; pass each modality's images once")
+        encoding = model.encode(list(items), modality="auto", output="stage_pooled", batch_size=batch_size)
+        labels += [key] * len(encoding)
+        experts.append(encoding.expert_index)
+        probability.append(encoding.routing.max(dim=-1).values)
+        features.append(encoding.stage_pooled)
+    expert_index = torch.cat(experts).numpy()
+    report = routing_report(labels, expert_index, config.num_experts)
+    expert_modalities = [UNASSIGNED] * config.num_experts
+    for modality, expert in report["assignment"].items():
+        if expert is not None:
+            expert_modalities[expert] = modality
+    served = [i for i, label in enumerate(labels) if report["assignment"][label] is not None]
+    features_all = torch.cat(features)
+    served_labels = [labels[i] for i in served]
+    detector = fit_detector(features_all[served], served_labels, components)
+    scores = held_out_scores(features_all[served], served_labels, components).numpy()
+    threshold = float(np.quantile(scores, quantile))
+    levels = np.quantile(scores, np.arange(SCORE_QUANTILES) / SCORE_QUANTILES)
+    excess = scores[scores > levels[-1]] - levels[-1]
+    detector.update(threshold=threshold, quantile=quantile, components=len(detector["variances"]),
+                    score_quantiles=[float(f"{v:.7g}") for v in levels],
+                    tail_scale=float(excess.mean()) if len(excess) else 1.0)
+    right = np.array([expert_modalities[e] == label for e, label in zip(expert_index, labels)])
+    calibration = {
+        "method": "Hungarian assignment on argmax-routing counts of labelled training images",
+        **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
+        "images_per_modality": {m: labels.count(m) for m in report["modalities_order"]},
+        "out_of_scope": detector,
+        "router_confidence": platt(torch.cat(probability).numpy(), right),
+    }
+    config.expert_modalities = expert_modalities
+    return calibration

@@ -14,14 +14,13 @@ import sys
 import tempfile
 import traceback
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from .image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES
 from .modalities import AUTO, MODALITIES
+from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun
 
 ENCODE_FORMATS = (".npy", ".npz", ".safetensors")
 ENCODE_OUTPUTS = ("embedding", "pooled", "routing")
@@ -65,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision")
     encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
-    encode.add_argument("--skip-errors", action="store_true", help="skip unreadable files and list them instead of stopping")
+    encode.add_argument("--errors", choices=("raise", "skip"), default="raise",
+                        help="raise: stop at the first unreadable file; skip: leave unreadable files out and list them")
+    encode.add_argument("--skip-errors", action="store_true", help=argparse.SUPPRESS)  # old spelling of --errors skip
+    encode.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX",
+                        help="multi-frame DICOM, multi-page TIFF and animated images: one row per frame (all), the "
+                             "middle frame, or frame INDEX; without it such files are an error")
     encode.add_argument("--random-weights", action="store_true", help="the architecture with random weights (no trained weights needed)")
     encode.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode (default: free cores, up to 8)")
     encode.add_argument("--part-size", type=int, default=1024, help="images per part written as the run goes")
@@ -112,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
     plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
     plot.add_argument("--by", default="modality",
-                      help="modality (the router's or the forced one), label, or folder (each file's top folder below the "
+                      help="modality (forced, from the DICOM header or the router's), source (which of those three), label, or folder (each file's top folder below the "
                            "files' common root: the true groups); comma-separated for panels side by side, e.g. folder,modality")
     plot.add_argument("--out", required=True, help="image file, e.g. map.png")
     plot.add_argument("--method", choices=("pca", "umap"), default=None, help="default: umap when installed, else pca")
@@ -123,16 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- encode
 
 
+def _frames(text: str) -> str | int:
+    if text in ("all", "middle"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all, middle or a frame index, got {text!r}") from None
+
+
 def collect_images(paths: Sequence[str]) -> list[Path]:
     """Files as given, plus every image below each folder (sorted, recursive)."""
-    suffixes = IMAGE_SUFFIXES + DICOM_SUFFIXES
     files: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            found = image_files(path)
             if not found:
-                raise CLIError(f"{path}: folder holds no images ({', '.join(suffixes)})")
+                raise CLIError(f"{path}: folder holds no images ({', '.join(READABLE_SUFFIXES)})")
             files.extend(found)
         elif path.exists():
             files.append(path)
@@ -155,8 +167,11 @@ def run_encode(args: argparse.Namespace) -> None:
         raise CLIError(f"--output {','.join(unknown)}: choose from {','.join(ENCODE_OUTPUTS)}")
     if out.suffix == ".npy" and outputs != ["embedding"]:
         raise CLIError(f"{out}: .npy holds one array (the embeddings); use .npz or .safetensors for {args.output}")
+    if args.skip_errors:
+        warnings.warn("--skip-errors is now spelled --errors skip", FutureWarning, stacklevel=2)
+        args.errors = "skip"
     files = collect_images(args.paths)
-    rank, world, device = _join_ranks(args.device)
+    rank, world, device = join_torchrun(args.device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = load_model(args.model, pretrained=not args.random_weights, device=device)
@@ -165,8 +180,8 @@ def run_encode(args: argparse.Namespace) -> None:
     try:
         resumed = encode_files(model, [str(f) for f in files], out, modality=args.modality, outputs=outputs,
                                batch_size=args.batch_size, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
-                               workers=args.workers, skip_errors=args.skip_errors, part_size=args.part_size,
-                               resume=args.resume, rank=rank, world=world)
+                               workers=args.workers, errors=args.errors, part_size=args.part_size,
+                               resume=args.resume, rank=rank, world=world, frames=args.frames)
     except FileExistsError as error:
         raise CLIError(str(error)) from None
     except Exception:
@@ -180,10 +195,10 @@ def run_encode(args: argparse.Namespace) -> None:
         torch.distributed.barrier()  # every rank's parts are written
     if rank == 0:
         merged = merge_parts(out, [str(f) for f in files], outputs)
-        modality = [row["modality"] for row in merged.rows]
         manifest = {"model": args.model, "provenance": model.provenance.to_dict() if model.provenance else {},
-                    "experts": list(model.config.expert_modalities), "rows": merged.rows, "failures": merged.failures}
-        write_features(out, merged.arrays, [row["path"] for row in merged.rows], modality, manifest)
+                    "experts": list(model.config.expert_modalities), "frames": args.frames, "rows": merged.rows,
+                    "failures": merged.failures}
+        write_features(out, merged.arrays, merged.rows, manifest)
         remove_parts(out)
         print(f"wrote {len(merged.rows)} row(s) to {out} and {manifest_path(out)}; {len(merged.failures)} failure(s)")
         for failure in merged.failures:
@@ -192,27 +207,15 @@ def run_encode(args: argparse.Namespace) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _join_ranks(device: str | None) -> tuple[int, int, str | None]:
-    """(rank, world size, device): under torchrun, join the process group; each rank takes its
-    own GPU when there are GPUs."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, device
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if device is None and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def manifest_path(out: Path) -> Path:
     return out.with_name(out.name + ".manifest.json")
 
 
-def write_features(out: Path, arrays: dict[str, np.ndarray], paths: list[str], modality: list[str], manifest: dict) -> None:
+def write_features(out: Path, arrays: dict[str, np.ndarray], rows: list[dict], manifest: dict) -> None:
+    """The arrays, and per row its path, frame (-1: single-frame file), modality and modality source."""
+    paths = [row["path"] for row in rows]
+    columns = {"paths": np.array(paths), "frames": np.array([-1 if r["frame"] is None else r["frame"] for r in rows]),
+               "modality": np.array([r["modality"] for r in rows]), "source": np.array([r["modality_source"] for r in rows])}
     if out.suffix == ".npy":
         with atomic_write(out) as tmp:
             with open(tmp, "wb") as handle:
@@ -220,14 +223,14 @@ def write_features(out: Path, arrays: dict[str, np.ndarray], paths: list[str], m
     elif out.suffix == ".npz":
         with atomic_write(out) as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays, paths=np.array(paths), modality=np.array(modality))
+                np.savez(handle, **arrays, **columns)
     else:
         import torch
         from safetensors.torch import save_file
 
         with atomic_write(out) as tmp:
             tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in arrays.items()}
-            save_file(tensors, tmp, metadata={"paths": json.dumps(paths), "modality": json.dumps(modality)})
+            save_file(tensors, tmp, metadata={name: json.dumps(values.tolist()) for name, values in columns.items()})
     with atomic_write(manifest_path(out)) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
 
@@ -245,19 +248,6 @@ def check_writable(out: Path, formats: Sequence[str]) -> None:
             pass
     except OSError as error:
         raise CLIError(f"{out}: not writable ({error.strerror or error})") from None
-
-
-@contextmanager
-def atomic_write(target: Path) -> Iterator[str]:
-    """Yield a temporary path beside ``target``; rename it into place only on success."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- info, list, convert
@@ -474,12 +464,13 @@ def run_plot(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({method}, {len(features)} points; {summary})")
 
 
-PLOT_GROUPS = ("modality", "label", "folder")
+PLOT_GROUPS = ("modality", "source", "label", "folder")
 
 
 def plot_groups(data: Any, by: str, path: Path) -> np.ndarray:
-    """Each row's group for a panel: its modality, its label, or its file's top folder."""
-    key = {"modality": "modality", "label": "labels", "folder": "paths"}[by]
+    """Each row's group for a panel: its modality, where that came from (forced, dicom, router),
+    its label, or its file's top folder."""
+    key = {"modality": "modality", "source": "source", "label": "labels", "folder": "paths"}[by]
     if key not in data:
         raise CLIError(f"{path}: has no '{key}' array for --by {by} (it has {', '.join(data.files)})")
     values = data[key].astype(str)

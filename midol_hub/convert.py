@@ -29,6 +29,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 
 from .configuration_midol import MIDoLConfig
 from .errors import CheckpointError, WeightsMismatchError
+from .modalities import MODALITIES
 from .modeling_midol import MIDoLModel
 from .registry import get_entry
 
@@ -181,8 +182,6 @@ def _config_from_shapes(
 
 
 def _default_experts(num_experts: int) -> list[str]:
-    from .modalities import MODALITIES
-
     if num_experts != len(MODALITIES):
         raise CheckpointError(
             f"the checkpoint has {num_experts} experts; midol_hub assigns one expert per modality "

@@ -17,9 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DatasetError
-from .image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES
-
-SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+from .utils import image_files
 
 
 @dataclass
@@ -59,7 +57,7 @@ def from_folder(root: str | Path) -> LabelledImages:
         raise DatasetError(f"{root}: needs at least two class sub-folders, found {classes}")
     images, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = image_files(root / name)
         if not files:
             raise DatasetError(f"{root}: class {name!r} has no images")
         images += [str(f) for f in files]

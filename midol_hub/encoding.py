@@ -11,17 +11,23 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .calibration import detect_modalities
-from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
-from .image_io import describe, read_any, split_images
+from .detection import DICOM, FORCED, ROUTER, detect_modalities, stage_pooled
 from .dtypes import parse_dtype
-from .modalities import AUTO, canonical_modality
-from .preprocessing import Preprocessor, WarningCollector, check_preprocessed, iter_chunks
+from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
+from .image_io import RawImage, describe, frame_count, is_dicom_file, multi_frame_message, read_any, split_images
+from .modalities import AUTO, UNKNOWN, canonical_modality, dicom_modality
+from .preprocessing import (
+    Preprocessor,
+    WarningCollector,
+    check_preprocessed,
+    iter_chunks,
+)
 
 if TYPE_CHECKING:
     from .modeling_midol import MIDoLModel
 
-OUTPUTS = ("embedding", "pooled", "patch_tokens", "pyramid")
+OUTPUTS = ("embedding", "pooled", "patch_tokens", "pyramid", "stage_pooled")
+FRAME_CHOICES = ("all", "middle")
 
 
 @dataclass
@@ -35,19 +41,30 @@ class Failure:
 
 @dataclass
 class Encoding:
-    """Result of :meth:`MIDoLModel.encode`; tensors are float32 on the CPU.
+    """Result of :meth:`MIDoLModel.encode`, one row per image (per frame of a multi-frame input
+    encoded with ``frames=``); tensors are float32 on the CPU.
 
     Attributes:
-        embedding: (B, D) embedding in the expert subspace of each image's modality
+        embedding: (B, D) embedding in the expert subspace of each row's modality
             (L2-normalised unless ``normalize=False``).
         pooled: (B, D) the shared backbone feature.
+        stage_pooled: (B, 15C) the four Swin stages averaged over space, L2-normalised and
+            concatenated (what the out-of-scope detector reads).
         routing: (B, E) router probabilities; ``experts[e]`` names expert ``e``'s modality.
         expert_index: (B,) the expert whose subspace ``embedding`` is in.
-        modality: per image, the modality used (forced) or detected (``"auto"``); a calibrated
-            model detects ``"unknown"`` for images outside all of its modalities.
+        modality: per row, the modality used: forced, stated by the DICOM header, or detected
+            by the router (``"unknown"`` for images outside every calibrated modality).
+        confidence: (B,) the probability that ``modality`` is right. From the router, a
+            calibrated probability (see :mod:`midol_hub.detection`; for an uncalibrated model,
+            the router's probability of its expert); 1 where a DICOM header decided; for a
+            forced modality, the router's probability of that modality's expert.
+        modality_source: per row, ``"forced"``, ``"dicom"`` or ``"router"``.
+        unknown_reason: per row, why it is ``"unknown"`` (``None`` otherwise).
+        indices: the input each row came from (differs from range(B) after skipped failures
+            or expanded frames).
+        frames: per row, the frame of its input (``None`` for a single-frame input).
         patch_tokens: (B, D, h, w) final-stage tokens, NCHW (h = w = S / 32 for Swin).
         pyramid: the four Swin stages, NCHW: (B, C, S/4, S/4) ... (B, 8C, S/32, S/32).
-        indices: position in the input of each row (differs from range(B) after skipped failures).
         failures: inputs skipped with ``errors="skip"``.
         provenance: where the model's weights came from, as a dict.
 
@@ -58,7 +75,11 @@ class Encoding:
     expert_index: torch.Tensor
     experts: tuple[str, ...]
     modality: list[str]
+    confidence: torch.Tensor
+    modality_source: list[str]
+    unknown_reason: list[str | None]
     indices: list[int]
+    frames: list[int | None]
     provenance: dict[str, Any]
     failures: list[Failure] = field(default_factory=list)
     outputs: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -76,10 +97,72 @@ class Encoding:
     def __len__(self) -> int:
         return len(self.indices)
 
-    @property
-    def confidence(self) -> torch.Tensor:
-        """(B,) router probability of the chosen modality's expert."""
-        return self.routing.gather(1, self.expert_index.view(-1, 1)).squeeze(1)
+
+@dataclass
+class Plan:
+    """How one row is encoded: the profile it is preprocessed with, its expert (-1: the router's
+    choice) and, when not the router's, its modality, where that came from and why unknown."""
+
+    profile: str
+    expert: int
+    source: str
+    modality: str | None = None
+    reason: str | None = None
+    conflict: str | None = None  # a forced modality that the DICOM header contradicts
+
+
+def plan_row(config: Any, forced: str | None, dicom_code: str | None) -> Plan:
+    """The plan of a row: a forced modality wins (noting a contradicting header), then a DICOM
+    header that names a modality or an out-of-scope code, then the router."""
+    header = dicom_modality(dicom_code) if dicom_code else None
+    if forced is not None:
+        conflict = None
+        if dicom_code and header is not None and header != forced:
+            conflict = f"its DICOM header says Modality {dicom_code} ({header})"
+        return Plan(forced, config.expert_for(forced), FORCED, forced, conflict=conflict)
+    if header == UNKNOWN:
+        return Plan(AUTO, -1, DICOM, UNKNOWN, f"DICOM Modality {dicom_code} is not one of the five")
+    if header is not None and not config.backbone_only and header in config.expert_modalities:
+        return Plan(header, config.expert_for(header), DICOM, header)
+    return Plan(AUTO, -1, ROUTER)
+
+
+def preprocess_planned(config: Any, raws: list[RawImage], plans: list[Plan], warn: WarningCollector) -> torch.Tensor:
+    """The normalised batch of ``raws``, each with its plan's profile."""
+    batch = torch.empty(len(raws), 3, config.img_size, config.img_size)
+    for profile in dict.fromkeys(plan.profile for plan in plans):
+        rows = [i for i, plan in enumerate(plans) if plan.profile == profile]
+        batch[rows] = Preprocessor(config.profile(profile)).from_raw([raws[i] for i in rows], warn)
+    return batch
+
+
+def expand_frames(items: list, frames: str | int | None, errors: str, failures: list[Failure],
+                  preprocessed: bool = False) -> list[tuple[Any, int, int | None]]:
+    """(item, input index, frame) per row: multi-frame inputs expand as ``frames`` says; without
+    ``frames`` they fail (naming ``frames=``) instead of being encoded by their first page."""
+    if frames is not None and not (frames in FRAME_CHOICES or (isinstance(frames, int) and not isinstance(frames, bool))):
+        raise ValueError(f"frames must be 'all', 'middle' or a frame index, got {frames!r}")
+    rows = []
+    for index, item in enumerate(items):
+        try:
+            count = 1 if preprocessed else frame_count(item, describe(item, index))
+            if frames is None or count == 1 and not isinstance(frames, int):
+                if count > 1:
+                    raise ImageReadError(describe(item, index), multi_frame_message(count, is_dicom_file(item)))
+                rows.append((item, index, None))
+            elif frames == "all":
+                rows += [(item, index, frame) for frame in range(count)]
+            elif frames == "middle":
+                rows.append((item, index, count // 2))
+            elif not 0 <= frames < count:
+                raise ImageReadError(describe(item, index), f"has {count} frame(s); frame {frames} does not exist")
+            else:
+                rows.append((item, index, frames if count > 1 else None))
+        except ImageReadError as error:
+            if errors == "raise":
+                raise
+            failures.append(Failure(index, error.source, error.reason))
+    return rows
 
 
 def encode(
@@ -97,22 +180,26 @@ def encode(
     strict_modality: bool = False,
     preprocessed: bool = False,
     channels_first: bool | None = None,
+    frames: str | int | None = None,
 ) -> Encoding:
     """Embed images with an M-IDoL model.
 
     Args:
-        images: one image or a list: file paths (PNG, JPEG, TIFF, BMP, DICOM), PIL images,
+        images: one image or a list: file paths (PNG, JPEG, TIFF, BMP, GIF, DICOM), PIL images,
             numpy arrays (uint8, uint16, float in [0, 1]) or torch tensors (CHW, or BCHW for
             a batch). A numpy array is read by its layout (see
             :func:`midol_hub.image_io.split_images`): 4-D is a batch, (N, H, W) a stack of
             grayscale images, (H, W, C) one image; (C, H, W) with C of 1, 3 or 4 raises as
             ambiguous. With ``preprocessed=True``: normalised tensors (B, 3, S, S) fed to the
             network as they are.
-        modality: a modality name or alias, or ``"auto"`` to let the router choose.
-            A forced modality uses that expert and its preprocessing profile; ``"auto"``
-            preprocesses with the generic profile and takes the router's most probable expert.
-        output: any of ``"embedding"``, ``"pooled"``, ``"patch_tokens"``, ``"pyramid"``
-            (default: the config's ``default_output``). Routing and modality always come back.
+        modality: a modality name or alias, or ``"auto"``. A forced modality uses that expert
+            and its preprocessing profile. ``"auto"`` follows a DICOM file's Modality tag where
+            it names one of the five or an out-of-scope modality (see
+            :data:`midol_hub.modalities.DICOM_MODALITIES`); elsewhere it preprocesses with the
+            generic profile and takes the router's most probable expert, or ``"unknown"``.
+        output: any of ``"embedding"``, ``"pooled"``, ``"patch_tokens"``, ``"pyramid"``,
+            ``"stage_pooled"`` (default: the config's ``default_output``). Routing, modality and
+            confidence always come back.
         batch_size: images per forward pass; results do not depend on it.
         normalize: L2-normalise ``embedding``.
         device, dtype: where and in which precision to run. ``encode`` never changes the model
@@ -121,10 +208,13 @@ def encode(
             (``"bf16"``, ``"fp16"``) but cannot raise a bf16/fp16 model's.
         errors: ``"raise"`` stops at the first unreadable input, naming it; ``"skip"`` leaves
             it out and lists it in ``Encoding.failures``.
-        strict_modality: raise instead of warning when a calibrated router is confident that
-            an image belongs to another modality than the one requested.
+        strict_modality: raise instead of warning when a forced modality is contradicted by a
+            DICOM header or by a calibrated router that is confident of another modality.
         channels_first: the layout of numpy arrays when their shape does not tell it: True for
             (C, H, W) / (N, C, H, W), False for (H, W, C) / (N, H, W, C).
+        frames: for multi-frame DICOM, multi-page TIFF and animated images: ``"all"`` (one row
+            per frame), ``"middle"`` or a frame index. Without it such an input is an error
+            (never silently its first page); ``Encoding.indices`` and ``frames`` map rows back.
     """
     config, device_arg = model.config, device
     requested = _requested_outputs(output, config.default_output)
@@ -134,7 +224,9 @@ def encode(
             "use output='pooled' (the default for it)"
         )
     modality = canonical_modality(modality, allow_auto=True)
-    forced_expert = None if modality == AUTO else config.expert_for(modality)
+    forced = None if modality == AUTO else modality
+    if forced is not None:
+        config.expert_for(forced)  # a model without that expert fails here, before any image is read
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -144,47 +236,24 @@ def encode(
     model_dtype = next(model.parameters()).dtype
     _check_placement(model, device, model_dtype, device_arg, compute_dtype)
 
-    items = _as_items(images, preprocessed, config.img_size, channels_first)
-    preprocessor = Preprocessor(config.profile(modality))
     collector = WarningCollector()
     failures: list[Failure] = []
-    kept: list[int] = []
-    chunks: dict[str, list] = {"routing": [], "expert": [], "modality": [], **{name: [] for name in requested}}
-
-    with _progress(len(items), progress) as progress_bar, torch.inference_mode(), _autocast(
-        device, compute_dtype, model_dtype
-    ):
-        for start, chunk in iter_chunks(items, batch_size):
-            batch, ok = _prepare(chunk, start, preprocessor, preprocessed, errors, collector, failures, config.img_size)
+    items = _as_items(images, preprocessed, config.img_size, channels_first)
+    rows = expand_frames(items, frames, errors, failures, preprocessed)
+    parts: list[Encoding] = []
+    names: list[str] = []
+    conflicts: list[tuple[str, str]] = []
+    with _progress(len(rows), progress) as progress_bar, torch.inference_mode(), _autocast(device, compute_dtype, model_dtype):
+        for _, chunk in iter_chunks(rows, batch_size):
+            batch, plans, kept = _prepare(chunk, config, forced, preprocessed, errors, collector, failures)
             progress_bar.update(len(chunk))
-            if not ok:
+            if not kept:
                 continue
-            kept.extend(ok)
-            pixels = batch.to(device=device, dtype=model_dtype, non_blocking=True)
-            expert_index = None
-            if forced_expert is not None:
-                expert_index = torch.full((pixels.shape[0],), forced_expert, dtype=torch.long, device=device)
-            out = model(
-                pixels,
-                expert_index=expert_index,
-                output_patch_tokens="patch_tokens" in requested,
-                output_pyramid="pyramid" in requested,
-            )
-            chunks["routing"].append(out.routing_logits.float().softmax(dim=-1).cpu())
-            chunks["expert"].append(out.expert_index.cpu())
-            if forced_expert is None:
-                chunks["modality"] += detect_modalities(config, out.expert_index, out.pooled)
-            if "embedding" in requested:
-                embedding = out.embedding.float()
-                chunks["embedding"].append((F.normalize(embedding, dim=-1) if normalize else embedding).cpu())
-            if "pooled" in requested:
-                chunks["pooled"].append(out.pooled.float().cpu())
-            if "patch_tokens" in requested:
-                chunks["patch_tokens"].append(out.patch_tokens.float().cpu())
-            if "pyramid" in requested:
-                chunks["pyramid"].append([stage.float().cpu() for stage in out.pyramid])
+            parts.append(_run(model, batch.to(device=device, dtype=model_dtype, non_blocking=True), plans, requested,
+                              normalize, [index for _, index, _ in kept], [frame for _, _, frame in kept]))
+            names += [describe(item, index) for item, index, _ in kept]
+            conflicts += [(describe(item, index), plan.conflict) for (item, index, _), plan in zip(kept, plans) if plan.conflict]
     collector.emit(stacklevel=4)
-
     if failures:
         warnings.warn(
             f"skipped {len(failures)} of {len(items)} input(s) that could not be read, first: "
@@ -192,24 +261,87 @@ def encode(
             UserWarning,
             stacklevel=3,
         )
-    num_experts = config.num_experts
-    routing = torch.cat(chunks["routing"]) if kept else torch.empty(0, num_experts)
+    result = concat_encodings(parts, config, requested, model.provenance)
+    result.failures = failures
+    if forced is not None:
+        _guard_modality(result, names, conflicts, config, strict_modality)
+    return result
+
+
+def encode_planned(model: MIDoLModel, batch: torch.Tensor, plans: list[Plan], requested: Sequence[str],
+                   indices: list[int], frames: list[int | None], normalize: bool = True,
+                   dtype: torch.dtype | None = None) -> Encoding:
+    """Encode an already-preprocessed batch whose rows were planned with :func:`plan_row` (the
+    path of ``midol encode``, whose workers read and preprocess)."""
+    device, model_dtype = _device_of(model), next(model.parameters()).dtype
+    with torch.inference_mode(), _autocast(device, dtype, model_dtype):
+        part = _run(model, batch.to(device=device, dtype=model_dtype), plans, requested, normalize, indices, frames)
+    return concat_encodings([part], model.config, requested, model.provenance)
+
+
+def _run(model: MIDoLModel, pixels: torch.Tensor, plans: list[Plan], requested: Sequence[str], normalize: bool,
+         indices: list[int], frames: list[int | None]) -> Encoding:
+    """One forward pass over planned rows, and each row's modality, confidence, source and reason."""
+    config = model.config
+    routed = [i for i, plan in enumerate(plans) if plan.source == ROUTER]
+    detect = bool(routed) and bool((config.modality_calibration or {}).get("out_of_scope"))
+    out = model(pixels, expert_index=torch.tensor([plan.expert for plan in plans], device=pixels.device),
+                output_patch_tokens="patch_tokens" in requested,
+                output_pyramid=bool({"pyramid", "stage_pooled"} & set(requested)) or detect)
+    routing = out.routing_logits.float().softmax(dim=-1).cpu()
+    expert_index = out.expert_index.cpu()
+    stages = stage_pooled(out.pyramid) if out.pyramid is not None else None
+    modality = [plan.modality for plan in plans]
+    source = [plan.source for plan in plans]
+    reason = [plan.reason for plan in plans]
+    confidence = torch.ones(len(plans))
+    for row, plan in enumerate(plans):
+        if plan.source == FORCED:
+            confidence[row] = routing[row, plan.expert]
+    if routed:
+        decided = detect_modalities(config, out.routing_logits[routed], stages[routed] if detect else None)
+        for position, row in enumerate(routed):
+            modality[row], reason[row] = decided.modality[position], decided.reason[position]
+            confidence[row] = decided.confidence[position]
+    outputs: dict[str, Any] = {}
+    if "embedding" in requested:
+        embedding = out.embedding.float()
+        outputs["embedding"] = (F.normalize(embedding, dim=-1) if normalize else embedding).cpu()
+    if "pooled" in requested:
+        outputs["pooled"] = out.pooled.float().cpu()
+    if "stage_pooled" in requested:
+        outputs["stage_pooled"] = stages.cpu()
+    if "patch_tokens" in requested:
+        outputs["patch_tokens"] = out.patch_tokens.float().cpu()
+    if "pyramid" in requested:
+        outputs["pyramid"] = [stage.float().cpu() for stage in out.pyramid]
+    return Encoding(routing, expert_index, tuple(config.expert_modalities), modality, confidence, source, reason,
+                    list(indices), list(frames), {}, outputs=outputs)
+
+
+def concat_encodings(parts: list[Encoding], config: Any, requested: Sequence[str], provenance: Any) -> Encoding:
+    """One :class:`Encoding` of the rows of ``parts``, in order."""
+    routing = torch.cat([p.routing for p in parts]) if parts else torch.empty(0, config.num_experts)
     if config.backbone_only:
         routing = torch.full_like(routing, float("nan"))  # an untrained router has no opinion to report
-    expert_index = torch.cat(chunks["expert"]) if kept else torch.empty(0, dtype=torch.long)
-    experts = tuple(config.expert_modalities)
-    if forced_expert is not None:
-        _guard_modality(routing, forced_expert, experts, kept, items, config, strict_modality)
-    outputs = {name: _concat(chunks[name], name, config, kept) for name in requested}
-    provenance = model.provenance.to_dict() if model.provenance is not None else {}
+    outputs: dict[str, Any] = {}
+    for name in requested:
+        chunks = [p.outputs[name] for p in parts]
+        if name == "pyramid":
+            outputs[name] = tuple(torch.cat(stage) for stage in zip(*chunks)) if chunks else tuple()
+        else:
+            outputs[name] = torch.cat(chunks) if chunks else torch.empty(0, config.num_features)
     return Encoding(
         routing=routing,
-        expert_index=expert_index,
-        experts=experts,
-        modality=[modality] * len(kept) if forced_expert is not None else chunks["modality"],
-        indices=kept,
-        provenance=provenance,
-        failures=failures,
+        expert_index=torch.cat([p.expert_index for p in parts]) if parts else torch.empty(0, dtype=torch.long),
+        experts=tuple(config.expert_modalities),
+        modality=[m for p in parts for m in p.modality],
+        confidence=torch.cat([p.confidence for p in parts]) if parts else torch.empty(0),
+        modality_source=[s for p in parts for s in p.modality_source],
+        unknown_reason=[r for p in parts for r in p.unknown_reason],
+        indices=[i for p in parts for i in p.indices],
+        frames=[f for p in parts for f in p.frames],
+        provenance=provenance.to_dict() if provenance is not None else {},
         outputs=outputs,
     )
 
@@ -229,72 +361,54 @@ def _as_items(images: Any, preprocessed: bool, size: int, channels_first: bool |
     return split_images(images, channels_first)
 
 
-def _prepare(
-    chunk: list,
-    start: int,
-    preprocessor: Preprocessor,
-    preprocessed: bool,
-    errors: str,
-    collector: WarningCollector,
-    failures: list[Failure],
-    size: int,
-) -> tuple[torch.Tensor | None, list[int]]:
-    """Read and preprocess one chunk; with errors='skip', bad inputs are recorded and left out."""
-    tensors, raws, ok = [], [], []
-    for offset, item in enumerate(chunk):
-        index = start + offset
+def _prepare(chunk: list, config: Any, forced: str | None, preprocessed: bool, errors: str,
+             collector: WarningCollector, failures: list[Failure]) -> tuple[torch.Tensor | None, list[Plan], list]:
+    """Read, plan and preprocess one chunk of rows; with errors='skip', bad inputs are recorded and left out."""
+    tensors, raws, kept = [], [], []
+    for item, index, frame in chunk:
         try:
             if preprocessed:
-                tensors.append(check_preprocessed(item, size, describe(item, index))[0])
+                tensors.append(check_preprocessed(item, config.img_size, describe(item, index))[0])
             else:
-                raws.append(read_any(item, index, collector))
-            ok.append(index)
+                raws.append(read_any(item, index, collector, frame))
+            kept.append((item, index, frame))
         except ImageReadError as error:
             if errors == "raise":
                 raise
             failures.append(Failure(index, error.source, error.reason))
-    if not ok:
-        return None, ok
-    batch = torch.stack(tensors) if preprocessed else preprocessor.from_raw(raws, collector)
-    return batch, ok
-
-
-def _guard_modality(
-    routing: torch.Tensor,
-    forced_expert: int,
-    experts: tuple[str, ...],
-    kept: list[int],
-    items: list,
-    config: Any,
-    strict: bool,
-) -> None:
-    """Warn (or raise) when a calibrated router is confident the images are another modality."""
-    if config.modality_calibration is None or routing.numel() == 0:
-        return
-    top_p, top_i = routing.max(dim=-1)
-    confident_other = (top_i != forced_expert) & (top_p >= config.mismatch_threshold)
-    if not bool(confident_other.any()):
-        return
-    rows = confident_other.nonzero().flatten().tolist()
-    first = rows[0]
-    message = (
-        f"{len(rows)} image(s) encoded as {experts[forced_expert]!r} look like another modality to the router, "
-        f"first: {describe(items[kept[first]], kept[first])} -> {experts[int(top_i[first])]!r} "
-        f"(p={float(top_p[first]):.2f}); check the modality, or use modality='auto'"
-    )
-    if strict:
-        raise ModalityMismatchError(message)
-    warnings.warn(message, ModalityMismatchWarning, stacklevel=4)
-
-
-def _concat(parts: list, name: str, config: Any, kept: list[int]) -> Any:
-    if name == "pyramid":
-        if not kept:
-            return tuple()
-        return tuple(torch.cat(stage) for stage in zip(*parts))
     if not kept:
-        return torch.empty(0, config.num_features)
-    return torch.cat(parts)
+        return None, [], kept
+    if preprocessed:
+        plans = [plan_row(config, forced, None) for _ in tensors]
+        return torch.stack(tensors), plans, kept
+    plans = [plan_row(config, forced, raw.dicom_modality) for raw in raws]
+    return preprocess_planned(config, raws, plans, collector), plans, kept
+
+
+def _guard_modality(result: Encoding, names: list[str], conflicts: list[tuple[str, str]], config: Any,
+                    strict: bool) -> None:
+    """Warn (or raise) when a forced modality is contradicted by DICOM headers or by a calibrated
+    router that is confident the images are another modality."""
+    messages = []
+    if conflicts:
+        name, text = conflicts[0]
+        messages.append(f"{len(conflicts)} image(s) encoded as {result.modality[0]!r} contradict their DICOM header, "
+                        f"first: {name}: {text}; check the modality, or use modality='auto'")
+    if config.modality_calibration is not None and len(result):
+        top_p, top_i = result.routing.max(dim=-1)
+        confident_other = (top_i != result.expert_index) & (top_p >= config.mismatch_threshold)
+        if bool(confident_other.any()):
+            rows = confident_other.nonzero().flatten().tolist()
+            first = rows[0]
+            messages.append(
+                f"{len(rows)} image(s) encoded as {result.modality[first]!r} look like another modality to the router, "
+                f"first: {names[first]} -> {result.experts[int(top_i[first])]!r} (p={float(top_p[first]):.2f}); "
+                "check the modality, or use modality='auto'"
+            )
+    for message in messages:
+        if strict:
+            raise ModalityMismatchError(message)
+        warnings.warn(message, ModalityMismatchWarning, stacklevel=4)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

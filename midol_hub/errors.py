@@ -41,4 +41,5 @@ class CheckpointError(ValueError):
 
 
 class DatasetError(ValueError):
-    """A labelled set that cannot be used as given; the message says what to fix."""
+    """Data that cannot be used as given (a labelled set, a training root, a shard); the message
+    says what to fix."""

@@ -235,3 +235,13 @@ def routing_report(modalities: Sequence[str], experts: Sequence[int] | np.ndarra
         "nmi": float(metrics.normalized_mutual_info_score(rows, experts)),
         "expert_usage": (np.bincount(experts, minlength=num_experts) / len(experts)).tolist(),
     }
+
+
+def calibration_error(confidence: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: over ``bins`` equal-width confidence bins, the gap between the
+    bin's accuracy and its mean confidence, weighted by the bin's share of the answers."""
+    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gaps = [abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+            for b in range(bins) if (which == b).any()]
+    return float(np.sum(gaps))

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
 from .modeling_midol import MIDoLModel
+from .utils import atomic_write, content_sha256, state_sha256
 
 
 def weights_fingerprint(model: MIDoLModel) -> str:
@@ -27,25 +26,7 @@ def weights_fingerprint(model: MIDoLModel) -> str:
     provenance = model.provenance
     if provenance is not None and provenance.weights_sha256:
         return f"{provenance.weights_sha256}:{dtype}"
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def content_hash(image: Any) -> str:
-    """sha256 of a file's bytes or an array's values (with its shape and dtype)."""
-    digest = hashlib.sha256()
-    if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        digest.update(f"{array.shape}{array.dtype}".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
+    return state_sha256(model.state_dict())
 
 
 def cache_key(model: MIDoLModel, images: Sequence[Any], modality: str, output: str) -> str:
@@ -53,7 +34,7 @@ def cache_key(model: MIDoLModel, images: Sequence[Any], modality: str, output: s
     for part in (weights_fingerprint(model), model.config.preprocessing_hash(), modality, output):
         digest.update(part.encode())
     for image in images:
-        digest.update(content_hash(image).encode())
+        digest.update(content_sha256(image).encode())
     return digest.hexdigest()
 
 
@@ -83,12 +64,6 @@ def extract_features(
         if path.is_file():
             return load_file(path)["features"]
         features = compute()
-        handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(handle)
-        try:
+        with atomic_write(path) as tmp:
             save_file({"features": features.contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return features

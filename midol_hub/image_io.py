@@ -17,9 +17,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageReadError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom")
+from .utils import DICOM_SUFFIXES
 
 Warn = Callable[[str, str], None]
 """``warn(kind, message)``: report a suspicious input once per kind."""
@@ -27,10 +25,53 @@ Warn = Callable[[str, str], None]
 
 @dataclass
 class RawImage:
-    """Pixels as float32 (H, W, C) in [0, 1], C in {1, 2, 3, 4}, and where they came from."""
+    """Pixels as float32 (H, W, C) in [0, 1], C in {1, 2, 3, 4}, and where they came from.
+
+    ``dicom_modality`` is the DICOM header's Modality (0008,0060) code, for DICOM files that
+    state one; ``frame`` the frame or page read from a multi-frame file."""
 
     pixels: np.ndarray
     source: str
+    dicom_modality: str | None = None
+    frame: int | None = None
+
+
+FRAME_HINT = "pass frames='all' (one row per frame), frames='middle' or a frame index"
+
+
+def multi_frame_message(count: int, dicom: bool) -> str:
+    """Why a multi-frame input without ``frames=`` is refused, and what to pass."""
+    what = f"multi-frame DICOM with {count} frames" if dicom else f"holds {count} frames (a multi-page or animated image)"
+    return f"{what}; {FRAME_HINT}"
+
+
+def is_dicom_file(item: Any) -> bool:
+    """A path named .dcm / .dicom or with the DICM preamble (preamble-less DICOM is found when read)."""
+    if not isinstance(item, (str, os.PathLike)):
+        return False
+    path = Path(item)
+    return path.suffix.lower() in DICOM_SUFFIXES or (path.is_file() and path.stat().st_size > 132 and _has_dicom_preamble(path))
+
+
+def frame_count(item: Any, source: str) -> int:
+    """Frames (pages) of an input: a multi-frame DICOM's NumberOfFrames, a multi-page TIFF's or
+    animated image's pages; 1 for everything else. Reads headers only."""
+    if isinstance(item, Image.Image):
+        return int(getattr(item, "n_frames", 1))
+    if not isinstance(item, (str, os.PathLike)):
+        return 1
+    path = Path(item)
+    if not path.is_file() or path.stat().st_size == 0 or path.suffix.lower() in (".jpg", ".jpeg", ".bmp"):
+        return 1  # missing or empty files fail with their own message when read; these formats hold one image
+    if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
+        dataset = _dcmread(path, source, header_only=True)
+        return int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    try:
+        with Image.open(path) as image:
+            return int(getattr(image, "n_frames", 1))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        dataset = _forced_dicom(path, source, header_only=True)
+        return 1 if dataset is None else int(getattr(dataset, "NumberOfFrames", 1) or 1)
 
 
 CHANNEL_AXIS_SIZES = (1, 2, 3, 4)  # gray, gray + alpha, RGB, RGBA
@@ -94,13 +135,15 @@ def describe(item: Any, index: int) -> str:
     return f"input[{index}] ({type(item).__module__.split('.')[0]}.{type(item).__name__})"
 
 
-def read_any(item: Any, index: int, warn: Warn) -> RawImage:
-    """Read one user input of any supported type."""
+def read_any(item: Any, index: int, warn: Warn, frame: int | None = None) -> RawImage:
+    """Read one user input of any supported type (``frame``: which frame of a multi-frame file
+    or PIL image; a multi-frame input without one raises, naming ``frames=``)."""
     source = describe(item, index)
     if isinstance(item, (str, os.PathLike)):
-        return read_file(Path(item))
+        return read_file(Path(item), frame)
     if isinstance(item, Image.Image):
-        return RawImage(_pil_to_unit(item, source, from_file=False, warn=warn), source)
+        return RawImage(_pil_to_unit(_pil_frame(item, source, frame), source, from_file=False, warn=warn), source,
+                        frame=frame)
     if isinstance(item, np.ndarray):
         return RawImage(array_to_unit(_hwc(item, source, channels_first=False), source, warn), source)
     if isinstance(item, torch.Tensor):
@@ -114,8 +157,12 @@ def read_any(item: Any, index: int, warn: Warn) -> RawImage:
     )
 
 
-def read_file(path: Path) -> RawImage:
-    """Decode an image file (PNG, JPEG, TIFF, BMP, DICOM), honouring EXIF orientation."""
+def read_file(path: Path, frame: int | None = None) -> RawImage:
+    """Decode an image file (PNG, JPEG, TIFF, BMP, GIF, DICOM), honouring EXIF orientation.
+
+    A multi-frame file needs ``frame`` (which frame or page to read); without it, it raises
+    rather than decode the first page only. DICOM written without its 128-byte preamble is read
+    when it parses as DICOM with pixel data."""
     source = str(path)
     if not path.exists():
         raise ImageReadError(source, "no such file")
@@ -124,17 +171,26 @@ def read_file(path: Path) -> RawImage:
     if path.stat().st_size == 0:
         raise ImageReadError(source, "file is empty (0 bytes)")
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
-        return RawImage(_read_dicom(path, source), source)
-    return decode_image(path, source)
+        return _read_dicom(_dcmread(path, source), source, frame)
+    try:
+        return decode_image(path, source, frame)
+    except ImageReadError as error:
+        dataset = _forced_dicom(path, source) if "not an image Pillow can read" in error.reason else None
+        if dataset is None:
+            raise
+        return _read_dicom(dataset, source, frame)
 
 
-def decode_image(file: Path | BinaryIO, source: str) -> RawImage:
-    """Decode a PNG, JPEG, TIFF or BMP from a path or an open binary stream (a tar member, say)."""
+def decode_image(file: Path | BinaryIO, source: str, frame: int | None = None) -> RawImage:
+    """Decode a PNG, JPEG, TIFF, BMP or GIF from a path or an open binary stream (a tar member, say)."""
     try:
         with Image.open(file) as image:
+            image = _pil_frame(image, source, frame)
             image.load()
             image = ImageOps.exif_transpose(image)
             pixels = _pil_to_unit(image, source, from_file=True, warn=None)
+    except ImageReadError:
+        raise
     except Image.DecompressionBombError as error:
         raise ImageReadError(
             source,
@@ -143,11 +199,27 @@ def decode_image(file: Path | BinaryIO, source: str) -> RawImage:
         ) from None
     except UnidentifiedImageError:
         raise ImageReadError(
-            source, "not an image Pillow can read (supported: PNG, JPEG, TIFF, BMP; DICOM with midol-hub[dicom])"
+            source, "not an image Pillow can read (supported: PNG, JPEG, TIFF, BMP, GIF; DICOM with midol-hub[dicom])"
         ) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageReadError(source, f"could not decode the image, the file may be truncated or corrupt ({error})") from None
-    return RawImage(pixels, source)
+    return RawImage(pixels, source, frame=frame)
+
+
+def _pil_frame(image: Image.Image, source: str, frame: int | None) -> Image.Image:
+    """The requested page of a multi-page image; a multi-page image without ``frame`` raises."""
+    pages = int(getattr(image, "n_frames", 1))
+    if frame is None:
+        if pages > 1:
+            raise ImageReadError(source, multi_frame_message(pages, dicom=False))
+        return image
+    if not 0 <= frame < pages:
+        raise ImageReadError(source, f"has {pages} frame(s); frame {frame} does not exist")
+    position = image.tell()
+    image.seek(frame)
+    page = image.copy()
+    image.seek(position)  # a caller's PIL image is left on the page it was on
+    return page
 
 
 def _has_dicom_preamble(path: Path) -> bool:
@@ -250,30 +322,61 @@ def _decoder_state(syntax: Any) -> str:
         return "unsupported"
 
 
-def _read_dicom(path: Path, source: str) -> np.ndarray:
-    """Read a DICOM slice: modality LUT (rescale), VOI LUT or window, MONOCHROME1 inversion.
+def _pydicom(source: str):
+    try:
+        import pydicom
+    except ImportError:
+        raise ImportError(f"{source} is a DICOM file; reading DICOM needs the dicom extra: pip install 'midol-hub[dicom]'") from None
+    return pydicom
+
+
+def _dcmread(path: Path, source: str, header_only: bool = False) -> Any:
+    """The dataset of a DICOM file (with its preamble, or named .dcm / .dicom)."""
+    pydicom = _pydicom(source)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=header_only)
+    except pydicom.errors.InvalidDicomError:
+        dataset = _forced_dicom(path, source, header_only)
+        if dataset is None:
+            raise ImageReadError(source, "not a readable DICOM file (no DICOM header, even without a preamble)") from None
+        return dataset
+    except Exception as error:  # pydicom raises many types for broken files
+        raise ImageReadError(source, f"not a readable DICOM file ({error})") from None
+
+
+def _forced_dicom(path: Path, source: str, header_only: bool = False) -> Any | None:
+    """A file without the 128-byte preamble read as DICOM when it parses as DICOM with pixel data; else None."""
+    try:
+        pydicom = _pydicom(source)
+        dataset = pydicom.dcmread(path, force=True)
+        if "PixelData" not in dataset or "Rows" not in dataset:
+            return None
+        if "TransferSyntaxUID" not in dataset.file_meta:  # written without a file meta group: the default syntax
+            dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        return dataset
+    except Exception:  # not DICOM at all: the caller reports the original error
+        return None
+
+
+def _read_dicom(dataset: Any, source: str, frame: int | None = None) -> RawImage:
+    """Read a DICOM image (one frame of a multi-frame file): modality LUT (rescale), VOI LUT or
+    window, MONOCHROME1 inversion; the header's Modality code travels with the pixels.
 
     Colour data is scaled by its BitsStored range; windowed grayscale by the window's output
     range; grayscale without a window by its own minimum and maximum."""
-    try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:
-        raise ImportError(
-            f"{source} is a DICOM file; reading DICOM needs the dicom extra: pip install 'midol-hub[dicom]'"
-        ) from None
-    try:
-        dataset = pydicom.dcmread(path)
-    except Exception as error:  # pydicom raises many types for broken files
-        raise ImageReadError(source, f"not a readable DICOM file ({error})") from None
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in dataset:
         raise ImageReadError(source, "DICOM file has no pixel data (a structured report or presentation state?)")
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageReadError(
-            source, f"multi-frame DICOM with {frames} frames; M-IDoL encodes 2-D images, pass single frames as arrays"
-        )
+    if frame is None and frames > 1:
+        raise ImageReadError(source, multi_frame_message(frames, dicom=True))
+    if frame is not None and not 0 <= frame < frames:
+        raise ImageReadError(source, f"has {frames} frame(s); frame {frame} does not exist")
+    code = str(getattr(dataset, "Modality", "") or "").strip().upper() or None
     try:
+        if frames > 1:
+            dataset.pixel_array_options(index=frame)  # decode this frame only
         pixels = dataset.pixel_array
     except Exception as error:
         syntax = getattr(dataset.file_meta, "TransferSyntaxUID", None)
@@ -291,8 +394,13 @@ def _read_dicom(path: Path, source: str) -> np.ndarray:
             ) from None
         raise ImageReadError(source, f"DICOM pixel data is damaged or truncated and cannot be decoded ({error})") from None
     bits = int(getattr(dataset, "BitsStored", 8) or 8)
+    if getattr(dataset, "PhotometricInterpretation", "") == "PALETTE COLOR":  # indices into a colour table
+        entry_bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
+        colour = apply_color_lut(pixels, dataset).astype(np.float32) / (2**entry_bits - 1)
+        return RawImage(np.clip(colour, 0.0, 1.0), source, code, frame)
     if getattr(dataset, "SamplesPerPixel", 1) == 3:  # colour of any depth: scaled by its stored bit range
-        return np.clip(np.asarray(pixels)[:, :, :3].astype(np.float32) / (2**bits - 1), 0.0, 1.0)
+        colour = np.clip(np.asarray(pixels)[:, :, :3].astype(np.float32) / (2**bits - 1), 0.0, 1.0)
+        return RawImage(colour, source, code, frame)
     pixels = apply_modality_lut(pixels, dataset)
     if "WindowCenter" in dataset or "VOILUTSequence" in dataset:
         # the window's output range, found by windowing the extreme stored values, maps to [0, 1]
@@ -305,4 +413,4 @@ def _read_dicom(path: Path, source: str) -> np.ndarray:
         unit = _minmax(np.asarray(pixels))  # no window: the slice's own range
     if getattr(dataset, "PhotometricInterpretation", "") == "MONOCHROME1":
         unit = 1.0 - unit
-    return unit[:, :, None]
+    return RawImage(unit[:, :, None], source, code, frame)

@@ -45,6 +45,26 @@ _ALIASES: dict[str, str] = {
     "h&e": "pathology",
 }
 
+DICOM_MODALITIES: dict[str, str | None] = {
+    "CR": "xray", "DX": "xray",  # computed and digital radiography, whatever the body part
+    "OP": "fundus",  # ophthalmic photography
+    "OPT": "oct",  # ophthalmic tomography
+    "SM": "pathology",  # slide microscopy
+    "DMS": "dermoscopy",
+    "XC": None,  # external-camera photography: clinical skin photos, dermoscopy stored before DMS, anything else
+    "MG": UNKNOWN,  # mammography: an X-ray, but of a kind the chest-radiograph expert never saw
+    "IO": UNKNOWN,  # intra-oral (dental) radiography: likewise
+}
+"""What the DICOM Modality tag (0008,0060) decides for ``modality="auto"``: a modality, or ``None``
+for "let the router decide". Every code not listed (CT, MR, US, NM, PT, XA, RF, ES, OT, SEG,
+...) is ``"unknown"``."""
+
+
+def dicom_modality(code: str) -> str | None:
+    """The modality a DICOM Modality code names, ``"unknown"``, or ``None`` (the router decides)."""
+    return DICOM_MODALITIES.get(code.strip().upper(), UNKNOWN)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

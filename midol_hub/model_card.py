@@ -22,7 +22,7 @@ from .registry import PAPER_CITATION, get_entry
 
 GENERIC_TEMPLATE = "midol"
 TAGS = ["medical-imaging", "self-supervised", "mixture-of-experts", "swin-transformer", "m-idol"]
-SEPARATION = "Modality separation (test sets)"  # the key midol_hub.evaluate writes its routing results under
+SEPARATION = "Modality separation (test sets)"  # the key benchmarks.evaluate writes its routing results under
 METRIC_TYPES = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "auc": "roc_auc", "f1": "f1"}
 
 
@@ -53,7 +53,7 @@ def render_model_card(
 
     ``name`` picks the registry model's template (licence, datasets, description);
     ``results`` is a dict or JSON file ``{dataset: {protocol: {metric: value}}}`` (as
-    ``midol_hub.evaluate`` writes) that becomes the evaluation table and the model-index;
+    ``benchmarks.evaluate`` writes) that becomes the evaluation table and the model-index;
     ``base_model`` goes into the front matter of derived models; ``notes`` is markdown added
     after the table (training details, comparisons).
     """
@@ -181,25 +181,38 @@ def evaluation_table(results: dict[str, Any] | str | Path | None) -> str:
             cells = [f"{scores[m]:.3f}" if isinstance(scores.get(m), (int, float)) else "" for m in metrics]
             lines.append(f"| {dataset} | {protocol} | " + " | ".join(cells) + " |")
     if separation:
-        lines += ["", separation_table(separation["auto routing"], separation["sizes"]["test"])]
+        lines += ["", separation_table(separation)]
     return "\n".join(lines)
 
 
-def separation_table(scores: dict[str, Any], size: int) -> str:
-    """How ``modality="auto"`` answered on held-out images of known modality."""
+def separation_table(separation: dict[str, Any]) -> str:
+    """How ``modality="auto"`` answered on held-out images of known modality, on full-resolution
+    test files, on out-of-scope images, and how well its confidence is calibrated."""
+    scores, size = separation["auto routing"], separation["sizes"]["test"]
     lines = [f"`modality=\"auto\"` on {size} test-split images (NMI between modality and expert {scores['nmi']:.3f}):", ""]
     if "accuracy" not in scores:
         return "\n".join(lines + ["Uncalibrated: no expert is assigned to a modality yet."])
-    lines += ["| modality | named correctly | called unknown |", "|---|---|---|"]
-    lines += [f"| {m} | {a:.3f} | {scores['unknown_rate'][m]:.3f} |" for m, a in scores["accuracy"].items()]
-    lines.append(f"| **macro** | **{scores['macro_accuracy']:.3f}** | |")
-    if scores.get("full_resolution_examples"):
-        parts = []
-        for modality, said in scores["full_resolution_examples"].items():
-            misses = [f"{name} -> {answer}" for name, answer in said.items() if answer != modality]
-            parts.append(f"{modality} {len(said) - len(misses)}/{len(said)}" + (f" ({', '.join(misses)})" if misses else ""))
-        lines += ["", f"Full-resolution example files named correctly: {'; '.join(parts)}."]
-    if scores.get("out_of_scope"):
-        said = ", ".join(f"{name} -> {answer}" for name, answer in scores["out_of_scope"].items())
-        lines += ["", f"Out of scope (CT and MR slices; the right answer is `unknown`): {said}."]
+    full = separation.get("full resolution")
+    header = "| modality | test splits: named correctly | called unknown |"
+    lines += [header + (" full-resolution test files: named correctly | called unknown | files |" if full else ""),
+              "|---|---|---|" + ("---|---|---|" if full else "")]
+    for m, a in scores["accuracy"].items():
+        row = f"| {m} | {a:.3f} | {scores['unknown_rate'][m]:.3f} |"
+        if full:
+            row += f" {full['accuracy'][m]:.3f} | {full['unknown_rate'][m]:.3f} | {full['images'][m]} |"
+        lines.append(row)
+    lines.append(f"| **macro** | **{scores['macro_accuracy']:.3f}** | |" + (f" **{full['macro_accuracy']:.3f}** | | |" if full else ""))
+    if full and full["misses"]:
+        lines += ["", "Full-resolution misses: " + ", ".join(f"{name} -> {said}" for name, said in full["misses"].items()) + "."]
+    outside = separation.get("out of scope")
+    if outside:
+        wrong = [f"{name} -> {said}" for name, said in outside["answers"].items() if said != "unknown"]
+        lines += ["", f"Out of scope ({outside['images']} real images that are none of the five modalities): "
+                      f"{outside['unknown_rate']:.3f} called `unknown`" + (f"; given a modality: {', '.join(wrong)}." if wrong else ".")]
+    confidence = separation.get("confidence")
+    if confidence:
+        auroc = "n/a" if confidence["auroc"] is None else f"{confidence['auroc']:.3f}"
+        lines += ["", f"`confidence` as the probability that `modality` is right, over all {confidence['images']} images "
+                      f"above: expected calibration error {confidence['ece']:.3f}, AUROC right vs wrong {auroc} "
+                      f"(right {confidence['right']:.3f}, mean confidence {confidence['mean_confidence']:.3f})."]
     return "\n".join(lines)

@@ -10,23 +10,25 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as hf_init
-from safetensors import SafetensorError
 from transformers.utils import ModelOutput
 
+from . import backbones  # noqa: F401  (registers the micro Swin with timm)
 from .configuration_midol import MIDoLConfig
+from .encoding import Encoding, encode
 from .errors import WeightsMismatchError
-
-if TYPE_CHECKING:
-    from .encoding import Encoding
-    from .provenance import Provenance
+from .image_processing_midol import MIDoLImageProcessor
+from .model_card import render_model_card
+from .preprocessing import Preprocessor
+from .provenance import Provenance, resolve_weights_file
 
 
 class MoEProjector(nn.Module):
@@ -193,8 +195,6 @@ class MIDoLModel(PreTrainedModel):
         """transformers' loader with M-IDoL's guarantees, for ``load_model`` and ``AutoModel`` alike:
         float32 unless ``dtype`` names another precision, every tensor of the file must fit the config (never
         silently random weights), eval mode, and the provenance of the weights file attached."""
-        from .provenance import Provenance, resolve_weights_file
-
         # weights may be stored in fp16 to halve the file; compute in fp32 unless a dtype is named
         # ("auto", which pipelines pass, means the storage precision: not a compute choice here)
         for key in ("dtype", "torch_dtype"):
@@ -250,8 +250,8 @@ class MIDoLModel(PreTrainedModel):
     ) -> MIDoLOutput | tuple:
         """Run the network on normalised images (B, 3, S, S).
 
-        ``expert_index`` (B,) picks the expert whose output becomes ``embedding``; by default
-        the router's most probable expert is used.
+        ``expert_index`` (B,) picks the expert whose output becomes ``embedding``; by default,
+        and for negative entries, the router's most probable expert is used.
         """
         if output_pyramid:
             final, pyramid = self.backbone.forward_intermediates(pixel_values, output_fmt="NCHW")
@@ -262,6 +262,8 @@ class MIDoLModel(PreTrainedModel):
         routing_logits, expert_outputs, prototype_logits = self.head(pooled)
         if expert_index is None:
             expert_index = routing_logits.argmax(dim=-1)
+        else:
+            expert_index = torch.where(expert_index < 0, routing_logits.argmax(dim=-1), expert_index)
         rows = torch.arange(pooled.shape[0], device=pooled.device)
         embedding = expert_outputs[rows, expert_index]
         output = MIDoLOutput(
@@ -278,14 +280,10 @@ class MIDoLModel(PreTrainedModel):
 
     def encode(self, images: Any, modality: str = "auto", **kwargs: Any) -> Encoding:
         """Embed images of one modality; see :func:`midol_hub.encoding.encode` for the contract."""
-        from .encoding import encode
-
         return encode(self, images, modality=modality, **kwargs)
 
     def preprocess(self, images: Any, modality: str, channels_first: bool | None = None) -> torch.Tensor:
         """Turn images (as ``encode`` accepts them) into the normalised batch (B, 3, S, S) that ``forward`` expects."""
-        from .preprocessing import Preprocessor
-
         return Preprocessor(self.config.profile(modality)).batch(images, channels_first=channels_first)
 
     def save_pretrained(
@@ -303,9 +301,6 @@ class MIDoLModel(PreTrainedModel):
         evaluation table; ``base_model`` records what a derived model started from; ``card_notes``
         is markdown added to the card.
         """
-        from .image_processing_midol import MIDoLImageProcessor
-        from .model_card import render_model_card
-
         super().save_pretrained(save_directory, *args, **kwargs)
         MIDoLImageProcessor.from_config(self.config).save_pretrained(save_directory)
         name = getattr(self.config, "name_or_path", None) or None
@@ -316,8 +311,6 @@ class MIDoLModel(PreTrainedModel):
 def check_weights_file(config: MIDoLConfig, weights_path: Path) -> None:
     """Raise WeightsMismatchError naming every tensor of ``weights_path`` that does not fit ``config``
     (reads the safetensors header only)."""
-    from safetensors import safe_open
-
     with torch.device("meta"):
         expected = {key: tuple(value.shape) for key, value in MIDoLModel(config).state_dict().items()}
     try:

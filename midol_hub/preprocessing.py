@@ -15,9 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ImageReadError, MIDoLInputWarning
+from .configuration_midol import MIDoLConfig
+from .errors import ImageReadError, MIDoLInputWarning, ModelNotFoundError
 from .image_io import RawImage, read_any, split_images
 from .modalities import ModalityProfile
+from .registry import get_entry, list_models
 
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2, as PIL's "L"
 UPSCALE_WARNING_FACTOR = 4.0
@@ -167,10 +169,6 @@ def get_transform(model_or_name: Any, modality: str) -> ModalityTransform:
 
     ``model_or_name`` is a model, its config, or a registry name (only its config is used).
     """
-    from .configuration_midol import MIDoLConfig
-    from .errors import ModelNotFoundError
-    from .registry import get_entry, list_models
-
     config = getattr(model_or_name, "config", model_or_name)
     if not isinstance(config, MIDoLConfig):
         entry = get_entry(str(model_or_name))

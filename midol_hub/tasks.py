@@ -13,7 +13,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForImageClassification, AutoModelForSemanticSegmentation, PreTrainedModel
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSemanticSegmentation,
+    PreTrainedModel,
+)
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegmenterOutput
 
@@ -74,7 +78,7 @@ class _TaskModel(PreTrainedModel):
         return self.midol.preprocess(images, self.config.task_modality or "auto")
 
 
-class ClassificationModel(_TaskModel):
+class MIDoLForImageClassification(_TaskModel):
     """Encoder feature (expert embedding or pooled) -> per-feature standardisation -> linear classifier.
 
     The standardisation is a BatchNorm without affine parameters, as in MAE's linear probe: a
@@ -113,7 +117,7 @@ class ClassificationModel(_TaskModel):
         return logits.sigmoid() if self.config.problem_type == "multi_label_classification" else logits.softmax(-1)
 
 
-class SegmentationModel(_TaskModel):
+class MIDoLForSemanticSegmentation(_TaskModel):
     """The four Swin stages fused top-down (FPN / U-Net style) into per-pixel logits."""
 
     def __init__(self, config: MIDoLConfig) -> None:
@@ -191,5 +195,10 @@ def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay
     return list(groups.values())
 
 
-AutoModelForImageClassification.register(MIDoLConfig, ClassificationModel, exist_ok=True)
-AutoModelForSemanticSegmentation.register(MIDoLConfig, SegmentationModel, exist_ok=True)
+ClassificationModel = MIDoLForImageClassification
+"""The name before midol-hub 0.2, kept as an alias."""
+SegmentationModel = MIDoLForSemanticSegmentation
+"""The name before midol-hub 0.2, kept as an alias."""
+
+AutoModelForImageClassification.register(MIDoLConfig, MIDoLForImageClassification, exist_ok=True)
+AutoModelForSemanticSegmentation.register(MIDoLConfig, MIDoLForSemanticSegmentation, exist_ok=True)

@@ -6,6 +6,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -13,26 +14,38 @@ import numpy as np
 import pytest
 import torch
 
-from midol_hub import MIDoLModel, get_entry
+from benchmarks import shared_data
+from midol_hub import DatasetError, MIDoLModel
 
-DATA_ROOT = Path(os.environ.get("MIDOL_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from .helpers import K, make_micro, microsoft_backbone, prefixed, tutel_state
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The real medical images; missing data is a failure, never a skip."""
-    if not (DATA_ROOT / "PROVENANCE.md").is_file():
-        pytest.fail(f"real test data not found at {DATA_ROOT}; set MIDOL_DATA to the shared/data folder")
-    return DATA_ROOT
+    """The real medical images (``benchmarks.shared_data.data_root``); missing data is a failure, never a skip."""
+    try:
+        return shared_data.data_root()
+    except DatasetError as error:
+        pytest.fail(f"real test data not found: {error}")
 
 
-def make_micro(seed: int = 0, **overrides) -> MIDoLModel:
-    """A seeded random midol-micro model (no download, no warning)."""
-    torch.manual_seed(seed)
-    config = get_entry("midol-micro").make_config()
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    return MIDoLModel(config).eval()
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """An official training checkpoint: teacher, DDP-wrapped student, optimizer, args, loss centre."""
+    root = tmp_path_factory.mktemp("official")
+    teacher = {**prefixed("backbone.", microsoft_backbone(0)), **prefixed("head.", tutel_state(1))}
+    student = {**prefixed("module.backbone.", microsoft_backbone(2)), **prefixed("module.head.", tutel_state(3))}
+    checkpoint = {
+        "student": student,
+        "teacher": teacher,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+        "epoch": 7,
+        "args": argparse.Namespace(arch="swin_base", out_dim=K, lr=1e-4, data_path=["/data"]),
+        "dino_loss": {"center": torch.zeros(1, K)},
+    }
+    path = root / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    return path, teacher, student
 
 
 @pytest.fixture(scope="session")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000MC, JPEGLSLossless
 import torch
 from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000MC, JPEGLSLossless
 
 from midol_hub import (
     CheckpointError,
@@ -27,14 +27,13 @@ from midol_hub import (
     load_model,
 )
 from midol_hub.cli import main as cli_main
+from midol_hub.errors import DatasetError
 from training.config import ConfigError, load_config
-from training.data import DataError, open_source
+from training.data import open_source
 from training.learner import Learner, TrainingError
 from training.pretrain import build_models
 
-from .conftest import make_micro
-from .test_convert import microsoft_backbone, prefixed
-from .test_hub import add_snapshot
+from .helpers import add_snapshot, make_micro, microsoft_backbone, prefixed, tutel_state
 
 
 @pytest.fixture
@@ -149,6 +148,8 @@ CASES = [
     ("numpy (3, H, W): one image or three?", lambda e, m: encode(e, np.zeros((3, 28, 28), dtype=np.uint8)), ImageReadError,
      r"either one channels-first image or a stack of 3 grayscale images; pass list\(x\).*transpose"),
     ("numpy (1, H, W)", lambda e, m: encode(e, np.zeros((1, 28, 28), dtype=np.uint8)), ImageReadError, r"stack of 1 grayscale"),
+    ("numpy (4, H, W)", lambda e, m: encode(e, np.zeros((4, 28, 28), dtype=np.uint8)), ImageReadError,
+     r"list\(x\) for a stack.*x\.transpose\(1, 2, 0\)"),
     ("numpy 4-D without a channel axis", lambda e, m: encode(e, np.zeros((2, 5, 7, 9), dtype=np.uint8)), ImageReadError,
      r"4-D array of shape \(2, 5, 7, 9\) has no channel axis"),
     ("non-string modality", lambda e, m: encode(e, np.zeros((8, 8)), modality=3), TypeError, "modality must be a string"),
@@ -195,6 +196,8 @@ CASES = [
      r"b\.pth: the checkpoint holds no MoE head.*backbone_only=True"),
     ("checkpoint with a plain DINO head", lambda e, m: convert_checkpoint(save(e, "d.pth", DINO_HEAD)), CheckpointError,
      r"not a Tutel MoE head.*backbone_only=True"),
+    ("checkpoint with one rank's experts", lambda e, m: convert_checkpoint(save(e, "r.pth", tutel_state(1, local_experts=2))),
+     CheckpointError, r"holds 2 of 5 experts.*backbone_only=True"),
     # calibration
     ("calibrate a one-expert model", lambda e, m: calibrate(make_micro(num_experts=1, top_k=1, expert_modalities=["shared"]),
                                                             {"oct": [np.zeros((8, 8))]}), ValueError, "no experts to calibrate"),
@@ -209,10 +212,10 @@ CASES = [
      CLIFailed, r"exit 1: midol: error: .*unknown output format \.csv"),
     ("CLI unknown model", lambda e, m: cli(["info", "midol-giant"]), CLIFailed, r"exit 1: midol: error: cannot find model 'midol-giant'"),
     # training data and config
-    ("training: data path missing", lambda e, m: open_source(str(e["tmp"] / "absent")), DataError, "does not exist"),
-    ("training: folder with no images", lambda e, m: open_source(str(e["tmp"])), DataError, "holds no images"),
+    ("training: data path missing", lambda e, m: open_source(str(e["tmp"] / "absent")), DatasetError, "does not exist"),
+    ("training: folder with no images", lambda e, m: open_source(str(e["tmp"])), DatasetError, "holds no images"),
     ("training: npz without arrays", lambda e, m: open_source(str(e["data"] / "pathology/pathmnist_test_subset/pathmnist.npz")),
-     DataError, "no 'train_images'"),
+     DatasetError, "no 'train_images'"),
     ("training: unknown --set key", lambda e, m: load_config(None, ["optim.momentum=0.9"]), ConfigError, "unknown config key 'optim.momentum'"),
     ("training: unknown routing form", lambda e, m: learner(["objective.routing=soft"]), ValueError,
      "routing form must be one of official, balanced"),

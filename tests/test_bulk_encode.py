@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, torchrun
 
 
 def midol(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -73,13 +73,9 @@ def test_a_killed_encode_resumes_where_it_stopped(straight, data_root, tmp_path)
     same_outputs(out, straight)
 
 
+@pytest.mark.distributed
 def test_two_ranks_give_what_one_process_gives(straight, data_root, tmp_path):
     out = tmp_path / "feats.npz"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29582", "-m", "midol_hub.cli",
-         "encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing", "--batch-size", "4",
-         "--part-size", "8", "--workers", "0"],
-        capture_output=True, text=True, cwd=REPO, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun("-m", "midol_hub.cli", "encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing",
+             "--batch-size", "4", "--part-size", "8", "--workers", "0")
     same_outputs(out, straight)

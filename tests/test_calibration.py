@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import shared_data
 from midol_hub import calibrate, routing_report
-from midol_hub.calibration import detect_modalities
-from midol_hub.evaluate import BENCHMARKS
+from midol_hub.calibration import fit_detector, platt
+from midol_hub.detection import (
+    detect_modalities,
+    in_scope_probability,
+    in_scope_tail,
+    out_of_scope_score,
+)
 
-from .conftest import make_micro
+from .helpers import make_micro
 
 
 def test_routing_report_matches_experts_by_argmax_counts_and_leaves_unserved_modalities_out():
@@ -31,32 +37,78 @@ def test_routing_report_matches_experts_by_argmax_counts_and_leaves_unserved_mod
     assert perfect["macro_accuracy"] == 1.0 and perfect["nmi"] == pytest.approx(1.0)
 
 
-def test_detection_follows_the_routed_expert_and_the_stored_gaussians():
-    model = make_micro()
-    config = model.config
+def synthetic_detector(dim: int = 4) -> tuple[dict, torch.Tensor]:
+    """Two modality means on the first two axes, unit whitening, in-scope scores spread 0..4."""
+    features = torch.zeros(200, dim, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    features[:100, 0], features[100:, 1] = 1.0, 1.0
+    features += 0.1 * torch.randn(200, dim, generator=generator, dtype=torch.float64)
+    detector = fit_detector(features, ["xray"] * 100 + ["oct"] * 100, components=2)
+    scores = out_of_scope_score(detector, features).numpy()
+    levels = np.quantile(scores, np.arange(100) / 100)
+    detector.update(threshold=float(np.quantile(scores, 0.975)), score_quantiles=levels.tolist(),
+                    tail_scale=float((scores[scores > levels[-1]] - levels[-1]).mean()))
+    return detector, features
+
+
+def test_out_of_scope_score_is_the_whitened_distance_to_the_nearest_mean():
+    detector, features = synthetic_detector()
+    means = torch.tensor(detector["means"], dtype=torch.float64)
+    basis, variances = torch.tensor(detector["basis"], dtype=torch.float64), torch.tensor(detector["variances"])
+    covariance = basis @ torch.diag(variances.double()) @ basis.T
+    covariance += detector["residual_variance"] * (torch.eye(4, dtype=torch.float64) - basis @ basis.T)
+    point = torch.tensor([[0.2, 0.9, 0.0, 0.0]], dtype=torch.float64)
+    by_hand = min(float((point - mean) @ torch.linalg.inv(covariance) @ (point - mean).T) for mean in means)
+    assert float(out_of_scope_score(detector, point)) == pytest.approx(by_hand, rel=1e-5)
+    # the within-class scatter is whitened: training images score about the dimension on average
+    assert float(out_of_scope_score(detector, features).mean()) == pytest.approx(4.0, rel=0.1)
+
+
+def test_in_scope_probability_is_one_half_at_the_threshold_and_falls_with_the_score():
+    detector, _ = synthetic_detector()
+    threshold = detector["threshold"]
+    scores = torch.tensor([0.0, threshold / 2, threshold, 2 * threshold, 10 * threshold], dtype=torch.float64)
+    probability = in_scope_probability(detector, scores)
+    assert float(probability[2]) == pytest.approx(0.5)
+    assert torch.all(probability[:-1] >= probability[1:]) and probability[0] > 0.95 and probability[-1] < 1e-6
+    tail = in_scope_tail(detector, torch.tensor(detector["score_quantiles"], dtype=torch.float64))
+    torch.testing.assert_close(tail, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
+
+
+def test_detection_reports_unknown_with_its_reason():
+    detector, _ = synthetic_detector(dim=256)
+    config = make_micro().config
     config.expert_modalities = ["xray", "unassigned", "oct", "dermoscopy", "pathology"]
-    dim = config.num_features
-    mean = torch.zeros(dim, dtype=torch.float64)
-    mean[0] = 1.0
-    config.modality_calibration = {"out_of_scope": {
-        "radius": {"xray": 2.0}, "mean": {"xray": mean.tolist()}, "variance": {"xray": [1e-4] * dim}}}
-    near = mean + 0.05 * torch.randn(dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / dim**0.5
-    far = torch.zeros(dim, dtype=torch.float64)
-    far[1] = 1.0  # another direction: mean squared z-score (1 + 1) / 1e-4 / dim, far above the radius
-    pooled = torch.stack([near, far, near, near]).float()
-    said = detect_modalities(config, torch.tensor([0, 0, 1, 2]), pooled)
-    # near the xray Gaussian; far from it; routed to the unassigned expert; oct has no detector entry
-    assert said == ["xray", "unknown", "unknown", "unknown"]
+    config.modality_calibration = {"out_of_scope": detector, "router_confidence": {"scale": 1.0, "bias": 0.0}}
+    near, far = torch.zeros(256), torch.zeros(256)
+    near[0], far[7] = 1.0, 3.0
+    logits = torch.tensor([[5.0, 0, 0, 0, 0], [5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0]])
+    decided = detect_modalities(config, logits, torch.stack([near, far, near]))
+    assert decided.modality == ["xray", "unknown", "unknown"] and decided.source == ["router"] * 3
+    assert decided.reason[0] is None and "out-of-scope score" in decided.reason[1] and "serves no modality" in decided.reason[2]
+    p = torch.softmax(logits[0], 0).max()
+    in_scope = in_scope_probability(detector, out_of_scope_score(detector, near[None]))
+    assert float(decided.confidence[0]) == pytest.approx(float(in_scope) * float(p), rel=1e-5)  # Platt 1, 0: p itself
+    assert decided.confidence[1] > 0.5  # far beyond the threshold: surely out of scope
+
+
+def test_platt_scaling_fits_the_rate_of_right_answers():
+    rng = np.random.default_rng(0)
+    probability = rng.uniform(0.2, 0.9, 4000)
+    right = rng.uniform(size=4000) < probability  # a router whose probability is already calibrated
+    fit = platt(probability, right)
+    assert fit["scale"] == pytest.approx(1.0, abs=0.15) and fit["bias"] == pytest.approx(0.0, abs=0.15)
+    assert platt(probability, np.ones(4000, dtype=bool))["scale"] == 0.0  # nothing to separate: a constant
 
 
 @pytest.fixture(scope="module")
 def training_images(data_root) -> dict[str, list]:
-    return {modality: load(data_root)[0].images[:60] for modality, load in BENCHMARKS.values()}
+    return {modality: images[:60] for modality, images in shared_data.labelled_splits(data_root, "train").items()}
 
 
 def test_calibration_on_real_training_images(training_images):
     model = make_micro(seed=5)
-    calibration = calibrate(model, training_images, quantile=0.95)
+    calibration = calibrate(model, training_images, quantile=0.95, components=16)
     counts = np.array(calibration["confusion"])
     assert counts.sum() == 300 and calibration["images_per_modality"]["oct"] == 60
     for row, modality in enumerate(calibration["modalities_order"]):
@@ -65,15 +117,13 @@ def test_calibration_on_real_training_images(training_images):
             assert calibration["accuracy"][modality] == pytest.approx(counts[row, expert] / 60)
         else:
             assert calibration["accuracy"][modality] == 0.0
-    assert set(calibration["out_of_scope"]["mean"]) == {m for m in model.config.expert_modalities if m != "unassigned"}
-    # on the images it was fitted to, the detector calls about 1 - quantile of each served modality unknown
-    for modality, images in training_images.items():
-        if modality not in model.config.expert_modalities:
-            continue
-        encoding = model.encode(images, modality="auto")
-        routed_here = [m for m, e in zip(encoding.modality, encoding.expert_index.tolist())
-                       if model.config.expert_modalities[e] == modality]
-        if routed_here:
-            assert routed_here.count("unknown") <= 0.05 * 60 + 1
+    detector = calibration["out_of_scope"]
+    served = {m for m in model.config.expert_modalities if m != "unassigned"}
+    assert set(detector["modalities"]) == served and np.array(detector["basis"]).shape == (15 * 32, 16)
+    # on the images it was fitted to, about 1 - quantile of them are beyond the held-out threshold
+    encoding = model.encode([i for m in served for i in training_images[m]], modality="auto", output="stage_pooled")
+    share = float((out_of_scope_score(detector, encoding.stage_pooled) > detector["threshold"]).float().mean())
+    assert share <= 0.05 + 0.05
+    assert 0 <= encoding.confidence.min() and encoding.confidence.max() <= 1
     with pytest.raises(ValueError, match="given twice"):
         calibrate(model, {"oct": training_images["oct"][:2], "OCT": training_images["oct"][:2]})

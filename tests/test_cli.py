@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from midol_hub import load_model
 from midol_hub.cli import main
 
-from .test_hub import COMMIT_NEW, add_snapshot
+from .helpers import COMMIT_NEW, add_snapshot
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -138,7 +138,7 @@ def test_encode_without_weights_explains_and_debug_shows_the_traceback(tmp_path,
 
 
 def test_convert_command_writes_a_loadable_directory(capsys, tmp_path):
-    from .test_convert import microsoft_backbone, prefixed, tutel_state
+    from .helpers import microsoft_backbone, prefixed, tutel_state
 
     torch.save({**prefixed("backbone.", microsoft_backbone(0)), **prefixed("head.", tutel_state(1))}, tmp_path / "M-IDoL.pth")
     code, out, _ = cli(capsys, "convert", str(tmp_path / "M-IDoL.pth"), str(tmp_path / "model"))
@@ -196,4 +196,4 @@ def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
     with Image.open(tmp_path / "two.png") as image:
         assert image.size == (1440, 600)  # two panels side by side
     code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x.png"), "--by", "colour")
-    assert code == 1 and "--by colour: choose from modality, label, folder" in err
+    assert code == 1 and "--by colour: choose from modality, source, label, folder" in err

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from midol_hub import MODALITIES, MIDoLConfig, canonical_modality, get_entry, list_models
+from midol_hub import (
+    MODALITIES,
+    MIDoLConfig,
+    canonical_modality,
+    get_entry,
+    list_models,
+)
 from midol_hub.modalities import ModalityProfile
 
 

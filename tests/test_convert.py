@@ -2,75 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-import re
-
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from midol_hub import MIDoLConfig, MIDoLModel, load_model
+from midol_hub import MIDoLModel, load_model
 from midol_hub.convert import CheckpointError, convert_checkpoint
 
-from .reference_swin import relative_position_index, swin_pooled, tutel_head
-
-ARCH = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4, img_size=64, patch_size=2)
-E, HIDDEN, K = 5, 64, 128
-
-
-def microsoft_backbone(seed: int) -> dict[str, torch.Tensor]:
-    """Random Swin weights in Microsoft's layout, with its persistent buffers."""
-    torch.manual_seed(seed)
-    timm_model = MIDoLModel(MIDoLConfig(**ARCH, hidden_dim=HIDDEN)).backbone
-    state = {}
-    for key, value in timm_model.state_dict().items():
-        if "relative_position_index" in key or "attn_mask" in key:
-            continue
-        key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
-        state[key] = torch.randn_like(value) * 0.1 + (1.0 if key.endswith("norm.weight") or "norm1.weight" in key or "norm2.weight" in key else 0.0)
-    for i, depth in enumerate(ARCH["depths"]):
-        for j in range(depth):
-            state[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = relative_position_index(4)
-    # stage 0 at 32x32 tokens has 64 windows of 16 tokens: the mask tells the image size
-    state["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 16, 16)
-    return state
-
-
-def tutel_state(seed: int, local_experts: int = E) -> dict[str, torch.Tensor]:
-    torch.manual_seed(seed)
-    p, d = "mlp._moe_layer.", 256
-    return {
-        p + "gates.0.wg.weight": torch.randn(E, d) * 0.05,
-        p + "experts.batched_fc1_w": torch.randn(local_experts, HIDDEN, d) * 0.05,
-        p + "experts.batched_fc2_w": torch.randn(local_experts, HIDDEN, d) * 0.05,
-        p + "experts.batched_fc1_bias": torch.randn(local_experts, HIDDEN) * 0.1,
-        p + "experts.batched_fc2_bias": torch.randn(local_experts, d) * 0.1,
-        "last_layer.weight_g": torch.ones(K, 1),
-        "last_layer.weight_v": torch.randn(K, d),
-    }
-
-
-def prefixed(prefix: str, state: dict) -> dict:
-    return {prefix + k: v for k, v in state.items()}
-
-
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
-    """An official training checkpoint: teacher, DDP-wrapped student, optimizer, args, loss centre."""
-    root = tmp_path_factory.mktemp("official")
-    teacher = {**prefixed("backbone.", microsoft_backbone(0)), **prefixed("head.", tutel_state(1))}
-    student = {**prefixed("module.backbone.", microsoft_backbone(2)), **prefixed("module.head.", tutel_state(3))}
-    checkpoint = {
-        "student": student,
-        "teacher": teacher,
-        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
-        "epoch": 7,
-        "args": argparse.Namespace(arch="swin_base", out_dim=K, lr=1e-4, data_path=["/data"]),
-        "dino_loss": {"center": torch.zeros(1, K)},
-    }
-    path = root / "checkpoint.pth"
-    torch.save(checkpoint, path)
-    return path, teacher, student
+from .helpers import ARCH, HIDDEN, E, K, microsoft_backbone, prefixed, tutel_state
+from .reference_swin import swin_pooled, tutel_head
 
 
 def reference_pooled(backbone: dict, images: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import JPEG2000MC, JPEG2000Lossless, JPEGLSLossless
 
-from midol_hub import ImageReadError
-from midol_hub import image_io
+from midol_hub import ImageReadError, image_io
 from midol_hub.image_io import read_file
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 
 import numpy as np
@@ -10,9 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from midol_hub import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
+from midol_hub import (
+    ImageReadError,
+    ModalityMismatchError,
+    ModalityMismatchWarning,
+    load_model,
+)
 
-from .conftest import make_micro
+from .helpers import make_micro
 
 
 @pytest.fixture
@@ -170,13 +177,14 @@ def test_bf16_autocast_stays_close_to_fp32(micro, images):
 
 
 def test_encoding_carries_provenance(micro_dir, images):
-    from midol_hub import load_model
-
     model = load_model(micro_dir)
     enc = model.encode(images[0], modality="oct")
-    assert enc.provenance["source"] == "local"
-    assert enc.provenance["weights_sha256"] == model.provenance.weights_sha256
-    assert enc.provenance["preprocessing_sha256"] == model.config.preprocessing_hash()
+    assert enc.provenance["source"] == "local" and enc.provenance["location"] == str(micro_dir)
+    # the hashes of what is on disk, computed independently of the loader
+    assert enc.provenance["weights_sha256"] == hashlib.sha256((micro_dir / "model.safetensors").read_bytes()).hexdigest()
+    profiles = json.loads((micro_dir / "config.json").read_text())["preprocessing"]
+    canonical = json.dumps(profiles, sort_keys=True, separators=(",", ":")).encode()
+    assert enc.provenance["preprocessing_sha256"] == hashlib.sha256(canonical).hexdigest()
 
 
 def test_same_input_gives_bitwise_identical_embeddings_on_cpu(micro, images):

@@ -8,15 +8,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-import pytest
+from midol_hub import (
+    MIDoLForImageClassification,
+    MIDoLForSemanticSegmentation,
+    extract_features,
+    from_npz,
+    linear_probe,
+    load_model,
+)
 
-from midol_hub import ClassificationModel, SegmentationModel, calibrate, extract_features, from_npz, linear_probe, load_model
-from midol_hub import evaluate as evaluation_command
-
-from .conftest import make_micro
+from .helpers import make_micro
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -28,12 +33,19 @@ def example(name: str):
     return module
 
 
-classification = example("finetune_classification")
-segmentation = example("finetune_segmentation")
+@pytest.fixture(scope="module")
+def classification():
+    return example("finetune_classification")
+
+
+@pytest.fixture(scope="module")
+def segmentation():
+    return example("finetune_segmentation")
+
 MICRO = ["--model", "midol-micro", "--random-weights"]
 
 
-def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys):
+def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys, classification):
     npz = str(data_root / "fundus/retinamnist/retinamnist.npz")
     argv = [*MICRO, "--data", npz, "--modality", "fundus", "--epochs", "5", "--output-dir", str(tmp_path / "run")]
     assert classification.main(argv) == 0
@@ -43,7 +55,7 @@ def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys):
         assert set(metrics[block]) == {"accuracy", "balanced_accuracy", "auc", "f1", "per_class", "confusion_matrix"}
     assert np.array(metrics["test"]["confusion_matrix"]).sum() == 400
     assert metrics["test"]["auc"] > 0.6  # random micro features still carry signal on RetinaMNIST
-    model = ClassificationModel.from_pretrained(tmp_path / "run" / "model")
+    model = MIDoLForImageClassification.from_pretrained(tmp_path / "run" / "model")
     assert model.config.num_labels == 5 and model.config.task_modality == "fundus"
     cached = sorted((tmp_path / "run" / "feature_cache").glob("*.safetensors"))
     assert len(cached) == 3  # train, val, test
@@ -52,7 +64,7 @@ def test_linear_probe_on_a_real_npz_with_the_cache(tmp_path, data_root, capsys):
     assert [p.stat().st_mtime_ns for p in cached] == stamps
 
 
-def test_example_linear_probe_matches_the_library_on_pneumoniamnist(tmp_path, data_root):
+def test_example_linear_probe_matches_the_library_on_pneumoniamnist(tmp_path, data_root, classification):
     npz = data_root / "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz"
     argv = ["--model", "midol-micro", "--data", str(npz), "--modality", "xray", "--output-dir", str(tmp_path / "run")]
     assert classification.main(argv) == 0  # default settings, as a new user runs it
@@ -64,19 +76,19 @@ def test_example_linear_probe_matches_the_library_on_pneumoniamnist(tmp_path, da
     library_accuracy = float((linear_probe(features[0], train.labels, features[1]).argmax(1) == test.labels).mean())
     assert example_accuracy >= library_accuracy - 0.01, (example_accuracy, library_accuracy)
     # the saved model reproduces the probe: its head is the fitted regression
-    model = ClassificationModel.from_pretrained(tmp_path / "run" / "model")
+    model = MIDoLForImageClassification.from_pretrained(tmp_path / "run" / "model")
     with torch.no_grad():
         logits = model.classifier(model.eval().norm(features[1]))
     assert float((logits.argmax(1).numpy() == test.labels).mean()) == pytest.approx(example_accuracy)
 
 
-def test_finetune_on_a_real_class_folder(tmp_path, data_root):
+def test_finetune_on_a_real_class_folder(tmp_path, data_root, classification):
     argv = [*MICRO, "--data", str(data_root / "oct/kermany_oct2017_samples_c"), "--modality", "oct", "--mode", "finetune",
             "--epochs", "2", "--batch-size", "8", "--split", "0.5,0.25,0.25", "--output-dir", str(tmp_path / "ft")]
     assert classification.main(argv) == 0
     metrics = json.loads((tmp_path / "ft" / "metrics.json").read_text())
     assert metrics["mode"] == "finetune" and sum(metrics["sizes"].values()) == 28
-    probs = ClassificationModel.from_pretrained(tmp_path / "ft" / "model").predict(
+    probs = MIDoLForImageClassification.from_pretrained(tmp_path / "ft" / "model").predict(
         [str(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg")])
     assert probs.shape == (1, 4)
 
@@ -95,17 +107,17 @@ def multilabel_csv(tmp_path: Path, data_root: Path, broken: bool = False) -> Pat
     return tmp_path / "labels.csv"
 
 
-def test_multilabel_csv_linear_probe(tmp_path, data_root):
+def test_multilabel_csv_linear_probe(tmp_path, data_root, classification):
     path = multilabel_csv(tmp_path, data_root)
     argv = [*MICRO, "--data", str(path), "--modality", "derm", "--epochs", "3", "--output-dir", str(tmp_path / "ml")]
     assert classification.main(argv) == 0
     metrics = json.loads((tmp_path / "ml" / "metrics.json").read_text())
     assert metrics["classes"] == ["melanoma_risk", "large"] and len(metrics["thresholds"]) == 2
     assert len(metrics["test"]["confusion_matrix"]) == 2  # one 2x2 matrix per label
-    assert ClassificationModel.from_pretrained(tmp_path / "ml" / "model").config.problem_type == "multi_label_classification"
+    assert MIDoLForImageClassification.from_pretrained(tmp_path / "ml" / "model").config.problem_type == "multi_label_classification"
 
 
-def test_example_errors_are_one_line(tmp_path, data_root, capsys):
+def test_example_errors_are_one_line(tmp_path, data_root, capsys, classification):
     cases = [
         (["--data", str(multilabel_csv(tmp_path, data_root)), "--label-columns", "diagnosis"], "no column 'diagnosis'"),
         (["--data", str(multilabel_csv(tmp_path, data_root, broken=True))], "broken.jpg"),
@@ -125,7 +137,7 @@ def test_example_errors_are_one_line(tmp_path, data_root, capsys):
         assert err.startswith("finetune_classification: error: ") and message in err
 
 
-def test_segmentation_decoder_overfits_real_images(tmp_path, data_root):
+def test_segmentation_decoder_overfits_real_images(tmp_path, data_root, segmentation):
     """Masks made here by thresholding the darker lesion in real dermoscopy photographs."""
     (tmp_path / "img").mkdir()
     (tmp_path / "mask").mkdir()
@@ -138,49 +150,5 @@ def test_segmentation_decoder_overfits_real_images(tmp_path, data_root):
     assert segmentation.main(argv) == 0
     metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
     assert metrics["best"]["dice"] > 0.9 and metrics["num_classes"] == 2
-    model = SegmentationModel.from_pretrained(tmp_path / "seg" / "model")
+    model = MIDoLForSemanticSegmentation.from_pretrained(tmp_path / "seg" / "model")
     assert model.config.num_labels == 2
-
-
-def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, micro_dir, monkeypatch, capsys):
-    monkeypatch.setenv("MIDOL_DATA", str(data_root))
-    out = tmp_path / "results.json"
-    argv = ["--model", str(micro_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            "--datasets", "Kermany OCT", "ISIC nevus vs melanoma"]
-    assert evaluation_command.main(argv) == 0
-    results = json.loads(out.read_text())
-    assert results["Kermany OCT"]["sizes"]["train"] + results["Kermany OCT"]["sizes"]["test"] == 100
-    assert results["ISIC nevus vs melanoma"]["sizes"]["train"] + results["ISIC nevus vs melanoma"]["sizes"]["test"] == 498
-    direct = evaluation_command.evaluate(load_model(micro_dir), data_root, ["Kermany OCT"])
-    assert results["Kermany OCT"]["linear probe"] == direct["Kermany OCT"]["linear probe"]
-    table = capsys.readouterr().out
-    assert table.startswith("| dataset | train / test |") and "| Kermany OCT | " in table
-    from midol_hub.model_card import evaluation_table
-
-    assert "| Kermany OCT | linear probe |" in evaluation_table(results)
-
-
-def test_modality_separation_of_a_calibrated_model(data_root):
-    model = make_micro()
-    train = {modality: load(data_root)[0].images[:20] for modality, load in
-             [(m, loader) for m, loader in evaluation_command.BENCHMARKS.values()]}
-    calibrate(model, train)
-    model.config.modality_calibration.pop("out_of_scope")  # without the detector, auto is right exactly where routing is
-    result = evaluation_command.modality_separation(model, data_root, per_modality=20)
-    scores = result["auto routing"]
-    counts = np.array(scores["confusion"]["counts"])
-    assert result["sizes"]["test"] == counts.sum() == 100 and counts.shape == (5, 5)
-    assert scores["macro_accuracy"] == pytest.approx(np.mean(list(scores["accuracy"].values())))
-    for row, modality in enumerate(scores["confusion"]["modalities"]):
-        served = [e for e, m in enumerate(model.config.expert_modalities) if m == modality]
-        assert scores["accuracy"][modality] == pytest.approx(counts[row, served].sum() / counts[row].sum())
-    assert sorted(scores["out_of_scope"]) == ["CT_small.dcm", "MR_small.dcm"]
-    assert sum(len(v) for v in scores["full_resolution_examples"].values()) == 31
-    uncalibrated = evaluation_command.modality_separation(make_micro(), data_root, per_modality=5)["auto routing"]
-    assert "accuracy" not in uncalibrated and np.array(uncalibrated["confusion"]["counts"]).sum() == 25
-
-
-def test_oct_split_never_shares_a_patient(data_root):
-    train, test = evaluation_command.oct_splits(data_root)
-    assert not set(train.groups) & set(test.groups)
-    assert "103044" in train.groups + test.groups  # CNV-103044-* slices stay together

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from midol_hub import ModelNotFoundError, load_model
 
-from .conftest import make_micro
-
-COMMIT_OLD = "a" * 40
-COMMIT_NEW = "b" * 40
-
-
-def add_snapshot(cache: Path, repo_id: str, commit: str, model_dir: Path, refs: tuple[str, ...]) -> None:
-    """Lay out files the way huggingface_hub stores them: blobs by hash, snapshots as symlinks."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in model_dir.iterdir():
-        data = file.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
-    (repo / "refs").mkdir(exist_ok=True)
-    for ref in refs:
-        (repo / "refs" / ref).write_text(commit)
+from .helpers import COMMIT_NEW, COMMIT_OLD, add_snapshot, make_micro
 
 
 @pytest.fixture(scope="module")

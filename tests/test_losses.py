@@ -12,7 +12,6 @@ import torch
 from training.losses import DINOLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
 
 
-
 def softmax(values, temp):
     exps = [math.exp(v / temp) for v in values]
     return [e / sum(exps) for e in exps]

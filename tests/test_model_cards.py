@@ -10,9 +10,14 @@ import yaml
 from huggingface_hub import ModelCard
 
 from midol_hub import get_entry
-from midol_hub.model_card import card_templates, input_spec, render_model_card, separation_table
+from midol_hub.model_card import (
+    card_templates,
+    input_spec,
+    render_model_card,
+    separation_table,
+)
 
-from .conftest import make_micro
+from .helpers import make_micro
 
 RESULTS = {"PneumoniaMNIST": {"linear probe": {"accuracy": 0.8123, "auc": 0.9}, "kNN": {"accuracy": 0.75}}}
 
@@ -65,14 +70,22 @@ def test_save_pretrained_fills_the_evaluation_table_from_a_json_file(tmp_path):
     assert "No evaluation results yet." not in body
 
 
-def test_separation_table_reports_accuracy_misses_and_out_of_scope_answers():
-    scores = {"nmi": 0.8, "accuracy": {"fundus": 1.0, "pathology": 0.5}, "macro_accuracy": 0.75,
-              "unknown_rate": {"fundus": 0.0, "pathology": 0.25},
-              "full_resolution_examples": {"fundus": {"retina.jpg": "fundus"},
-                                           "pathology": {"a.tif": "pathology", "ihc.png": "dermoscopy"}},
-              "out_of_scope": {"CT_small.dcm": "unknown"}}
-    table = separation_table(scores, 40)
+def test_separation_table_reports_accuracy_misses_out_of_scope_answers_and_calibration():
+    separation = {
+        "auto routing": {"nmi": 0.8, "accuracy": {"fundus": 1.0, "pathology": 0.5}, "macro_accuracy": 0.75,
+                         "unknown_rate": {"fundus": 0.0, "pathology": 0.25}},
+        "sizes": {"test": 40},
+        "full resolution": {"accuracy": {"fundus": 1.0, "pathology": 0.5}, "unknown_rate": {"fundus": 0.0, "pathology": 0.0},
+                            "images": {"fundus": 3, "pathology": 2}, "macro_accuracy": 0.75, "misses": {"a.tif": "xray"}},
+        "out of scope": {"unknown_rate": 0.5, "images": 2, "answers": {"CT_small.dcm": "unknown", "chelsea.png": "dermoscopy"}},
+        "confidence": {"ece": 0.04, "auroc": 0.91, "right": 0.9, "mean_confidence": 0.86, "images": 47},
+    }
+    table = separation_table(separation)
     assert "on 40 test-split images (NMI between modality and expert 0.800)" in table
-    assert "| pathology | 0.500 | 0.250 |" in table and "| **macro** | **0.750** | |" in table
-    assert "named correctly: fundus 1/1; pathology 1/2 (ihc.png -> dermoscopy)." in table
-    assert "CT_small.dcm -> unknown." in table
+    assert "| pathology | 0.500 | 0.250 | 0.500 | 0.000 | 2 |" in table
+    assert "| **macro** | **0.750** | | **0.750** | | |" in table
+    assert "Full-resolution misses: a.tif -> xray." in table
+    assert "0.500 called `unknown`; given a modality: chelsea.png -> dermoscopy." in table
+    assert "expected calibration error 0.040, AUROC right vs wrong 0.910" in table
+    uncalibrated = separation_table({"auto routing": {"nmi": 0.1}, "sizes": {"test": 5}})
+    assert uncalibrated.endswith("Uncalibrated: no expert is assigned to a modality yet.")

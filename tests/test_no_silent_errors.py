@@ -16,11 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from midol_hub import CheckpointError, ImageReadError, convert_checkpoint, extract_features, load_model
+from midol_hub import (
+    convert_checkpoint,
+    extract_features,
+    load_model,
+)
 from midol_hub.features import weights_fingerprint
 
-from .conftest import make_micro
-from .test_convert import microsoft_backbone, prefixed, tutel_state
+from .helpers import make_micro, microsoft_backbone, prefixed, tutel_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,13 +42,6 @@ def test_medmnist_stacks_and_batches_give_one_row_per_image(micro, rng):
     torch.testing.assert_close(batch, micro.encode(list(colour), modality="pathology").embedding)
     channels_first = micro.encode(colour.transpose(0, 3, 1, 2), modality="pathology").embedding
     torch.testing.assert_close(channels_first, batch)
-
-
-@pytest.mark.parametrize("leading", [1, 3, 4])
-def test_ambiguous_channels_first_array_raises_with_both_fixes(micro, rng, leading):
-    stack = rng.integers(0, 256, size=(leading, 28, 28), dtype=np.uint8)
-    with pytest.raises(ImageReadError, match=r"list\(x\) for a stack.*x\.transpose\(1, 2, 0\)"):
-        micro.encode(stack, modality="xray")
 
 
 def test_channels_first_argument_settles_the_layout(micro, rng):
@@ -116,41 +112,32 @@ def test_two_processes_share_the_feature_cache_without_collisions(micro_dir, tmp
 
 
 @pytest.mark.parametrize(
-    "head, message",
-    [
-        ({}, "holds no MoE head"),
-        (tutel_state(1, local_experts=2), "holds 2 of 5 experts"),
-        ({"mlp.0.weight": torch.zeros(8, 256), "mlp.0.bias": torch.zeros(8), "last_layer.weight_g": torch.ones(16, 1),
-          "last_layer.weight_v": torch.zeros(16, 256)}, r"not a Tutel MoE head \(keys such as last_layer.weight_g"),
-    ],
+    "head",
+    [{}, tutel_state(1, local_experts=2), {"mlp.0.weight": torch.zeros(8, 256), "mlp.0.bias": torch.zeros(8),
+                                           "last_layer.weight_g": torch.ones(16, 1), "last_layer.weight_v": torch.zeros(16, 256)}],
     ids=["no head", "per-rank head", "plain DINO head"],
 )
-def test_checkpoint_without_a_complete_head_is_refused(tmp_path, head, message):
+def test_checkpoint_without_a_complete_head_converts_backbone_only(tmp_path, head):
+    """Refused without backbone_only=True (the messages are asserted in test_bad_inputs); with it, pooled features."""
     torch.save({**prefixed("backbone.", microsoft_backbone(0)), **prefixed("head.", head)}, tmp_path / "ckpt.pth")
-    with pytest.raises(CheckpointError, match=f"{message}.*backbone_only=True"):
-        convert_checkpoint(tmp_path / "ckpt.pth")
     model = convert_checkpoint(tmp_path / "ckpt.pth", tmp_path / "out", backbone_only=True)
     assert model.config.backbone_only and model.config.default_output == ["pooled"]
     loaded = load_model(tmp_path / "out")
     enc = loaded.encode(torch.rand(3, 64, 64))
     assert enc.pooled.shape == (1, 256) and enc.modality == ["unknown"] and torch.isnan(enc.routing).all()
-    with pytest.raises(ValueError, match="converted backbone-only.*use output='pooled'"):
-        loaded.encode(torch.rand(3, 64, 64), output="embedding")
 
 
 # 6. encode leaves the caller's model as it found it -------------------------------------------------
 
 
 def test_encode_does_not_move_the_model(micro):
-    with pytest.raises(ValueError, match=r"model is on cpu but encode\(device='cuda'\).*model\.to\('cuda'\)"):
+    with pytest.raises(ValueError):  # the message is asserted in test_bad_inputs
         micro.encode(torch.rand(3, 64, 64), device="cuda")
     assert next(micro.parameters()).device.type == "cpu"
 
 
-def test_encode_cannot_raise_a_low_precision_models_precision(micro_dir):
+def test_a_low_precision_model_encodes_in_its_own_precision(micro_dir):
     model = load_model(micro_dir, dtype="bf16")
-    with pytest.raises(ValueError, match=r"holds bfloat16 weights.*dtype='float32'.*load_model\(\.\.\., dtype='fp32'\)"):
-        model.encode(torch.rand(3, 64, 64), dtype="fp32")
     assert model.encode(torch.rand(3, 64, 64), dtype="bf16").embedding.shape == (1, 256)
 
 

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from midol_hub import load_model
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
+from training.config import deviations_from_official, load_config, official_options
 from training.monitor import KNNMonitor
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, torchrun
+
 MICRO = str(REPO / "training" / "configs" / "midol_micro.yaml")
 
 
@@ -33,6 +33,7 @@ def retina(data_root) -> str:
     return f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}"
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, retina):
     common = ["--batch-size", "8", "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0", "--set", "run.checkpoint_every=3"]
     code, straight = train(tmp_path, "straight", [retina], *common, "--max-steps", "6")
@@ -47,17 +48,18 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
     prototypes = "head.prototypes.parametrizations.weight.original1"
     frozen = (state["student"][prototypes] - state["teacher"][prototypes]).abs().max()
     trained = (state["student"]["head.fc1_weight"] - state["teacher"]["head.fc1_weight"]).abs().max()
-    assert frozen < 1e-7 < 1e-6 < trained  # prototypes stay fixed in the first epoch, the experts move
+    assert frozen == 0 and trained > 1e-6  # prototypes stay fixed in the first epoch, the experts move
     run_dir = tmp_path / "resumed"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
     assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_images_of_three_modalities(tmp_path, data_root):
     data = [f"oct={data_root / 'oct'}", f"pathology={data_root / 'pathology/crc_val_he_7k_examples'}",
             f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
     code, log = train(tmp_path, "smoke", data, "--batch-size", "16", "--max-steps", "24",
-                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--balance", "roots",
+                      "--set", "optim.epochs=2", "--set", "optim.warmup_epochs=0", "--balance", "tags",
                       "--set", "optim.lr=5e-3")
     assert code == 0 and len(log) == 24
     early = sum(r["loss"] for r in log[:5]) / 5
@@ -88,10 +90,10 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     assert model.config.pretraining["objective"] == "midol" and model.config.pretraining["steps"] == 2
     assert model.config.pretraining["deviations_from_official"] == {}  # midol_micro.yaml: the official objective
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
-    state["config"]["objective"]["routing"], state["config"]["data"]["balance"] = "balanced", "batches"
+    state["config"]["objective"]["routing"], state["config"]["data"]["balance"] = "balanced", "tags_per_batch"
     state["config"]["model"]["init"] = str(tmp_path / "runs" / "dino-e1")
     record = export.pretraining_record(state)
-    assert record["deviations_from_official"] == {"routing": "balanced", "balance": "batches"}
+    assert record["deviations_from_official"] == {"routing": "balanced", "balance": "tags_per_batch"}
     assert record["init"] == "dino-e1"  # the model's name, not this machine's path
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
@@ -123,35 +125,27 @@ def test_dino_objective_in_bf16_with_accumulation_and_knn_monitoring(tmp_path, d
     assert enc.modality == ["oct"] and enc.embedding.shape == (1, 256)
 
 
+@pytest.mark.distributed
 def test_two_cpu_ranks_stay_in_sync(tmp_path, retina):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "training.pretrain",
-         "--config", MICRO, "--data", retina, "--output-dir", str(tmp_path / "ddp"), "--batch-size", "8", "--max-steps", "3"],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    torchrun("-m", "training.pretrain", "--config", MICRO, "--data", retina, "--output-dir", str(tmp_path / "ddp"),
+             "--batch-size", "8", "--max-steps", "3")
     ranks = json.loads((tmp_path / "ddp" / "ranks.json").read_text())
     assert len(ranks["teacher_sha256"]) == 2 and ranks["in_sync"]
     assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 3  # only rank 0 writes
 
 
-def torchrun(tmp_path: Path, name: str, data: list[str], port: int, *extra: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
-         "training.pretrain", "--config", MICRO, "--data", *data, "--output-dir", str(tmp_path / name), "--batch-size", "8",
-         "--set", "run.checkpoint_every=2", *extra],
-        capture_output=True, text=True, timeout=600, cwd=REPO, env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def pretrain_ranks(tmp_path: Path, name: str, data: list[str], *extra: str) -> list[dict]:
+    torchrun("-m", "training.pretrain", "--config", MICRO, "--data", *data, "--output-dir", str(tmp_path / name),
+             "--batch-size", "8", "--set", "run.checkpoint_every=2", *extra)
     return [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_fsdp_matches_ddp_and_its_checkpoints_resume_under_ddp_and_export(tmp_path, retina):
-    ddp = torchrun(tmp_path, "ddp", [retina], 29534, "--max-steps", "4")
-    fsdp = torchrun(tmp_path, "fsdp", [retina], 29535, "--max-steps", "2", "--set", "dist.strategy=fsdp")
-    resumed = torchrun(tmp_path, "fsdp", [retina], 29536, "--max-steps", "4", "--resume")  # the default strategy: ddp
+    ddp = pretrain_ranks(tmp_path, "ddp", [retina], "--max-steps", "4")
+    fsdp = pretrain_ranks(tmp_path, "fsdp", [retina], "--max-steps", "2", "--set", "dist.strategy=fsdp")
+    resumed = pretrain_ranks(tmp_path, "fsdp", [retina], "--max-steps", "4", "--resume")  # the default strategy: ddp
     # measured: FSDP and DDP losses agree to 1e-5 on CPU/gloo (the sharded reductions sum in another order)
     for a, b in zip(ddp, fsdp + resumed[2:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["route_loss"] == pytest.approx(b["route_loss"], abs=1e-4)
@@ -179,6 +173,25 @@ def test_bad_runs_fail_with_one_line(tmp_path, capsys, retina, args, message):
     assert pretrain.main(argv + args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("training.pretrain: error: ") and message in err[-1]
+
+
+def test_old_balance_spellings_still_load_with_a_warning():
+    with pytest.warns(FutureWarning, match="data.balance=roots is now spelled tags"):
+        assert load_config(None, ["data.balance=roots"])["data"]["balance"] == "tags"
+    with pytest.warns(FutureWarning, match="now spelled tags_per_batch"):
+        config = load_config(REPO / "training" / "configs" / "midol_micro.yaml", ["data.balance=batches"])
+    assert config["data"]["balance"] == "tags_per_batch"
+
+
+def test_official_options_are_read_from_the_defaults_and_deviations_derive_from_them():
+    defaults = yaml.safe_load((REPO / "training" / "configs" / "defaults.yaml").read_text())
+    assert official_options() == {"routing": defaults["objective"]["routing"], "top_k": defaults["model"]["top_k"],
+                                  "gate_noise": defaults["model"]["gate_noise"], "clip_mode": defaults["optim"]["clip_mode"],
+                                  "teacher_train_mode": defaults["model"]["teacher_train_mode"], "init": None,
+                                  "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none"}
+    assert deviations_from_official(load_config(None)) == {}
+    v3 = load_config(REPO / "training" / "configs" / "midol_micro_v3.yaml", ["model.init=/somewhere/midol-micro"])
+    assert deviations_from_official(v3) == {"routing": "balanced", "balance": "tags_per_batch", "init": "midol-micro"}
 
 
 def test_npz_without_the_split_is_named(tmp_path, capsys, data_root):

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 import pytest
 import torch
+from PIL import Image
 
 from midol_hub.image_io import read_file
 from midol_hub.preprocessing import _remove_black_border

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from training import export, make_shards, pretrain
 from training.data import open_source
 from training.shards import decode_sample
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, kill_tree, torchrun, torchrun_command
+
 MICRO = str(REPO / "training" / "configs" / "midol_micro.yaml")
 
 
@@ -73,8 +73,9 @@ def train(tmp_path: Path, name: str, data: list[str], *extra: str) -> list[dict]
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_streamed_training_resumes_exactly_and_ignores_the_worker_count(tmp_path, shards):
-    common = ["--batch-size", "8", "--balance", "batches", "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0",
+    common = ["--batch-size", "8", "--balance", "tags_per_batch", "--set", "optim.epochs=1", "--set", "optim.warmup_epochs=0",
               "--set", "run.checkpoint_every=3"]
     straight = train(tmp_path, "straight", [str(shards)], *common, "--max-steps", "6", "--set", "data.num_workers=2")
     assert [r["step"] for r in straight] == [1, 2, 3, 4, 5, 6]
@@ -87,24 +88,22 @@ def test_streamed_training_resumes_exactly_and_ignores_the_worker_count(tmp_path
     assert load_model(tmp_path / "model").config.num_features == model.config.num_features
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_ranks_stream_shards_resume_after_a_kill_and_export(tmp_path, shards):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
-               "training.pretrain", "--config", MICRO, "--data", f"{shards}/shard-{{000001..000006}}.tar",
-               "--output-dir", str(out), "--batch-size", "8", "--max-steps", "30", "--set", "run.checkpoint_every=2"]
-    run = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["-m", "training.pretrain", "--config", MICRO, "--data", f"{shards}/shard-{{000001..000006}}.tar",
+            "--output-dir", str(out), "--batch-size", "8", "--set", "run.checkpoint_every=2"]
+    run = subprocess.Popen(torchrun_command(*args, "--max-steps", "30"), cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("checkpoint-*.pt")):
         time.sleep(0.2)
-    # the launcher and both ranks (torchrun starts its workers in sessions of their own), mid-run
-    subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+    kill_tree(run.pid)  # the launcher and both ranks, mid-run
     run.wait()
     killed_at = int(sorted(out.glob("checkpoint-*.pt"))[-1].stem.split("-")[1])
     assert killed_at < 30
-    resumed = subprocess.run([*command[:-4], "--max-steps", str(killed_at + 2), "--set", "run.checkpoint_every=2",
-                              "--resume"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    torchrun(*args, "--max-steps", str(killed_at + 2), "--resume")
     steps = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert steps[-2:] == [killed_at + 1, killed_at + 2]
     assert json.loads((out / "ranks.json").read_text())["in_sync"]

@@ -8,10 +8,18 @@ import re
 import numpy as np
 import pytest
 import torch
+from midol_hub.evaluate import BENCHMARKS
 from safetensors import safe_open
 
-from midol_hub import MODALITIES, extract_features, from_npz, get_entry, linear_probe, list_models, load_model
-from midol_hub.evaluate import BENCHMARKS
+from midol_hub import (
+    MODALITIES,
+    extract_features,
+    from_npz,
+    get_entry,
+    linear_probe,
+    list_models,
+    load_model,
+)
 
 # Floors sit below what was measured on these samples when the weights were made; a random
 # router names about 0.2 of each modality.

@@ -15,7 +15,7 @@ from PIL import Image
 from training.augment import MultiCrop
 from training.config import ConfigError, load_config
 from training.data import (
-    DataError,
+    DatasetError,
     PretrainDataset,
     collate,
     epoch_indices,
@@ -45,7 +45,7 @@ def test_sources_read_folders_npz_lists_and_plain_tars(data_root, tmp_path):
     (tmp_path / "train.txt").write_text("\n".join(listed[:3]) + "\n")
     assert len(open_source(f"oct={tmp_path / 'train.txt'}")) == 3
     (tmp_path / "bad.txt").write_text("/nonexistent.png\n")
-    with pytest.raises(DataError, match="lists 1 missing file"):
+    with pytest.raises(DatasetError, match="lists 1 missing file"):
         open_source(str(tmp_path / "bad.txt"))
 
 
@@ -59,7 +59,7 @@ def test_sources_read_folders_npz_lists_and_plain_tars(data_root, tmp_path):
     ],
 )
 def test_bad_data_paths_say_what_to_fix(tmp_path, make, message):
-    with pytest.raises(DataError, match=message):
+    with pytest.raises(DatasetError, match=message):
         open_source(make(tmp_path))
 
 
@@ -90,11 +90,11 @@ def test_balanced_sampling_draws_every_root_equally(data_root):
     small = open_source(f"oct={data_root / 'oct/kermany_oct2017_samples_b'}")
     dataset = PretrainDataset([big, small], MultiCrop(64))
     plain = Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "none", 8))
-    balanced = Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "roots", 8))
+    balanced = Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "tags", 8))
     assert plain[1] == 4 and plain[0] > 1000
     assert abs(balanced[0] - balanced[1]) <= 8 and balanced[0] + balanced[1] == 1080
-    assert epoch_indices(dataset, 3, 0, "roots", 8) == epoch_indices(dataset, 3, 0, "roots", 8)
-    with pytest.raises(DataError, match="fewer than one global batch"):
+    assert epoch_indices(dataset, 3, 0, "tags", 8) == epoch_indices(dataset, 3, 0, "tags", 8)
+    with pytest.raises(DatasetError, match="fewer than one global batch"):
         epoch_indices(PretrainDataset([small], MultiCrop(64)), 0, 0, "none", 8)
 
 
@@ -103,13 +103,13 @@ def test_batch_balancing_puts_every_group_in_every_batch_equally(data_root):
     fundus = open_source(f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}")
     blood = open_source(f"pathology={data_root / 'pathology/bloodmnist/bloodmnist.npz'}")
     dataset = PretrainDataset([xray, fundus, blood], MultiCrop(64))
-    order = epoch_indices(dataset, 0, 0, "batches", 32)
+    order = epoch_indices(dataset, 0, 0, "tags_per_batch", 32)
     epoch = Counter(dataset.locate(i)[0] for i in order)
     assert max(epoch.values()) - min(epoch.values()) <= 32
     for start in range(0, len(order), 32):
         counts = Counter(dataset.locate(i)[0] for i in order[start : start + 32])
         assert len(counts) == 3 and max(counts.values()) - min(counts.values()) <= 2
-    roots = [Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "roots", 32)[s : s + 32]) for s in (0, 32, 64)]
+    roots = [Counter(dataset.locate(i)[0] for i in epoch_indices(dataset, 0, 0, "tags", 32)[s : s + 32]) for s in (0, 32, 64)]
     assert any(max(c.values()) - min(c.values()) > 2 for c in roots)  # epoch balance alone leaves batches uneven
 
 

@@ -9,11 +9,22 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, Trainer, TrainingArguments, pipeline
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    Trainer,
+    TrainingArguments,
+    pipeline,
+)
 
-from midol_hub import ClassificationModel, MIDoLImageProcessor, convert_checkpoint, get_entry, layerwise_lr_groups, load_model
-
-from .test_convert import official  # noqa: F401  (the synthetic official training checkpoint)
+from midol_hub import (
+    MIDoLForImageClassification,
+    MIDoLImageProcessor,
+    convert_checkpoint,
+    get_entry,
+    layerwise_lr_groups,
+    load_model,
+)
 
 SHIPPED = get_entry("midol-micro").embedded_path()
 
@@ -91,10 +102,11 @@ class Pixels(torch.utils.data.Dataset):
         return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["shipped", "converted"])
 def test_trainer_fine_tunes_and_the_image_classification_pipeline_serves(which, converted, data_root, tmp_path):
     encoder = load_model("midol-micro" if which == "shipped" else converted)
-    model = ClassificationModel.from_encoder(encoder, ["normal", "pneumonia"], "xray")
+    model = MIDoLForImageClassification.from_encoder(encoder, ["normal", "pneumonia"], "xray")
     processor = MIDoLImageProcessor.from_config(model.config)
     train_images, train_labels = pneumonia(data_root, "train", 640 if which == "shipped" else 128)
     test_images, test_labels = pneumonia(data_root, "test", 64)
@@ -128,7 +140,7 @@ def test_trainer_fine_tunes_and_the_image_classification_pipeline_serves(which, 
         Image.fromarray(image).save(tmp_path / f"{index}.png")
         files.append(str(tmp_path / f"{index}.png"))
     served = classify(files, top_k=2)
-    probs = ClassificationModel.from_pretrained(tmp_path / "classifier").predict(files)
+    probs = MIDoLForImageClassification.from_pretrained(tmp_path / "classifier").predict(files)
     for answer, row in zip(served, probs):
         assert {a["label"] for a in answer} == {"normal", "pneumonia"}
         assert answer[0]["label"] == ["normal", "pneumonia"][int(row.argmax())]

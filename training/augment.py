@@ -1,11 +1,46 @@
-"""DINO multi-crop augmentation on [0, 1] image tensors (C, H, W)."""
+"""DINO multi-crop augmentation on [0, 1] image tensors (C, H, W), with stain jitter for pathology."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import v2
 
 from midol_hub.modalities import IMAGENET_MEAN, IMAGENET_STD
+
+# Ruifrok & Johnston (2001) optical densities of haematoxylin, eosin and DAB (rows, unit norm),
+# the stain vectors that skimage.color.rgb2hed uses.
+HED_FROM_RGB = torch.linalg.inv(torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]]))
+RGB_FROM_HED = torch.linalg.inv(HED_FROM_RGB)
+_OD_FLOOR = 1e-6
+
+
+class StainJitter:
+    """Random stain variation in haematoxylin-eosin-DAB space (Tellez et al., 2019), plus re-staining.
+
+    The image is unmixed into H, E and DAB optical densities. Each stain's density is scaled by
+    ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``. With probability ``restain_p``
+    the tile is also re-stained as an immunohistochemistry tile: eosin mostly removed and DAB
+    laid onto the haematoxylin of random patches (brown, marker-positive nuclei), the rest a light
+    haematoxylin counterstain, so that the
+    pathology expert learns H&E and IHC as one modality from H&E and the few IHC regions we have.
+    """
+
+    def __init__(self, sigma: float = 0.05, restain_p: float = 0.5) -> None:
+        self.sigma, self.restain_p = sigma, restain_p
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        density = -torch.log(image.clamp_min(_OD_FLOOR)).permute(1, 2, 0) @ HED_FROM_RGB
+        if torch.rand(()) < self.restain_p:
+            h, e, _ = density.clamp_min(0).unbind(-1)
+            cells = torch.rand(1, 1, max(1, h.shape[0] // 12), max(1, h.shape[1] // 12))
+            marked = F.interpolate(cells, size=h.shape, mode="bilinear")[0, 0] > 0.4 + 0.5 * torch.rand(())
+            dab = h * marked * (0.5 + torch.rand(()))
+            density = torch.stack([h * (0.3 + 0.4 * torch.rand(())), e * 0.2 * torch.rand(()), dab], dim=-1)
+        alpha = 1 + (torch.rand(3) * 2 - 1) * self.sigma
+        beta = (torch.rand(3) * 2 - 1) * self.sigma
+        jittered = (density * alpha + beta).clamp_min(0) @ RGB_FROM_HED
+        return torch.exp(-jittered).clamp(0, 1).permute(2, 0, 1).contiguous()
 
 
 class MultiCrop:
@@ -13,7 +48,9 @@ class MultiCrop:
 
     The paper resizes every crop to the global size. ``local_size`` (smaller than ``size``)
     renders local crops at that resolution first, then upsamples them, keeping one input size
-    for the network (a dynamic-size Swin differs from the inference network).
+    for the network (a dynamic-size Swin differs from the inference network). Images whose tag
+    is in ``stain_tags`` get :class:`StainJitter` (drawn once per image, shared by its crops,
+    with probability ``stain_p``) before cropping.
     """
 
     def __init__(
@@ -25,6 +62,8 @@ class MultiCrop:
         local_size: int | None = None,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        stain_tags: tuple[str, ...] = (),
+        stain_p: float = 0.8,
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),
@@ -43,8 +82,11 @@ class MultiCrop:
             local.append(v2.Resize(size, antialias=True))
         self.local = v2.Compose([*local, *flip_and_color, v2.RandomApply([blur], p=0.5), *normalize])
         self.local_number = local_number
+        self.stain_tags, self.stain = set(stain_tags), v2.RandomApply([StainJitter()], p=stain_p)
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: torch.Tensor, tag: str | None = None) -> list[torch.Tensor]:
+        if tag in self.stain_tags:
+            image = self.stain(image)
         return [self.global_1(image), self.global_2(image)] + [self.local(image) for _ in range(self.local_number)]
 
     @property

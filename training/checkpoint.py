@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from midol_hub.utils import atomic_write
 
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt$")
 
@@ -43,9 +44,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(directory: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
     """Write ``checkpoint-<step>.pt`` via a temporary file and rename; delete all but the last ``keep``."""
     target = directory / f"checkpoint-{step:08d}.pt"
-    tmp = directory / f".{target.name}.tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, target)
+    with atomic_write(target) as tmp:
+        torch.save(payload, tmp)
     for old in list_checkpoints(directory)[:-keep]:
         old.unlink()
     return target

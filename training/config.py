@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ import yaml
 
 DEFAULTS = Path(__file__).parent / "configs" / "defaults.yaml"
 FREE_FORM = {("model", "overrides")}  # dicts whose keys are not fixed by the defaults
+RENAMED_VALUES = {("data", "balance"): {"roots": "tags", "batches": "tags_per_batch"}}
+"""Old spellings that still load (with a FutureWarning): old name -> new name."""
 
 
 class ConfigError(ValueError):
@@ -45,7 +48,15 @@ def merge(base: dict, update: dict, source: str, prefix: tuple[str, ...] = ()) -
                 raise ConfigError(f"{source}: {'.'.join(where)} must be a mapping")
             merge(base[key], value, source, where)
         else:
-            base[key] = _coerce(base[key], value, where, source)
+            base[key] = _coerce(base[key], _renamed(value, where, source), where, source)
+
+
+def _renamed(value: Any, where: tuple[str, ...], source: str) -> Any:
+    new = RENAMED_VALUES.get(where, {}).get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    warnings.warn(f"{source}: {'.'.join(where)}={value} is now spelled {new}", FutureWarning, stacklevel=4)
+    return new
 
 
 def _coerce(default: Any, value: Any, where: tuple[str, ...], source: str) -> Any:
@@ -70,3 +81,27 @@ def set_key(config: dict, dotted: str, value: Any) -> None:
 
 def save_config(config: dict, path: Path) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+OBJECTIVE_OPTIONS = {"routing": ("objective", "routing"), "top_k": ("model", "top_k"), "gate_noise": ("model", "gate_noise"),
+                     "teacher_train_mode": ("model", "teacher_train_mode"), "clip_mode": ("optim", "clip_mode"),
+                     "sinkhorn_iters": ("objective", "sinkhorn_iters"), "init": ("model", "init"), "balance": ("data", "balance")}
+"""The options in which a run may differ from the official M-IDoL objective, and where they live."""
+
+
+def objective_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's values of :data:`OBJECTIVE_OPTIONS` (``init`` as the model's name, not a path)."""
+    values = {name: config[section][key] for name, (section, key) in OBJECTIVE_OPTIONS.items()}
+    values["init"] = Path(values["init"]).name if values["init"] else None
+    return values
+
+
+def official_options() -> dict[str, Any]:
+    """The official code's values: those of ``defaults.yaml``, the one place they are written."""
+    return objective_options(yaml.safe_load(DEFAULTS.read_text()))
+
+
+def deviations_from_official(config: dict[str, Any]) -> dict[str, Any]:
+    """The options of a run that differ from the official objective, with the run's values."""
+    official = official_options()
+    return {name: value for name, value in objective_options(config).items() if value != official[name]}

@@ -12,15 +12,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from midol_hub.errors import ImageReadError
-from midol_hub.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, array_to_unit, read_file
+from midol_hub.errors import DatasetError, ImageReadError
+from midol_hub.image_io import array_to_unit, frame_count, read_file
+from midol_hub.utils import READABLE_SUFFIXES, image_files
 
 log = logging.getLogger("training.data")
-SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
-
-
-class DataError(ValueError):
-    """A data root that cannot be used (missing, empty, wrong arrays)."""
 
 
 @dataclass
@@ -40,33 +36,68 @@ class Source:
         """Pixels of item ``index`` as (H, W, C) float32 in [0, 1]; raises ImageReadError."""
         item = self.items[index]
         if self.kind == "folder":
-            return read_file(item).pixels
+            path, frame = item if isinstance(item, tuple) else (item, None)
+            return read_file(path, frame).pixels
         array = item if item.ndim == 3 else item[:, :, None]
         return array_to_unit(array, f"{self.root}[{index}]", None)
 
     def name(self, index: int) -> str:
-        return str(self.items[index]) if self.kind == "folder" else f"{self.root}[{index}]"
+        item = self.items[index]
+        if self.kind != "folder":
+            return f"{self.root}[{index}]"
+        return f"{item[0]}[frame {item[1]}]" if isinstance(item, tuple) else str(item)
 
 
-def open_source(spec: str, split: str = "train") -> Source:
+FRAME_MODES = ("error", "all")
+MULTI_FRAME_SUFFIXES = (".tif", ".tiff", ".gif", ".png", ".dcm", ".dicom")
+
+
+def _frames_of(files: list[Path], frames: str, where: Path) -> list[Path | tuple[Path, int]]:
+    """The items of image files: multi-frame files give one item per frame (``frames="all"``) or an
+    error naming the file and the option; every other file is one item."""
+    if frames not in FRAME_MODES:
+        raise DatasetError(f"data.frames must be one of {', '.join(FRAME_MODES)}, got {frames!r}")
+    counts: dict[Path, int] = {}
+    items: list[Path | tuple[Path, int]] = []
+    for path in files:
+        if path.suffix.lower() not in MULTI_FRAME_SUFFIXES:
+            items.append(path)
+            continue
+        if path not in counts:
+            try:
+                counts[path] = frame_count(path, str(path))
+            except ImageReadError:
+                counts[path] = 1  # unreadable: skipped and reported when read
+        if counts[path] == 1:
+            items.append(path)
+        elif frames == "all":
+            items += [(path, frame) for frame in range(counts[path])]
+        else:
+            raise DatasetError(f"{where}: {path} holds {counts[path]} frames; train on every frame with "
+                               "--set data.frames=all, or pass single-frame files")
+    return items
+
+
+def open_source(spec: str, split: str = "train", frames: str = "error") -> Source:
     """Open ``PATH`` or ``TAG=PATH``: a folder (recursive), an .npz file or a .txt list of image
-    paths (one per line, e.g. the training split of a patient-level split)."""
+    paths (one per line, e.g. the training split of a patient-level split). Multi-frame files
+    (DICOM, TIFF, GIF) give one sample per frame with ``frames="all"``, else an error naming them."""
     tag, sep, path_text = spec.partition("=")
     if not sep:
         tag, path_text = None, spec
     path = Path(path_text).expanduser()
     if not path.exists():
-        raise DataError(f"data path {path} does not exist")
+        raise DatasetError(f"data path {path} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+        files = image_files(path)
         if not files:
-            raise DataError(f"data folder {path} holds no images ({', '.join(SUFFIXES)})")
-        return Source(str(path), tag, "folder", files)
+            raise DatasetError(f"data folder {path} holds no images ({', '.join(READABLE_SUFFIXES)})")
+        return Source(str(path), tag, "folder", _frames_of(files, frames, path))
     if path.suffix == ".npz":
         with np.load(path) as arrays:
             key = f"{split}_images"
             if key not in arrays:
-                raise DataError(
+                raise DatasetError(
                     f"{path} has no '{key}' array (it has {', '.join(arrays.files)}); "
                     f"pick another split with --set data.split=... or another file"
                 )
@@ -77,11 +108,11 @@ def open_source(spec: str, split: str = "train") -> Source:
         files = [Path(line.strip()) for line in path.read_text().splitlines() if line.strip()]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
-            raise DataError(f"{path} lists {len(missing)} missing file(s), first: {missing[0]}")
+            raise DatasetError(f"{path} lists {len(missing)} missing file(s), first: {missing[0]}")
         if not files:
-            raise DataError(f"image list {path} is empty")
-        return Source(str(path), tag, "folder", files)
-    raise DataError(
+            raise DatasetError(f"image list {path} is empty")
+        return Source(str(path), tag, "folder", _frames_of(files, frames, path))
+    raise DatasetError(
         f"data path {path}: expected a folder, an .npz file or a .txt list of images "
         "(tar shards stream through training.shards)"
     )
@@ -93,7 +124,7 @@ class PretrainDataset(torch.utils.data.Dataset):
     Augmentation is seeded by (seed, epoch, index), so a resumed run sees the same crops.
     """
 
-    def __init__(self, sources: list[Source], augment: Callable[[torch.Tensor], list[torch.Tensor]], seed: int = 0):
+    def __init__(self, sources: list[Source], augment: Callable[..., list[torch.Tensor]], seed: int = 0):
         self.sources, self.augment, self.seed, self.epoch = sources, augment, seed, 0
         self.offsets = np.cumsum([0] + [len(s) for s in sources])
 
@@ -116,7 +147,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             image = image.expand(3, -1, -1)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, index)) % (2**63))
-            crops = self.augment(image.contiguous())
+            crops = self.augment(image.contiguous(), source.tag)
         return {"crops": crops, "source": source_index}
 
 
@@ -130,7 +161,7 @@ def collate(batch: list[dict]) -> dict:
     return {"crops": crops, "source": torch.tensor([b["source"] for b in good]), "failed": failed}
 
 
-BALANCE_MODES = ("none", "roots", "batches")
+BALANCE_MODES = ("none", "tags", "tags_per_batch")
 
 
 def balanced_count(group_sizes: list[int], balance: str) -> int:
@@ -142,14 +173,14 @@ def balanced_count(group_sizes: list[int], balance: str) -> int:
 def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str, global_batch: int) -> list[int]:
     """The epoch's global sample order, a whole number of global batches long.
 
-    ``balance="roots"`` draws every source (or tag group) equally often over the epoch: the
+    ``balance="tags"`` draws every tag (an untagged root is its own group) equally often over the epoch: the
     Sinkhorn term assumes the experts share each batch evenly, which unbalanced corpora would
-    break. ``balance="batches"`` also interleaves the groups, so every global batch holds them
+    break. ``balance="tags_per_batch"`` also interleaves the groups, so every global batch holds them
     in equal numbers (within two images), not just the epoch.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     if balance not in BALANCE_MODES:
-        raise DataError(f"data.balance must be 'none', 'roots' or 'batches', got {balance!r}")
+        raise DatasetError(f"data.balance must be one of {', '.join(BALANCE_MODES)}, got {balance!r}")
     if balance == "none":
         order = list(range(len(dataset)))
         rng.shuffle(order)
@@ -162,7 +193,7 @@ def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str,
         for members in groups.values():
             picks = rng.sample(members, per_group) if len(members) >= per_group else rng.choices(members, k=per_group)
             picked.append(picks)
-        if balance == "roots":
+        if balance == "tags":
             order = [index for picks in picked for index in picks]
             rng.shuffle(order)
         else:
@@ -173,7 +204,7 @@ def epoch_indices(dataset: PretrainDataset, epoch: int, seed: int, balance: str,
                 order.extend(round_)
     usable = len(order) // global_batch * global_batch
     if usable == 0:
-        raise DataError(f"{len(order)} images are fewer than one global batch of {global_batch}; lower --batch-size")
+        raise DatasetError(f"{len(order)} images are fewer than one global batch of {global_batch}; lower --batch-size")
     return order[:usable]
 
 

@@ -1,27 +1,9 @@
-"""torchrun / DDP plumbing: one process per device, gloo on CPU and nccl on GPU."""
+"""DDP plumbing beside :func:`midol_hub.utils.join_torchrun`: collectives that are no-ops in one process."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group when launched by torchrun; returns (rank, world size, device)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
-            device = torch.device("cuda", local_rank)
-        else:
-            dist.init_process_group("gloo")
-            device = torch.device("cpu")
-        return dist.get_rank(), dist.get_world_size(), device
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return 0, 1, device
 
 
 def is_distributed() -> bool:

@@ -12,16 +12,20 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from midol_hub import MIDoLConfig, MIDoLModel, canonical_modality
 from midol_hub import calibrate as midol_calibrate
+from midol_hub.errors import DatasetError
 from midol_hub.modalities import SHARED
+from midol_hub.utils import run_command
 
 from .checkpoint import list_checkpoints, load_checkpoint
-from .data import DataError, open_source
+from .config import deviations_from_official, objective_options
+from .data import open_source
 
 
 @dataclass
@@ -32,9 +36,10 @@ class Exported:
     fp16_error: float | None = None
 
 
-def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | None = None, keep_prototypes: bool = False,
-           max_per_modality: int = 500, storage: str = "fp32", **card: object) -> Exported:
-    """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts.
+def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Mapping[str, Sequence] | None = None,
+           keep_prototypes: bool = False, max_per_modality: int = 500, storage: str = "fp32", **card: object) -> Exported:
+    """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts on
+    ``calibrate``: ``MODALITY=PATH`` roots, or images by modality.
 
     ``storage="fp16"`` halves the file; it is refused unless embeddings of the calibration
     images stay within 1e-3 of fp32. ``card`` goes to ``save_pretrained`` (``results``,
@@ -43,7 +48,7 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | No
     run_dir = Path(run_dir)
     checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
     if not checkpoints:
-        raise DataError(f"{run_dir} holds no checkpoint-*.pt; pass the --output-dir of a training run")
+        raise DatasetError(f"{run_dir} holds no checkpoint-*.pt; pass the --output-dir of a training run")
     state = load_checkpoint(checkpoints[-1])
     fields = dict(state["model_config"])
     fields.pop("transformers_version", None)
@@ -58,20 +63,20 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | No
     samples = None
     if calibrate:
         if config.expert_modalities == [SHARED]:
-            raise DataError("a one-expert (dino objective) model has no experts to calibrate")
-        images = calibration_images(calibrate, max_per_modality)
+            raise DatasetError("a one-expert (dino objective) model has no experts to calibrate")
+        images = calibrate if isinstance(calibrate, Mapping) else calibration_images(calibrate, max_per_modality)
         midol_calibrate(model, images)
         samples = torch.cat([model.preprocess(group[:8], "auto") for group in images.values()])
     fp16_error = None
     if storage == "fp16":
         if samples is None:
-            raise DataError("--storage fp16 needs --calibrate images to check the rounding on")
+            raise DatasetError("--storage fp16 needs --calibrate images to check the rounding on")
         fp16_error = fp16_rounding_error(model, samples)
         if fp16_error > 1e-3:
-            raise DataError(f"fp16 storage moves embeddings by {fp16_error:.2e} > 1e-3; keep fp32")
+            raise DatasetError(f"fp16 storage moves embeddings by {fp16_error:.2e} > 1e-3; keep fp32")
         model.half()
     elif storage != "fp32":
-        raise DataError(f"--storage must be fp32 or fp16, got {storage!r}")
+        raise DatasetError(f"--storage must be fp32 or fp16, got {storage!r}")
     model.save_pretrained(model_dir, **card)
     return Exported(model.float(), fp16_error)
 
@@ -88,26 +93,12 @@ def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
 def pretraining_record(state: dict) -> dict:
     """What trained these weights: the objective and its options, as the run's config.yaml has them."""
     config = state["config"]
-    model, objective, optim = config["model"], config["objective"], config["optim"]
-    record = {
-        "objective": objective["name"],
-        "routing": objective["routing"] if objective["name"] == "midol" else None,
-        "top_k": state["model_config"]["top_k"],
-        "gate_noise": model["gate_noise"],
-        "teacher_train_mode": model["teacher_train_mode"],
-        "clip_grad": optim["clip_grad"],
-        "clip_mode": optim["clip_mode"],
-        "sinkhorn_iters": objective["sinkhorn_iters"],
-        "init": Path(model["init"]).name if model["init"] else None,  # the name, not this machine's path
-        "balance": config["data"]["balance"],
-        "steps": state["step"],
-        "epochs": optim["epochs"],
-        "batch_size": optim["batch_size"],
-    }
-    official = {"routing": "official", "top_k": 4, "gate_noise": 1.0, "teacher_train_mode": True, "clip_mode": "per_param",
-                "sinkhorn_iters": 3, "balance": "none"}
-    record["deviations_from_official"] = {key: record[key] for key, value in official.items()
-                                          if objective["name"] == "midol" and record[key] != value}
+    objective, optim = config["objective"], config["optim"]
+    record = {"objective": objective["name"], **objective_options(config), "clip_grad": optim["clip_grad"],
+              "steps": state["step"], "epochs": optim["epochs"], "batch_size": optim["batch_size"]}
+    if objective["name"] != "midol":
+        record["routing"] = None
+    record["deviations_from_official"] = deviations_from_official(config) if objective["name"] == "midol" else {}
     return record
 
 
@@ -117,7 +108,7 @@ def calibration_images(specs: list[str], max_per_modality: int = 500) -> dict[st
     by_modality: dict[str, list] = {}
     for spec in specs:
         if "=" not in spec:
-            raise DataError(f"--calibrate {spec!r}: expected MODALITY=PATH, e.g. oct=data/oct")
+            raise DatasetError(f"--calibrate {spec!r}: expected MODALITY=PATH, e.g. oct=data/oct")
         source = open_source(spec, split="train")
         by_modality.setdefault(canonical_modality(source.tag), []).append(source)
     images = {}
@@ -138,20 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-prototypes", action="store_true", help="keep the prototype layer (to continue training)")
     parser.add_argument("--storage", choices=("fp32", "fp16"), default="fp32",
                         help="fp16 halves the file; refused if embeddings move by more than 1e-3")
-    parser.add_argument("--results", default=None, help="results JSON of `python -m midol_hub.evaluate` for the card")
+    parser.add_argument("--results", default=None, help="results JSON of `python -m benchmarks.evaluate` for the card")
     parser.add_argument("--card-notes", default=None, help="markdown file added to the model card")
     args = parser.parse_args(argv)
     card = {"results": args.results, "card_notes": Path(args.card_notes).read_text() if args.card_notes else None}
-    try:
+
+    def body() -> None:
         exported = export(args.run_dir, args.model_dir, args.calibrate, args.keep_prototypes, storage=args.storage, **card)
-    except (DataError, ValueError) as error:
-        print(f"training.export: error: {error}", file=sys.stderr)
-        return 1
-    calibration = exported.model.config.modality_calibration
-    print(f"exported {args.run_dir} -> {args.model_dir}; experts: {exported.model.config.expert_modalities}"
-          + (f"; routing accuracy: {calibration['accuracy']}" if calibration else "")
-          + (f"; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}" if args.storage == "fp16" else ""))
-    return 0
+        calibration = exported.model.config.modality_calibration
+        print(f"exported {args.run_dir} -> {args.model_dir}; experts: {exported.model.config.expert_modalities}"
+              + (f"; routing accuracy: {calibration['accuracy']}" if calibration else "")
+              + (f"; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}" if args.storage == "fp16" else ""))
+
+    return run_command("training.export", body, (DatasetError, ValueError))
 
 
 if __name__ == "__main__":

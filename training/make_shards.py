@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data import DataError, open_source
+from midol_hub.errors import DatasetError
+from midol_hub.utils import run_command
+
+from .data import FRAME_MODES, open_source
 from .shards import write_shards
 
 
@@ -22,17 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", required=True, help="folders, .npz files or .txt lists; TAG=PATH tags a root")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--split", default="train", help="which split of .npz files to write")
+    parser.add_argument("--frames", choices=FRAME_MODES, default="error",
+                        help="multi-frame files (DICOM, TIFF, GIF): error, or all (one sample per frame)")
     args = parser.parse_args(argv)
-    try:
-        summary = write_shards(args.out_dir, [open_source(spec, args.split) for spec in args.data], args.shard_size)
-    except DataError as error:
-        print(f"training.make_shards: error: {error}", file=sys.stderr)
-        return 1
-    print(f"wrote {summary.samples} samples in {summary.shards} shards to {summary.directory}; "
-          f"{len(summary.unreadable)} unreadable input(s)")
-    for name in summary.unreadable:
-        print(f"  unreadable: {name}", file=sys.stderr)
-    return 0
+
+    def body() -> None:
+        summary = write_shards(args.out_dir, [open_source(spec, args.split, args.frames) for spec in args.data],
+                               args.shard_size)
+        print(f"wrote {summary.samples} samples in {summary.shards} shards to {summary.directory}; "
+              f"{len(summary.unreadable)} unreadable input(s)")
+        for name in summary.unreadable:
+            print(f"  unreadable: {name}", file=sys.stderr)
+
+    return run_command("training.make_shards", body, (DatasetError,))
 
 
 if __name__ == "__main__":

@@ -1,44 +1,110 @@
-"""Write the training splits of the shared medical images: ``python -m training.prepare_shared_data OUT_DIR``.
+"""Write the training data of the shared medical images: ``python -m training.prepare_shared_data OUT_DIR``.
 
-Uses exactly the splits of ``midol_hub.evaluate`` (OCT by patient id, ISIC by lesion id,
-the PathMNIST subset 60/40), so pretraining never sees an evaluation test image. Prints the
-``--data`` arguments for ``training.pretrain``; the MedMNIST files are used as they are
-(their ``train`` split).
+Uses exactly the training sides of ``benchmarks.shared_data`` (the labelled sets' splits and the
+written-down full-resolution split), so pretraining never sees a test image, nor the two
+quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
+
+- The MedMNIST files are used as they are (their ``train`` split).
+- Full-resolution files are resized once (shortest side ``CACHE_SIDE``) into ``OUT_DIR/fullres``,
+  so decoding a 3,400 px fundus photograph does not slow every step; multi-scale crops are then
+  cut from that copy. The large pathology regions are first cut into tiles of ``TILE_MICRONS``
+  (and twice that, overlapping by half) at their recorded micrometres per pixel.
+- Each modality's full-resolution list repeats its files so that they make up about
+  ``FULLRES_SHARE`` of that modality's draws (at most ``MAX_REPEATS`` copies): a few dozen real
+  images are otherwise lost among thousands of 28 px ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from midol_hub.evaluate import isic_splits, oct_splits, pathmnist_splits, data_root
+from benchmarks.shared_data import PATHOLOGY_REGIONS, data_root, fullres_parts, isic_splits, pathmnist_splits
+
+CACHE_SIDE = 256
+TILE_MICRONS = 112  # the field of view of a 224 px CRC-VAL-HE tile at 0.5 um/px
+FULLRES_SHARE = 1 / 3
+MAX_REPEATS = 40
+NPZ_SOURCES = {"xray": "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz", "fundus": "fundus/retinamnist/retinamnist.npz",
+               "pathology": "pathology/bloodmnist/bloodmnist.npz"}
+
+
+def _cached(image: Image.Image, out: Path) -> str:
+    scale = CACHE_SIDE / min(image.size)
+    if scale < 1:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return str(out)
+
+
+def region_tiles(path: Path, microns_per_pixel: float) -> list[Image.Image]:
+    """Tiles of ``TILE_MICRONS`` (non-overlapping) and of twice that (stride half) from one region."""
+    region = Image.open(path).convert("RGB")
+    tiles = []
+    for microns in (TILE_MICRONS, 2 * TILE_MICRONS):
+        side = round(microns / microns_per_pixel)
+        stride = side if microns == TILE_MICRONS else side // 2
+        for top in range(0, region.height - side + 1, stride):
+            for left in range(0, region.width - side + 1, stride):
+                tiles.append(region.crop((left, top, left + side, top + side)))
+    return tiles
+
+
+def cache_fullres(root: Path, out_dir: Path) -> dict[str, list[str]]:
+    """The full-resolution training side, resized (and regions tiled) into ``out_dir``: {modality: paths}."""
+    cached: dict[str, list[str]] = {}
+    regions = {str(root / folder) for folder in PATHOLOGY_REGIONS}
+    for modality, paths in fullres_parts(root, "train").items():
+        files = cached.setdefault(modality, [])
+        for path in map(Path, paths):
+            target = out_dir / modality / path.relative_to(root).with_suffix(".png")
+            if str(path.parent) in regions:
+                with open(path.parent / "labels.csv", newline="") as handle:
+                    scale = {row["file"]: float(row["um_per_px"]) for row in csv.DictReader(handle)}[path.name]
+                files += [_cached(tile, target.with_name(f"{target.stem}-tile{i:03d}.png"))
+                          for i, tile in enumerate(region_tiles(path, scale))]
+            elif str(target) not in files:  # a tile stored twice (as .tif and .jpg) is listed once
+                files.append(_cached(Image.open(path), target))
+    return cached
+
+
+def repeats(small: int, fullres: int) -> int:
+    """Copies of each full-resolution file so they make up about ``FULLRES_SHARE`` of their modality."""
+    if small == 0 or fullres == 0:
+        return 1
+    return int(np.clip(round(FULLRES_SHARE * small / ((1 - FULLRES_SHARE) * fullres)), 1, MAX_REPEATS))
 
 
 def prepare(out_dir: Path, root: Path | None = None) -> list[str]:
-    """Write the split files into ``out_dir``; return the ``TAG=PATH`` data arguments."""
-    root = (root or data_root()).resolve()
+    """Write the training files into ``out_dir``; return the ``TAG=PATH`` data arguments."""
+    root = root or data_root()
     out_dir.mkdir(parents=True, exist_ok=True)
-    oct_train, _ = oct_splits(root)
     isic_train, _ = isic_splits(root)
     path_train, _ = pathmnist_splits(root)
-    (out_dir / "oct_train.txt").write_text("\n".join(oct_train.images) + "\n")
     (out_dir / "isic_train.txt").write_text("\n".join(isic_train.images) + "\n")
     np.savez(out_dir / "pathmnist_train.npz", train_images=np.stack(path_train.images), train_labels=path_train.labels)
-    return [
-        f"xray={root / 'xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz'}",
-        f"fundus={root / 'fundus/retinamnist/retinamnist.npz'}",
-        f"oct={out_dir / 'oct_train.txt'}",
-        f"dermoscopy={out_dir / 'isic_train.txt'}",
-        f"pathology={out_dir / 'pathmnist_train.npz'}",
-        f"pathology={root / 'pathology/bloodmnist/bloodmnist.npz'}",
-    ]
+    small = {modality: len(np.load(root / relative, mmap_mode="r")["train_images"]) for modality, relative in NPZ_SOURCES.items()}
+    small["pathology"] += len(path_train)
+    small["dermoscopy"] = len(isic_train)
+    args = [f"{modality}={root / relative}" for modality, relative in NPZ_SOURCES.items()]
+    args += [f"pathology={out_dir / 'pathmnist_train.npz'}", f"dermoscopy={out_dir / 'isic_train.txt'}"]
+    for modality, files in cache_fullres(root, out_dir / "fullres").items():
+        copies = repeats(small.get(modality, 0), len(files))
+        listing = out_dir / f"{modality}_fullres.txt"
+        listing.write_text("".join(f"{f}\n" for f in files) * copies)
+        args.append(f"{modality}={listing}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.prepare_shared_data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training.prepare_shared_data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
     print(" ".join(prepare(Path(args.out_dir))))

@@ -9,7 +9,6 @@ AdamW step with clipping -> EMA update of the teacher.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -21,13 +20,21 @@ import torch
 import torch.distributed as dist
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+from midol_hub.errors import DatasetError
 from midol_hub.modalities import SHARED
+from midol_hub.utils import join_torchrun, run_command, state_sha256
 
 from .augment import MultiCrop
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, load_config, save_config
-from .data import BALANCE_MODES, DataError, MapData, open_source
-from .distributed import init_distributed, is_distributed
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import RENAMED_VALUES, ConfigError, load_config, save_config
+from .data import BALANCE_MODES, MapData, open_source
+from .distributed import is_distributed
 from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, RoutingMonitor, routing_stats
 from .schedules import cosine, linear_then_constant
@@ -48,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch size")
     parser.add_argument("--objective", choices=("midol", "dino"), default=None, help="midol, or the plain DINO ablation")
-    parser.add_argument("--balance", choices=BALANCE_MODES, default=None,
-                        help="roots: draw every data root (or tag) equally often per epoch; batches: and in every batch")
+    parser.add_argument("--balance", choices=BALANCE_MODES + tuple(RENAMED_VALUES[("data", "balance")]), default=None,
+                        help="tags: draw every tag (or untagged root) equally often per epoch; tags_per_batch: and in every batch")
     return parser.parse_args(argv)
 
 
@@ -105,9 +112,10 @@ def open_training_data(specs: list[str], config: dict[str, Any], augment: MultiC
                   per_rank=per_rank, accumulate=config["optim"]["accumulate"], rank=rank, world=world,
                   workers=config["data"]["num_workers"])
     if not shard_specs:
-        return MapData([open_source(spec, config["data"]["split"]) for spec in specs], augment, **common)
+        return MapData([open_source(spec, config["data"]["split"], config["data"]["frames"]) for spec in specs], augment,
+                       **common)
     if len(shard_specs) != len(specs):
-        raise DataError("--data mixes shards with folders or files; write them all to shards with "
+        raise DatasetError("--data mixes shards with folders or files; write them all to shards with "
                         "python -m training.make_shards, or train on the folders and files alone")
     shards = [shard for spec in shard_specs for shard in open_shards(spec)]
     return StreamData(shards, augment, buffer=config["data"]["shuffle_buffer"], **common)
@@ -129,38 +137,29 @@ def init_from(student: MIDoLModel, source: str) -> None:
         log.info("model.init %s: backbone loaded; fresh (not in the init or of another shape): %s", source, ", ".join(fresh))
 
 
-ARCHITECTURE_KEYS = ("backbone", "embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size",
-                     "num_experts", "hidden_dim", "num_prototypes")
+ARCHITECTURE_KEYS = ("embed_dim", "depths", "num_heads", "window_size", "img_size", "patch_size", "num_experts",
+                     "hidden_dim", "num_prototypes")
+"""What a checkpoint must share with the run that resumes it (the timm name only picks the Swin class)."""
 
 
 def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
     return {key: model_config.get(key) for key in ARCHITECTURE_KEYS}
 
 
-def checksum(state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for tensor in state.values():
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        run(args)
-    except (ConfigError, DataError, TrainingError) as error:
-        print(f"training.pretrain: error: {error}", file=sys.stderr)
-        return 1
+        return run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
     finally:
         if is_distributed():
             dist.destroy_process_group()
-    return 0
 
 
 def run(args: argparse.Namespace) -> None:
     config = resolve_config(args)
-    rank, world, device = init_distributed()
+    rank, world, device_name = join_torchrun()
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output_dir)
     checkpoints = list_checkpoints(out) if out.is_dir() else []
     if args.resume and not checkpoints:
@@ -178,7 +177,8 @@ def run(args: argparse.Namespace) -> None:
     student, teacher = build_models(config, device)
     image_size = student.config.img_size
     augment = MultiCrop(image_size, config["crops"]["global_scale"], config["crops"]["local_scale"],
-                        config["crops"]["local_number"], config["crops"]["local_size"])
+                        config["crops"]["local_number"], config["crops"]["local_size"],
+                        stain_tags=tuple(config["crops"]["stain_tags"]), stain_p=config["crops"]["stain_p"])
     global_batch = optim_cfg["batch_size"]
     data = open_training_data(args.data, config, augment, per_rank, rank, world)
     steps_per_epoch = data.steps_per_epoch
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _check_ranks_in_sync(teacher_state: dict[str, torch.Tensor], rank: int, world: int, out: Path) -> None:
     """Rank 0 records every rank's teacher checksum; they must agree under DDP."""
-    sums = [checksum(teacher_state)]
+    sums = [state_sha256(teacher_state)]
     if is_distributed():
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, sums[0])

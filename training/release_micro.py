@@ -1,18 +1,19 @@
-"""Reproduce the shipped midol-micro: ``python -m training.release_micro WORK_DIR [--ablations LABEL=RUN ...]``.
+"""Reproduce the shipped midol-micro (v3): ``python -m training.release_micro WORK_DIR [--init V2_DIR]``.
 
-1. Writes the training splits of the shared data (``prepare_shared_data``).
-2. Trains the plain-DINO baseline for the whole budget (5 epochs) in ``WORK/dino``; its first
-   epoch, exported as ``WORK/dino-e1``, is where M-IDoL starts (our analogue of the official
-   ImageNet start, its steps counted in the budget).
-3. Trains M-IDoL from it for 4 epochs with ``configs/midol_micro_release.yaml`` in ``WORK/midol``.
-4. Exports both, calibrates M-IDoL's experts on the training splits only (fp16 storage),
-   evaluates random initialisation, DINO and M-IDoL with ``midol_hub.evaluate``, and writes
-   the model card with the comparison and the ablation table (runs given as ``--ablations``,
-   each a run directory of ``configs/midol_micro_v2.yaml`` plus overrides) into ``--install``
-   (default: the package's ``midol_hub/weights/midol-micro``).
+1. Writes the training data (``training.prepare_shared_data``): the MedMNIST-type training
+   splits and the full-resolution training parts, resized once and tiled.
+2. Trains M-IDoL with ``configs/midol_micro_v3.yaml`` from midol-micro v2 (``WORK/from-v2``;
+   our analogue of the official pretrained start) and, to decide by measurement, from random
+   initialisation (``WORK/from-random``, stopped after ``CHOICE_STEPS`` steps). The start whose
+   teacher routes the tagged *training* images better at that step is released.
+3. Exports it, calibrated on the training sides only (experts, out-of-scope detector,
+   confidence; fp16 storage), into ``--install`` (default: the package's weights folder).
+4. Evaluates v3, v2 (recalibrated the same way, so only the weights differ) and random
+   initialisation with ``benchmarks.evaluate``, plus few-shot probes over three seeds, and
+   writes the model card from those numbers.
 
 Every step resumes or is skipped when its output exists, so the command can be rerun after an
-interruption.
+interruption. v2 is copied to ``WORK/v2`` on the first run (the package then holds v3).
 """
 
 from __future__ import annotations
@@ -28,19 +29,21 @@ import numpy as np
 import torch
 import yaml
 
-from midol_hub import load_model
-from midol_hub.evaluate import BENCHMARKS, data_root, evaluate, modality_separation
-from midol_hub.model_card import SEPARATION
+from benchmarks.evaluate import evaluate, modality_separation
+from benchmarks.shared_data import BENCHMARKS, data_root, fullres_parts, labelled_splits
+from midol_hub import calibrate, extract_features, few_shot, load_model
+from midol_hub.model_card import SEPARATION, separation_table
 
 from . import export, pretrain
 from .checkpoint import list_checkpoints
+from .config import deviations_from_official
 from .prepare_shared_data import prepare
 
-CONFIG = Path(__file__).parent / "configs" / "midol_micro_release.yaml"
+CONFIG = Path(__file__).parent / "configs" / "midol_micro_v3.yaml"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "midol_hub" / "weights" / "midol-micro"
-DINO_EPOCHS, INIT_EPOCHS = 5, 1
-OFFICIAL = {"routing": "official", "top_k": 4, "gate_noise": 1.0, "clip_mode": "per_param", "sinkhorn_iters": 3,
-            "init": None, "balance": "roots"}
+CHOICE_STEPS = 300
+CALIBRATION_PER_MODALITY = 500
+SHOTS, SEEDS = 10, (0, 1, 2)
 
 
 def train(run: Path, data: list[str], *extra: str) -> None:
@@ -55,34 +58,46 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def run_options(run: Path) -> dict:
-    """The options of a run that the ablations vary, from its config.yaml."""
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    return {"routing": config["objective"]["routing"], "top_k": config["model"]["top_k"],
-            "gate_noise": config["model"]["gate_noise"], "clip_mode": config["optim"]["clip_mode"],
-            "sinkhorn_iters": config["objective"]["sinkhorn_iters"],
-            "init": Path(config["model"]["init"]).name if config["model"]["init"] else None,
-            "balance": config["data"]["balance"]}
+def routing_curve(run: Path) -> dict[int, float]:
+    return {r["step"]: r["routing"]["macro_accuracy"] for r in read_log(run) if "routing" in r}
 
 
-def ablation_rows(runs: dict[str, Path]) -> list[str]:
-    """One table row per run: what it changes from the official objective and its routing curve."""
-    lines = ["| run | differs from the official objective in | routing accuracy at step 50 / 100 / 200 / 300 / last "
-             "| experts used at the end (share of images) |", "|---|---|---|---|"]
+def calibration_images(root: Path) -> dict[str, list[str]]:
+    """Up to ``CALIBRATION_PER_MODALITY`` labelled training images per modality (seeded sample)
+    plus every full-resolution training file: training sides only."""
+    rng = np.random.default_rng(0)
+    images = {}
+    full = fullres_parts(root, "train")
+    for modality, items in labelled_splits(root, "train").items():
+        picks = [items[i] for i in sorted(rng.permutation(len(items))[:CALIBRATION_PER_MODALITY])]
+        images[modality] = list(dict.fromkeys([*picks, *full.get(modality, [])]))
+    return images
+
+
+def choice_rows(runs: dict[str, Path]) -> list[str]:
+    """The start-point table: what each run changes from the official objective (derived from
+    ``defaults.yaml``) and its routing accuracy on the tagged training images."""
+    lines = ["| start | differs from the official objective in | routing accuracy at step 50 / 100 / 200 / 300 / last |",
+             "|---|---|---|"]
     for label, run in runs.items():
-        log = [r for r in read_log(run) if "routing" in r]
-        at = {r["step"]: r["routing"]["macro_accuracy"] for r in log}
-        curve = " / ".join(f"{at[s]:.2f}" if s in at else "-" for s in (50, 100, 200, 300))
-        last = log[-1]
-        usage = ", ".join(f"{u:.2f}" for u in last["routing"]["expert_usage"])
-        changed = {k: v for k, v in run_options(run).items() if v != OFFICIAL[k]}
-        lines.append(f"| {label} | {', '.join(f'{k}={v}' for k, v in changed.items()) or 'nothing'} | "
-                     f"{curve} / {last['routing']['macro_accuracy']:.2f} (step {last['step']}) | {usage} |")
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        changed = ", ".join(f"{k}={v}" for k, v in deviations_from_official(config).items()) or "nothing"
+        curve = routing_curve(run)
+        last = max(curve)
+        points = " / ".join(f"{curve[s]:.2f}" if s in curve else "-" for s in (50, 100, 200, 300))
+        lines.append(f"| {label} | {changed} | {points} / {curve[last]:.2f} (step {last}) |")
     return lines
 
 
-def training_minutes(run: Path, batch: int = 32) -> float:
-    return sum(batch / r["images_per_s"] for r in read_log(run)) / 60
+def few_shot_results(model, root: Path, cache: Path) -> dict:
+    """``SHOTS`` training images per class, linear probe, over ``SEEDS``: mean and spread per set."""
+    results = {}
+    for name, (modality, load) in BENCHMARKS.items():
+        train, test = load(root)
+        train_x = extract_features(model, train.images, modality, cache_dir=str(cache))
+        test_x = extract_features(model, test.images, modality, cache_dir=str(cache))
+        results[name] = few_shot(train_x, train.labels, test_x, test.labels, SHOTS, seeds=SEEDS)
+    return results
 
 
 def evaluate_all(work: Path, models: dict) -> dict:
@@ -90,63 +105,41 @@ def evaluate_all(work: Path, models: dict) -> dict:
     for label, model in models.items():
         path = work / f"results-{label}.json"
         if not path.exists():
-            result = evaluate(model, data_root(), cache_dir=str(work / "feature_cache"), progress=True)
-            result[SEPARATION] = modality_separation(model, data_root())
+            root = data_root()
+            result = evaluate(model, root, cache_dir=str(work / "feature_cache"), progress=True)
+            result[SEPARATION] = modality_separation(model, root)
+            result["few-shot"] = few_shot_results(model, root, work / "feature_cache")
             path.write_text(json.dumps(result, indent=2))
         results[label] = json.loads(path.read_text())
     return results
 
 
-def comparison_notes(results: dict, ablations: list[str], minutes: dict, config_text: str) -> str:
-    """The card's comparison, verdict, ablations and training sections, from the measured numbers."""
-    labels = {"random": "random init", "dino": "DINO baseline", "midol": "midol-micro (M-IDoL)"}
-    lines = ["### Comparison on the test splits", "",
+def comparison_notes(results: dict, choice: list[str], minutes: float, config_text: str) -> str:
+    """The card's comparison, modality detection, start choice and training sections."""
+    labels = {"random": "random init", "v2": "midol-micro v2", "v3": "midol-micro v3 (this model)"}
+    lines = ["### v3 against v2 and random initialisation (test splits)", "",
              "| dataset | protocol | " + " | ".join(labels.values()) + " |", "|---|---|---|---|---|"]
     for dataset in BENCHMARKS:
         for protocol, metric in (("linear probe", "accuracy"), ("linear probe", "auc"), ("kNN", "accuracy")):
             cells = [f"{results[k][dataset][protocol][metric]:.3f}" for k in labels]
             lines.append(f"| {dataset} | {protocol} {metric} | " + " | ".join(cells) + " |")
-    separation = {k: results[k][SEPARATION]["auto routing"] for k in labels}
-    lines.append("| modality separation | NMI modality vs expert | "
-                 + " | ".join(f"{separation[k]['nmi']:.3f}" for k in labels) + " |")
-    lines.append("| modality separation | embedding silhouette | "
-                 + " | ".join(f"{separation[k]['silhouette']:.3f}" for k in labels) + " |")
+        shots = [results[k]["few-shot"][dataset] for k in labels]
+        lines.append(f"| {dataset} | {SHOTS}-shot linear probe accuracy, mean ± sd over {len(SEEDS)} seeds | "
+                     + " | ".join(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in shots) + " |")
     mean = {k: float(np.mean([results[k][d]["linear probe"]["accuracy"] for d in BENCHMARKS])) for k in labels}
-    gap = (mean["midol"] - mean["dino"]) * 100
-    routing = separation["midol"]
-    worst = min(routing["accuracy"], key=routing["accuracy"].get)
-    unknown = float(np.mean(list(routing["unknown_rate"].values())))
-    lines += ["", "**Verdict.** " + (
-        f"`modality=\"auto\"` names the modality of {routing['macro_accuracy']:.1%} of the test-split images "
-        f"(macro over modalities; target 90%), lowest for {worst} ({routing['accuracy'][worst]:.1%}; target 75% each), "
-        f"and calls {unknown:.1%} of them `unknown` (target at most 5%). Mean linear-probe accuracy over the six sets: "
-        f"M-IDoL {mean['midol']:.3f}, DINO {mean['dino']:.3f} ({gap:+.1f} points, one seed each), random init "
-        f"{mean['random']:.3f}. At this scale (64 px, about 16,000 small training images, 5 epochs) the routing "
-        "objective buys a router that sorts modalities; it does not buy better features than DINO's."
-        if gap <= 0 else
-        f"`modality=\"auto\"` names the modality of {routing['macro_accuracy']:.1%} of the test-split images "
-        f"(macro over modalities; target 90%), lowest for {worst} ({routing['accuracy'][worst]:.1%}; target 75% each), "
-        f"and calls {unknown:.1%} of them `unknown` (target at most 5%). Mean linear-probe accuracy over the six sets: "
-        f"M-IDoL {mean['midol']:.3f}, DINO {mean['dino']:.3f} ({gap:+.1f} points, one seed each), random init "
-        f"{mean['random']:.3f}."), ""]
-    lines += ["### Ablations: what makes the router separate modalities", "",
-              "Same data, seed and 4-epoch schedule (`configs/midol_micro_v2.yaml` plus overrides), each ablation "
-              "stopped at the step in its last column (the CPU budget: 150-300 steps); routing accuracy "
-              "is the teacher's on 100 fixed training images per modality (Hungarian-matched argmax experts; test "
-              "images never enter these choices). The official objective is `routing=official`, top-4 noisy gates, "
-              "per-parameter clipping, a teacher in train mode and 3 Sinkhorn iterations.", "", *ablations, "",
-              "The shipped model deviates from the official objective in two named options: `objective.routing: "
-              "balanced` (Sinkhorn of the raw router logits, `-sum a_T log a_S`) and `data.balance: batches`; it "
-              "starts from one epoch of DINO (`model.init`), as the official run starts from ImageNet weights.", ""]
+    lines.append("| **mean over the six** | linear probe accuracy | " + " | ".join(f"{mean[k]:.3f}" for k in labels) + " |")
+    lines += ["", "### `modality=\"auto\"`: v3", "", separation_table(results["v3"][SEPARATION]), "",
+              "### `modality=\"auto\"`: v2, recalibrated the same way", "", separation_table(results["v2"][SEPARATION]), ""]
+    lines += ["### Where v3 starts: v2 or random initialisation, decided by measurement", "",
+              f"Same data, recipe and seed; the run from random initialisation stopped at step {CHOICE_STEPS} (CPU "
+              "budget). Routing accuracy is the teacher's on 100 fixed tagged *training* images per modality "
+              "(Hungarian-matched argmax experts); no test image entered the choice.", "", *choice, ""]
     lines += ["### Training", "",
-              f"On a 2-core CPU, one thread per run: DINO baseline {minutes['dino']:.0f} min ({DINO_EPOCHS} epochs), "
-              f"M-IDoL {minutes['midol']:.0f} min (4 epochs, after the DINO baseline's first epoch), in fp32: bf16 "
-              "steps were 9x slower on this AVX2 CPU (measured; the losses tracked fp32 within 0.04). Configuration "
-              "(`training/configs/midol_micro_release.yaml` over `defaults.yaml`):", "", "```yaml", config_text.strip(),
-              "```", "",
-              "Reproduce the numbers above from the shipped weights: "
-              "`python -m midol_hub.evaluate --model midol-micro --separation --out results.json`. "
-              "Reproduce the training: `python -m training.release_micro WORK_DIR`."]
+              f"On a 2-core CPU, one thread: {minutes:.0f} min, in fp32 (bf16 is 6-9x slower on this AVX2 CPU without "
+              "native bf16). Configuration (`training/configs/midol_micro_v3.yaml` over `defaults.yaml`):", "",
+              "```yaml", config_text.strip(), "```", "",
+              "Reproduce the numbers above: `python -m benchmarks.evaluate --model midol-micro --separation --out "
+              "results.json`. Reproduce the model: `python -m training.release_micro WORK_DIR`."]
     return "\n".join(lines)
 
 
@@ -155,53 +148,42 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir")
     parser.add_argument("--install", default=str(PACKAGE_WEIGHTS), help="where the released model directory goes")
-    parser.add_argument("--ablations", nargs="*", default=[], metavar="LABEL=RUN_DIR",
-                        help="ablation runs to tabulate in the card")
+    parser.add_argument("--init", default=None, help="midol-micro v2's model directory (default: WORK/v2, copied from "
+                                                     "the package on the first run)")
+    parser.add_argument("--notes", default=None, help="markdown file of further card sections (e.g. the detector comparison)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
+    v2 = Path(args.init) if args.init else work / "v2"
+    if not v2.is_dir():
+        shutil.copytree(PACKAGE_WEIGHTS, v2)
     data = prepare(work / "data")
-    if not (work / "dino-e1").is_dir():  # the DINO run's first epoch, then M-IDoL's start
-        dino_e1 = work / "dino-e1-run"
-        train(work / "dino", data, "--objective", "dino", "--set", f"optim.epochs={DINO_EPOCHS}", "--balance", "roots",
-              "--set", "objective.routing=official", "--max-steps", str(pretrain_steps_per_epoch(work, data)))
-        dino_e1.mkdir(exist_ok=True)
-        shutil.copy(list_checkpoints(work / "dino")[-1], dino_e1)
-        export.export(dino_e1, work / "dino-e1")
-    train(work / "dino", data, "--objective", "dino", "--set", f"optim.epochs={DINO_EPOCHS}", "--balance", "roots",
-          "--set", "objective.routing=official")
-    train(work / "midol", data, "--set", f"model.init={work / 'dino-e1'}")
-    calibrate = data  # the training splits only; roots of one modality are pooled
-    export.export(work / "dino", work / "dino-model")
-    # evaluate exactly what ships: the fp16-stored export, so the card's numbers reproduce from it
-    export.export(work / "midol", args.install, calibrate=calibrate, storage="fp16")
+    train(work / "from-v2", data, "--set", f"model.init={v2}")
+    train(work / "from-random", data, "--max-steps", str(CHOICE_STEPS))
+    start = {label: routing_curve(work / label).get(CHOICE_STEPS, 0.0) for label in ("from-v2", "from-random")}
+    chosen = work / max(start, key=start.get)
+    if chosen.name != "from-v2":
+        train(chosen, data)  # finish the run from random initialisation before releasing it
+    root = data_root()
+    images = calibration_images(root)
+    export.export(chosen, args.install, calibrate=images, storage="fp16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)  # a reproducible random-initialisation baseline
-        models = {"random": load_model("midol-micro", pretrained=False), "dino": load_model(work / "dino-model"),
-                  "midol": load_model(args.install)}
+        v2_model = load_model(v2)
+        calibrate(v2_model, images)
+        models = {"random": load_model("midol-micro", pretrained=False), "v2": v2_model, "v3": load_model(args.install)}
     results = evaluate_all(work, models)
-    runs = {label: Path(run) for label, run in (spec.split("=", 1) for spec in args.ablations)}
-    runs["shipped recipe (this model)"] = work / "midol"
-    minutes = {"dino": training_minutes(work / "dino"), "midol": training_minutes(work / "midol")}
-    notes = comparison_notes(results, ablation_rows(runs), minutes, CONFIG.read_text())
-    exported = export.export(work / "midol", args.install, calibrate=calibrate, storage="fp16",
-                             results=results["midol"], card_notes=notes)
+    minutes = sum(32 / r["images_per_s"] for r in read_log(chosen)) / 60
+    notes = comparison_notes(results, choice_rows({"midol-micro v2 (released)": work / "from-v2",
+                                                   "random initialisation": work / "from-random"}),
+                             minutes, CONFIG.read_text())
+    if args.notes:
+        notes += "\n\n" + Path(args.notes).read_text()
+    card = {key: value for key, value in results["v3"].items() if key != "few-shot"}
+    exported = export.export(chosen, args.install, calibrate=images, storage="fp16", results=card, card_notes=notes)
     print(notes)
     print(f"installed {args.install}; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}")
     return 0
-
-
-def pretrain_steps_per_epoch(work: Path, data: list[str]) -> int:
-    """Optimizer steps in one epoch of the release configuration on ``data``."""
-    from .augment import MultiCrop
-    from .config import load_config
-    from .data import MapData, open_source
-
-    config = load_config(CONFIG, ["data.balance=roots"])
-    batch = config["optim"]["batch_size"]
-    sources = [open_source(spec) for spec in data]
-    return MapData(sources, MultiCrop(64), seed=config["run"]["seed"], balance="roots", global_batch=batch,
-                   per_rank=batch, accumulate=1, rank=0, world=1, workers=0).steps_per_epoch * INIT_EPOCHS
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from midol_hub.errors import ImageReadError
+from midol_hub.errors import DatasetError, ImageReadError
 from midol_hub.image_io import decode_image
 
-from .data import DataError, Source, balanced_count, collate
+from .data import Source, balanced_count, collate
 
 INDEX_NAME = "index.json"
 FORMAT = "midol-shards-1"
@@ -72,9 +72,9 @@ def write_shards(out_dir: str | Path, sources: list[Source], shard_size: int = 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if any(out.glob("shard-*.tar")):
-        raise DataError(f"{out} already holds shards; write to an empty folder")
+        raise DatasetError(f"{out} already holds shards; write to an empty folder")
     if shard_size < 1:
-        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+        raise DatasetError(f"--shard-size must be at least 1, got {shard_size}")
     shards: list[dict[str, Any]] = []
     unreadable: list[str] = []
     writer, key = None, 0
@@ -103,7 +103,7 @@ def write_shards(out_dir: str | Path, sources: list[Source], shard_size: int = 1
             key += 1
     close()
     if not shards:
-        raise DataError("no readable image in the given data; nothing to write")
+        raise DatasetError("no readable image in the given data; nothing to write")
     tags: dict[str, int] = {}
     for shard in shards:
         tags[shard["tag"]] = tags.get(shard["tag"], 0) + shard["samples"]
@@ -135,20 +135,20 @@ def open_shards(spec: str) -> list[dict[str, Any]]:
     if p.is_dir():
         index_path = p / INDEX_NAME
         if not index_path.is_file():
-            raise DataError(f"{p} has no {INDEX_NAME}; write shards with python -m training.make_shards")
+            raise DatasetError(f"{p} has no {INDEX_NAME}; write shards with python -m training.make_shards")
         index = json.loads(index_path.read_text())
         if index.get("format") != FORMAT:
-            raise DataError(f"{index_path} is not a midol shard index (format {index.get('format')!r})")
+            raise DatasetError(f"{index_path} is not a midol shard index (format {index.get('format')!r})")
         return [{"path": str(p / s["name"]), "tag": tag or s["tag"], "samples": s["samples"]} for s in index["shards"]]
     files = _expand(path)
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
-        raise DataError(f"shard {missing[0]} does not exist")
+        raise DatasetError(f"shard {missing[0]} does not exist")
     shards = []
     for file in files:
         samples = sum(1 for _ in wds.tarfile_to_samples()([{"url": file}]))
         if samples == 0:
-            raise DataError(f"tar shard {file} holds no samples")
+            raise DatasetError(f"tar shard {file} holds no samples")
         shards.append({"path": file, "tag": tag or Path(file).stem, "samples": samples})
     return shards
 
@@ -168,7 +168,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     Yields what :class:`~training.data.PretrainDataset` yields (crops and source index, or the
     name of an unreadable sample), so the same ``collate`` batches it. ``balance`` is ``none``
-    (one shuffled stream), ``roots`` (tags drawn equally often, in random order) or
+    (one shuffled stream), ``tags`` (tags drawn equally often, in random order) or
     ``batches`` (tags interleaved round by round, so every batch holds them equally).
     """
 
@@ -210,19 +210,19 @@ class ShardStream(torch.utils.data.IterableDataset):
         with torch.random.fork_rng(devices=[]):  # crc32, not hash(): str hashes differ between processes
             torch.manual_seed(hash((self.seed, self.epoch, zlib.crc32(sample["__url__"].encode()),
                                     zlib.crc32(sample["__key__"].encode()))) % (2**63))
-            crops = self.augment(image.contiguous())
+            crops = self.augment(image.contiguous(), self.tags[sample["__tag_index__"]])
         return {"crops": crops, "source": sample["__tag_index__"]}
 
     def _samples(self, slot: int, slots: int) -> Iterator[dict[str, Any]]:
         """An endless, deterministic stream of raw (undecoded) samples for one (rank, worker) slot."""
-        groups = self.tags if self.balance in ("roots", "batches") else [None]
+        groups = self.tags if self.balance in ("tags", "tags_per_batch") else [None]
         rng = random.Random(hash((self.seed, self.epoch, slot)))  # ints hash the same in every process
         streams = [self._group_stream(tag, slot, slots, rng.randrange(2**31)) for tag in groups]
         if len(streams) == 1:
             yield from streams[0]
         while True:
             order = list(range(len(streams)))
-            if self.balance == "batches":
+            if self.balance == "tags_per_batch":
                 rng.shuffle(order)  # one of every tag per round
             else:
                 order = [rng.randrange(len(streams))]  # tags equally often, in random order
@@ -249,7 +249,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 sample["__tag_index__"] = tag_index[sample["__url__"]]
                 yield sample
             if not produced:
-                raise DataError(f"the shards of {tag or 'the data'} gave this rank and worker no samples")
+                raise DatasetError(f"the shards of {tag or 'the data'} gave this rank and worker no samples")
 
 
 class StreamData:
@@ -262,7 +262,7 @@ class StreamData:
         self.tags = self.stream.tags
         self.steps_per_epoch = self.stream.epoch_samples() // global_batch
         if self.steps_per_epoch == 0:
-            raise DataError(f"{self.stream.epoch_samples()} samples are fewer than one global batch of {global_batch}")
+            raise DatasetError(f"{self.stream.epoch_samples()} samples are fewer than one global batch of {global_batch}")
 
     def loader(self, epoch: int, batch_in_epoch: int) -> torch.utils.data.DataLoader:
         self.stream.set_epoch(epoch, self.steps_per_epoch * self.accumulate, batch_in_epoch * self.accumulate)

@@ -1,0 +1,175 @@
+"""The evaluation table: ``python -m benchmarks.evaluate --model NAME --out results.json``.
+
+Linear probe and kNN on every labelled set in ``$MIDOL_DATA`` (splits from
+``benchmarks.shared_data``), and with ``--separation`` how ``modality="auto"`` answers: on the
+test splits, on the full-resolution test parts, on the out-of-scope set, and how well its
+``confidence`` is calibrated. Prints the model card's markdown tables; the JSON feeds the card.
+(This was ``python -m midol_hub.evaluate``: the command lives beside the data layout it reads.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from midol_hub import (
+    DatasetError,
+    LabelledImages,
+    ModelNotFoundError,
+    WeightsNotAvailableError,
+    classification_metrics,
+    extract_features,
+    knn_classify,
+    linear_probe,
+    load_model,
+    routing_report,
+)
+from midol_hub.evaluation import calibration_error
+from midol_hub.modalities import UNKNOWN
+from midol_hub.model_card import SEPARATION, evaluation_table
+from midol_hub.utils import run_command
+
+from .shared_data import BENCHMARKS, data_root, fullres_parts, labelled_splits, out_of_scope_set
+
+
+def _cap(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImages:
+    if limit is None or len(data) <= limit:
+        return data
+    return data.subset(sorted(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
+
+
+def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "embedding", max_train: int | None = 3000,
+             max_test: int | None = 2000, cache_dir: str | None = None, progress: bool = False) -> dict:
+    """``{dataset: {"linear probe": metrics, "kNN": metrics, "sizes": ...}}`` on the test splits."""
+    results = {}
+    for name in names or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
+        modality, load = BENCHMARKS[name]
+        train, test = load(root)
+        train, test = _cap(train, max_train), _cap(test, max_test)
+        train_x = extract_features(model, train.images, modality, feature, cache_dir, progress=progress)
+        test_x = extract_features(model, test.images, modality, feature, cache_dir, progress=progress)
+        probe = linear_probe(train_x, train.labels, test_x)
+        knn = knn_classify(train_x, train.labels, test_x, num_classes=len(train.class_names))
+        results[name] = {
+            protocol: {key: value for key, value in classification_metrics(test.labels, scores, train.class_names).items()
+                       if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
+            for protocol, scores in (("linear probe", probe), ("kNN", knn))
+        }
+        results[name]["sizes"] = {"train": len(train), "test": len(test)}
+    return results
+
+
+def _sample(images: dict[str, list], per_modality: int | None) -> tuple[list, list[str]]:
+    paths, labels = [], []
+    for modality, items in images.items():
+        picks = np.random.default_rng(0).permutation(len(items))[:per_modality]
+        paths += [items[i] for i in picks]
+        labels += [modality] * len(picks)
+    return paths, labels
+
+
+def _answers(said: list[str], truth: list[str], names: list[str]) -> dict:
+    said_array, truth_array = np.array(said), np.array(truth)
+    return {"accuracy": {m: float((said_array[truth_array == m] == m).mean()) for m in names},
+            "unknown_rate": {m: float((said_array[truth_array == m] == UNKNOWN).mean()) for m in names},
+            "images": {m: int((truth_array == m).sum()) for m in names}}
+
+
+def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
+    """How ``modality="auto"`` answers, on images that played no part in building the model.
+
+    - ``auto routing``: up to ``per_modality`` test-split images per modality: the share named
+      correctly (``"unknown"`` counts as wrong), the share called unknown, their macro means, the
+      modality x expert confusion, NMI and the cosine silhouette of the embeddings by modality.
+    - ``full resolution``: the same on the full-resolution test parts, with every miss named.
+    - ``out of scope``: the share of the out-of-scope set called ``"unknown"``, and each answer.
+    - ``confidence``: over all of these rows, the expected calibration error of ``confidence``
+      as the probability that ``modality`` is right (``"unknown"`` is right for out-of-scope
+      images) and its AUROC for right against wrong answers.
+    An uncalibrated model gets NMI, confusion and silhouette only.
+    """
+    from sklearn.metrics import roc_auc_score, silhouette_score
+
+    tests = labelled_splits(root, "test")
+    names = list(tests)
+    paths, labels = _sample(tests, per_modality)
+    encoding = model.encode(paths, modality="auto", batch_size=64)
+    report = routing_report(labels, encoding.expert_index.numpy(), model.config.num_experts)
+    scores: dict = {
+        "nmi": report["nmi"],
+        "silhouette": float(silhouette_score(encoding.embedding.numpy(), labels, metric="cosine")),
+        "confusion": {"modalities": report["modalities_order"], "experts": list(model.config.expert_modalities),
+                      "counts": report["confusion"]},
+    }
+    result: dict = {"auto routing": scores, "sizes": {"test": len(paths)}}
+    if model.config.modality_calibration is None:
+        return result
+    scores.update(_answers(encoding.modality, labels, names))
+    scores["macro_accuracy"] = float(np.mean(list(scores["accuracy"].values())))
+
+    full_paths, full_labels = _sample(fullres_parts(root, "test"), None)
+    full = model.encode(full_paths, modality="auto", batch_size=16)
+    full_scores = _answers(full.modality, full_labels, names)
+    full_scores["macro_accuracy"] = float(np.mean(list(full_scores["accuracy"].values())))
+    full_scores["misses"] = {Path(p).name: said for p, truth, said in zip(full_paths, full_labels, full.modality)
+                             if said != truth}
+    outside = out_of_scope_set(root)
+    out = model.encode(outside, modality="auto", batch_size=16)
+    out_said = np.array(out.modality)
+    result["full resolution"] = full_scores
+    result["out of scope"] = {"unknown_rate": float((out_said == UNKNOWN).mean()), "images": len(outside),
+                              "answers": {Path(p).name: said for p, said in zip(outside, out.modality)}}
+
+    said = encoding.modality + full.modality + out.modality
+    truth = labels + full_labels + [UNKNOWN] * len(outside)
+    right = np.array([s == t for s, t in zip(said, truth)])
+    confidence = np.concatenate([encoding.confidence.numpy(), full.confidence.numpy(), out.confidence.numpy()])
+    result["confidence"] = {
+        "ece": calibration_error(confidence, right),
+        "auroc": float(roc_auc_score(right, confidence)) if 0 < right.mean() < 1 else None,
+        "right": float(right.mean()), "mean_confidence": float(confidence.mean()), "images": len(right),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="registry name, model directory or Hub id")
+    parser.add_argument("--out", required=True, help="results JSON (the model card's evaluation table reads it)")
+    parser.add_argument("--datasets", nargs="+", default=None, help=f"subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--feature", choices=("embedding", "pooled"), default="embedding")
+    parser.add_argument("--max-train", type=int, default=3000, help="subsample larger training splits (CPU time)")
+    parser.add_argument("--max-test", type=int, default=2000)
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder")
+    parser.add_argument("--random-weights", action="store_true", help="evaluate a registry architecture with random weights")
+    parser.add_argument("--separation", action="store_true",
+                        help="also measure how modality='auto' answers (test splits, full-resolution test parts, "
+                             "out-of-scope set, confidence calibration)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        root = data_root()
+        with warnings.catch_warnings():
+            if args.random_weights:
+                warnings.simplefilter("ignore")
+            model = load_model(args.model, pretrained=not args.random_weights)
+        results = evaluate(model, root, args.datasets, args.feature, args.max_train, args.max_test, args.cache_dir,
+                           progress=True)
+        if args.separation:
+            results[SEPARATION] = modality_separation(model, root)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(evaluation_table(results))
+
+    return run_command("benchmarks.evaluate", body, (DatasetError, ModelNotFoundError, WeightsNotAvailableError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

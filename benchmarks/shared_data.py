@@ -1,0 +1,214 @@
+"""The project's real data: where ``$MIDOL_DATA`` is, its labelled sets and every split.
+
+The one place that knows the layout of the shared images (see their ``PROVENANCE.md``):
+training (``training.prepare_shared_data``), the evaluation table (``benchmarks.evaluate``),
+the benchmarks and the tests all read it through these functions. The inference package
+``midol_hub`` knows nothing of it.
+
+Splits never leak a patient, lesion or slide: MedMNIST files keep their official splits, OCT
+is split by patient id, ISIC by lesion id (the same lesion at every resolution stays on one
+side), the Kather 2016 tiles by source slide. The full-resolution train/test parts are written
+down in ``fullres_split.json`` beside this file (``python -m benchmarks.shared_data`` rewrites
+it from the rules in :func:`fullres_split`). Test parts are for reporting only, never for a
+choice. The two quickstart images stay out of every split, calibration and choice.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from midol_hub import DatasetError, LabelledImages, from_npz, group_split
+from midol_hub.utils import image_files
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+SPLIT_FILE = Path(__file__).with_name("fullres_split.json")
+OCT_CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
+QUICKSTART_IMAGES = ("fundus/skimage_examples/retina.jpg", "pathology/skimage_examples/ihc.png")
+"""Shown in the README's quickstart: kept out of training, calibration and every choice."""
+
+
+def data_root() -> Path:
+    """``$MIDOL_DATA``, else ``shared/data`` beside the repository; a missing folder is an error."""
+    root = Path(os.environ.get("MIDOL_DATA", DEFAULT_ROOT)).expanduser().resolve()
+    if not (root / "PROVENANCE.md").is_file():
+        raise DatasetError(f"MIDOL_DATA={root} is not the shared data folder (no PROVENANCE.md); point MIDOL_DATA at it")
+    return root
+
+
+def _npz(relative: str, classes: list[str]) -> Callable[[Path], tuple[LabelledImages, LabelledImages]]:
+    def load(root: Path):
+        return from_npz(root / relative, "train", classes), from_npz(root / relative, "test", classes)
+    return load
+
+
+def pathmnist_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
+    """Only a 718-image slice of the PathMNIST test split is available: split it 60/40 by class."""
+    names = ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle", "normal mucosa", "stroma", "tumour"]
+    data = from_npz(root / "pathology/pathmnist_test_subset/pathmnist.npz", "test", names)
+    train, test = group_split(data, [0.6, 0.4], seed=0)
+    return train, test
+
+
+def isic_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
+    """Nevus vs melanoma from the two small-size UDA-1 folders (500 distinct lesions), split by lesion id."""
+    images, labels, groups = [], [], []
+    for folder in ("dermoscopy/isic_uda1_300x225", "dermoscopy/isic_uda1_250px"):
+        for meta_path in sorted((root / folder).glob("ISIC_*.json")):
+            diagnosis = json.loads(meta_path.read_text()).get("meta", {}).get("clinical", {}).get("diagnosis")
+            if diagnosis in ("nevus", "melanoma"):
+                images.append(str(meta_path.with_suffix(".jpg")))
+                labels.append(int(diagnosis == "melanoma"))
+                groups.append(meta_path.stem)
+    data = LabelledImages(images, np.array(labels), ["nevus", "melanoma"], groups, "isic")
+    train, test = group_split(data, [0.7, 0.3], seed=0)
+    return train, test
+
+
+def oct_patient(path: Path) -> tuple[str, str]:
+    """(class, patient id) of a Kermany OCT file name ``CLASS-patient-slice`` (or ``test_class``)."""
+    match = re.match(r"(?:test_)?([A-Za-z]+)(?:-(\d+)-\d+)?", path.stem)
+    return match.group(1).upper(), match.group(2) or path.stem
+
+
+def oct_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
+    """Kermany OCT 4-class from all OCT folders, split by patient id."""
+    images, labels, groups = [], [], []
+    for path in sorted((root / "oct").rglob("*.jpeg")):
+        label, patient = oct_patient(path)
+        images.append(str(path))
+        labels.append(OCT_CLASSES.index(label))
+        groups.append(patient)
+    data = LabelledImages(images, np.array(labels), OCT_CLASSES, groups, "oct")
+    train, test = group_split(data, [0.7, 0.3], seed=0)
+    return train, test
+
+
+BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, LabelledImages]]]] = {
+    "PneumoniaMNIST": ("xray", _npz("xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz", ["normal", "pneumonia"])),
+    "RetinaMNIST": ("fundus", _npz("fundus/retinamnist/retinamnist.npz", [f"grade {i}" for i in range(5)])),
+    "BloodMNIST": ("pathology", _npz("pathology/bloodmnist/bloodmnist.npz",
+                                     ["basophil", "eosinophil", "erythroblast", "immature granulocyte", "lymphocyte",
+                                      "monocyte", "neutrophil", "platelet"])),
+    "PathMNIST (subset)": ("pathology", pathmnist_splits),
+    "ISIC nevus vs melanoma": ("dermoscopy", isic_splits),
+    "Kermany OCT": ("oct", oct_splits),
+}
+"""Labelled sets: name -> (modality, root -> (train, test))."""
+
+
+def labelled_splits(root: Path, part: str) -> dict[str, list]:
+    """Every labelled set's ``part`` ("train" or "test") images, pooled per modality."""
+    index = {"train": 0, "test": 1}[part]
+    images: dict[str, list] = {}
+    for modality, load in BENCHMARKS.values():
+        images.setdefault(modality, []).extend(load(root)[index].images)
+    return images
+
+
+# Full-resolution files: modality -> folders (or files) below the root, and how each file's group
+# (patient, lesion, slide) is read, so a group never spans train and test.
+PATHOLOGY_REGIONS = ("pathology/openslide_os1_he_crop", "pathology/openslide_os2_ki67_ihc_crops")
+"""Large single regions (one slide each): training only, tiled by ``training.prepare_shared_data``;
+there is therefore no independent IHC test part."""
+
+
+def _relative(root: Path, paths) -> list[str]:
+    return sorted(str(Path(p).relative_to(root)) for p in paths)
+
+
+def fullres_split(root: Path) -> dict[str, dict[str, list[str]]]:
+    """The rules behind ``fullres_split.json``: {"train"|"test": {modality: [relative paths]}}."""
+    split: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
+
+    def put(modality: str, train: list[str], test: list[str]) -> None:
+        split["train"][modality], split["test"][modality] = sorted(train), sorted(test)
+
+    def by_group(paths: list[Path], group_of: Callable[[Path], str], fraction: float, seed: int) -> tuple[list, list]:
+        files = [str(p) for p in paths]
+        data = LabelledImages(files, np.zeros(len(files), dtype=int), ["any"], [group_of(p) for p in paths], "fullres")
+        train, test = group_split(data, [fraction, 1 - fraction], seed=seed)
+        return _relative(root, train.images), _relative(root, test.images)
+
+    # chest X-ray: the only two full-resolution files, one each side
+    xray = _relative(root, image_files(root / "xray/nih_chestxray14_examples"))
+    put("xray", xray[:1], xray[1:])
+    # fundus: IDRiD has no patient ids in its names; split by file
+    put("fundus", *by_group(image_files(root / "fundus/idrid_segmentation_train_cropped"), lambda p: p.stem, 0.7, 0))
+    # OCT: the labelled split's own sides (by patient)
+    oct_train, oct_test = oct_splits(root)
+    put("oct", _relative(root, oct_train.images), _relative(root, oct_test.images))
+    # dermoscopy: each full-resolution lesion on the side its small copy has in isic_splits
+    isic_train, isic_test = isic_splits(root)
+    side = {Path(p).stem: "train" for p in isic_train.images} | {Path(p).stem: "test" for p in isic_test.images}
+    derm = image_files(root / "dermoscopy/isic_uda1_fullres") + image_files(root / "dermoscopy/isic_uda1_fullres_b")
+    unsided = [p for p in derm if p.stem not in side]  # lesions with another diagnosis: split by lesion
+    extra_train, extra_test = by_group(unsided, lambda p: p.stem, 0.7, 0) if unsided else ([], [])
+    put("dermoscopy", _relative(root, [p for p in derm if side.get(p.stem) == "train"]) + extra_train,
+        _relative(root, [p for p in derm if side.get(p.stem) == "test"]) + extra_test)
+    # pathology: Kather 2016 tiles by source slide, CRC-VAL-HE tiles by tile (two are stored twice), regions train only
+    with open(root / "pathology/kather2016_texture_tiles_examples/labels.csv", newline="") as handle:
+        slide = {row["file"]: row["source_slide"] for row in csv.DictReader(handle)}
+    kather_root = root / "pathology/kather2016_texture_tiles_examples"
+    kather = by_group(image_files(kather_root), lambda p: slide[str(p.relative_to(kather_root))], 0.6, 0)
+    crc = by_group(image_files(root / "pathology/crc_val_he_7k_examples"), lambda p: p.stem, 0.6, 0)
+    regions = [f for folder in PATHOLOGY_REGIONS for f in _relative(root, image_files(root / folder))]
+    put("pathology", kather[0] + crc[0] + regions, kather[1] + crc[1])
+    return split
+
+
+def fullres_parts(root: Path, part: str) -> dict[str, list[str]]:
+    """The written-down full-resolution ``part`` ("train" or "test"): {modality: absolute paths}."""
+    written = json.loads(SPLIT_FILE.read_text())
+    return {modality: [str(root / p) for p in paths] for modality, paths in written[part].items()}
+
+
+def _package_files(package: str, relative: str, names: list[str] | None = None) -> list[Path]:
+    module = __import__(package)
+    folder = Path(module.__file__).parent / relative
+    return [folder / n for n in names] if names else image_files(folder)
+
+
+SKIMAGE_OUT_OF_SCOPE = ["astronaut.png", "brick.png", "camera.png", "chelsea.png", "clock_motion.png", "coffee.png",
+                        "coins.png", "color.png", "grass.png", "gravel.png", "horse.png", "hubble_deep_field.jpg",
+                        "logo.png", "moon.png", "motorcycle_left.png", "page.png", "phantom.png", "rocket.jpg",
+                        "text.png", "chessboard_GRAY.png"]
+"""scikit-image's bundled photographs, textures, documents and a CT phantom (not cell.png: microscopy)."""
+PYDICOM_OUT_OF_SCOPE = ["693_J2KI.dcm", "CT_small.dcm", "MR_small.dcm", "examples_overlay.dcm", "ExplVR_BigEnd.dcm",
+                        "examples_jpeg2k.dcm", "examples_palette.dcm", "examples_rgb_color.dcm", "JPEG2000.dcm",
+                        "JPGExtended.dcm", "image_dfl.dcm", "liver_1frame.dcm"]
+"""pydicom's single-frame test images with real pixel data: CT, MR, ultrasound, nuclear-medicine bone scans, a
+segmentation and a secondary capture."""
+
+
+def out_of_scope_set(root: Path) -> list[str]:
+    """Real images that are none of the five modalities, deduplicated by content: ``$MIDOL_DATA/other``,
+    scikit-image's photographs and pydicom's CT / MR / US / NM test files (installed with the
+    ``examples`` and ``dicom`` extras)."""
+    candidates = (image_files(root / "other") + _package_files("skimage", "data", SKIMAGE_OUT_OF_SCOPE)
+                  + _package_files("pydicom", "data/test_files", PYDICOM_OUT_OF_SCOPE))
+    seen, kept = set(), []
+    for path in candidates:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            kept.append(str(path))
+    return kept
+
+
+def main() -> int:
+    SPLIT_FILE.write_text(json.dumps(fullres_split(data_root()), indent=1) + "\n")
+    print(f"wrote {SPLIT_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""What ``modality="auto"`` reports per image, and how sure it is.
+
+This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf module, so
+``encode`` can call it without importing the fitting code). Per image:
+
+- **Out-of-scope score.** The four Swin stages, each averaged over space and L2-normalised,
+  are concatenated (``stage_pooled``: low stages see texture and colour, the last one
+  semantics). Its squared Mahalanobis distance to the nearest modality mean, under one
+  covariance shared by all modalities (Lee et al., NeurIPS 2018: a tied covariance), is the
+  score. The covariance is stored as a probabilistic PCA (Tipping & Bishop, 1999): its leading
+  principal directions with their variances, and one variance for everything else, so a
+  deviation outside the leading directions still counts. Above the calibrated threshold the
+  image is ``"unknown"``.
+- **Confidence.** The probability that the answer is right, from two calibrated parts: the
+  probability that the image is in scope given its score (in-scope scores follow the
+  training images' distribution; out-of-scope scores are taken as flat, with the prior set
+  so that the probability is 1/2 exactly at the threshold, where the answer flips), and,
+  for an answered image, the probability that the router's expert is the right one given its
+  routing probability (Platt scaling on training images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .configuration_midol import MIDoLConfig
+from .modalities import UNASSIGNED, UNKNOWN
+
+FORCED, DICOM, ROUTER = "forced", "dicom", "router"
+"""Where a row's modality came from (``Encoding.modality_source``)."""
+
+
+def stage_pooled(pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(B, C + 2C + 4C + 8C): every NCHW stage averaged over space, L2-normalised, concatenated."""
+    return torch.cat([F.normalize(stage.float().mean(dim=(2, 3)), dim=-1) for stage in pyramid], dim=-1)
+
+
+def out_of_scope_score(detector: dict, features: torch.Tensor) -> torch.Tensor:
+    """(B,) squared Mahalanobis distance of ``stage_pooled`` features to the nearest modality mean,
+    under the detector's probabilistic-PCA covariance."""
+    features = features.double()
+    as_tensor = lambda key: torch.tensor(detector[key], dtype=features.dtype, device=features.device)  # noqa: E731
+    means, basis, variances = as_tensor("means"), as_tensor("basis"), as_tensor("variances")  # (M, D), (D, R), (R,)
+    offsets = features.unsqueeze(1) - means.unsqueeze(0)  # (B, M, D)
+    along = offsets @ basis  # (B, M, R)
+    outside = offsets.pow(2).sum(-1) - along.pow(2).sum(-1)
+    distance = (along.pow(2) / variances).sum(-1) + outside.clamp_min(0) / detector["residual_variance"]
+    return distance.min(dim=1).values
+
+
+def in_scope_tail(detector: dict, score: torch.Tensor) -> torch.Tensor:
+    """Share of in-scope (training) images whose score is at least ``score``: the empirical survival
+    function between the stored quantiles (levels 0, 1/n, ..., (n-1)/n), continued past the last
+    one by the fitted exponential tail."""
+    quantiles = torch.tensor(detector["score_quantiles"], dtype=score.dtype, device=score.device)
+    n = len(quantiles)
+    levels = torch.arange(n, dtype=score.dtype, device=score.device) / n
+    position = torch.searchsorted(quantiles, score.contiguous()).clamp(1, n - 1)
+    low, high = quantiles[position - 1], quantiles[position]
+    share = ((score - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
+    inside = 1 - (levels[position - 1] + share / n)
+    tail = torch.exp(-(score - quantiles[-1]) / detector["tail_scale"]) / n
+    return torch.where(score > quantiles[-1], tail, torch.where(score < quantiles[0], torch.ones_like(score), inside))
+
+
+def in_scope_probability(detector: dict, score: torch.Tensor) -> torch.Tensor:
+    """P(in scope | score): 1/2 at the threshold, towards 1 for typical scores, towards 0 far above."""
+    at_threshold = in_scope_tail(detector, torch.tensor(detector["threshold"], dtype=score.dtype, device=score.device))
+    tail = in_scope_tail(detector, score)
+    return tail / (tail + at_threshold)
+
+
+def route_right_probability(calibration: dict, routing_probability: torch.Tensor) -> torch.Tensor:
+    """P(the router's expert is the image's modality | its routing probability), Platt-scaled."""
+    platt = calibration["router_confidence"]
+    p = routing_probability.double().clamp(1e-6, 1 - 1e-6)
+    return torch.sigmoid(platt["scale"] * torch.log(p / (1 - p)) + platt["bias"])
+
+
+@dataclass
+class Decisions:
+    """Per row: the modality, the probability that it is right, where it came from and, for
+    ``"unknown"``, why."""
+
+    modality: list[str]
+    confidence: torch.Tensor
+    source: list[str]
+    reason: list[str | None]
+
+
+def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, features: torch.Tensor | None) -> Decisions:
+    """The router's answer for every row: its expert's modality, or ``"unknown"`` when that expert
+    serves no modality or the image is out of scope (``features``: ``stage_pooled``)."""
+    probs = routing_logits.float().softmax(dim=-1).cpu()
+    top_p, top_i = probs.max(dim=-1)
+    names = [config.expert_modalities[i] for i in top_i.tolist()]
+    calibration = config.modality_calibration or {}
+    detector = calibration.get("out_of_scope")
+    if config.backbone_only:
+        rows = len(names)
+        return Decisions([UNKNOWN] * rows, torch.zeros(rows), [ROUTER] * rows, ["backbone-only model: no trained router"] * rows)
+    if not detector:
+        modality = [UNKNOWN if n == UNASSIGNED else n for n in names]
+        reason = ["routed to an expert that serves no modality" if n == UNASSIGNED else None for n in names]
+        return Decisions(modality, top_p, [ROUTER] * len(names), reason)
+    if "basis" not in detector:
+        raise ValueError("this model's out-of-scope detector was fitted by midol-hub < 0.2; recalibrate it with "
+                         "midol_hub.calibrate(model, images) to use modality='auto'")
+    score = out_of_scope_score(detector, features).cpu()
+    in_scope = in_scope_probability(detector, score)
+    right = route_right_probability(calibration, top_p)
+    modality, reason, confidence = [], [], []
+    for row, name in enumerate(names):
+        if score[row] > detector["threshold"]:
+            modality.append(UNKNOWN)
+            reason.append(f"unlike every modality it was calibrated on (out-of-scope score {float(score[row]):.0f} > "
+                          f"{detector['threshold']:.0f})")
+            confidence.append(1 - in_scope[row])
+        elif name == UNASSIGNED:
+            modality.append(UNKNOWN)
+            reason.append("routed to an expert that serves no modality")
+            confidence.append(1 - right[row])
+        else:
+            modality.append(name)
+            reason.append(None)
+            confidence.append(in_scope[row] * right[row])
+    return Decisions(modality, torch.stack(confidence).float(), [ROUTER] * len(names), reason)

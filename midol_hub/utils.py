@@ -1,0 +1,94 @@
+"""Small shared helpers: image-file discovery, content hashes, atomic writes, torchrun ranks and
+the one-line error of every command."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+READABLE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+
+
+def image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image or DICOM file below ``folder`` (recursive, by suffix, case-insensitive), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_write(target: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary path beside ``target``; rename it into place only on success, so a
+    killed writer never leaves a partial file."""
+    target = Path(target)
+    handle, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
+    """(rank, world size, device). Under torchrun with more than one process, join the process
+    group: nccl with each rank on its own GPU (unless ``device`` says otherwise), else gloo.
+    A single process keeps ``device`` as given."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return 0, 1, device
+    if torch.cuda.is_available():
+        local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), device or local
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_command(prog: str, command: Callable[[], object], expected: tuple[type[BaseException], ...]) -> int:
+    """Run a command's body: the ``expected`` errors become one line ``PROG: error: ...`` and exit 1."""
+    try:
+        command()
+    except expected as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def content_sha256(item: object) -> str:
+    """sha256 of a file's bytes (a path) or of an array's values with its shape and dtype."""
+    if isinstance(item, (str, os.PathLike)):
+        return file_sha256(item)
+    array = item.numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+    digest = hashlib.sha256(f"{array.shape}{array.dtype}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names and exact tensor bytes (dtype included)."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        digest.update(f"{name}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

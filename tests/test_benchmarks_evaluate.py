@@ -1,0 +1,87 @@
+"""The evaluation command and the one place that knows the shared data's layout and splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import evaluate, shared_data
+from midol_hub import calibrate, load_model
+from midol_hub.model_card import evaluation_table
+
+from .helpers import make_micro
+
+
+def test_evaluation_command_writes_json_and_a_table(tmp_path, data_root, micro_dir, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--model", str(micro_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            "--datasets", "Kermany OCT", "ISIC nevus vs melanoma"]
+    assert evaluate.main(argv) == 0
+    results = json.loads(out.read_text())
+    assert results["Kermany OCT"]["sizes"]["train"] + results["Kermany OCT"]["sizes"]["test"] == 100
+    assert results["ISIC nevus vs melanoma"]["sizes"]["train"] + results["ISIC nevus vs melanoma"]["sizes"]["test"] == 498
+    direct = evaluate.evaluate(load_model(micro_dir), data_root, ["Kermany OCT"])
+    assert results["Kermany OCT"]["linear probe"] == direct["Kermany OCT"]["linear probe"]
+    assert capsys.readouterr().out.strip() == evaluation_table(results).strip()
+    assert "| Kermany OCT | linear probe |" in evaluation_table(results)
+
+
+def test_modality_separation_of_a_calibrated_model(data_root):
+    model = make_micro()
+    train = {modality: images[:20] for modality, images in shared_data.labelled_splits(data_root, "train").items()}
+    calibrate(model, train)
+    result = evaluate.modality_separation(model, data_root, per_modality=20)
+    scores = result["auto routing"]
+    counts = np.array(scores["confusion"]["counts"])
+    assert result["sizes"]["test"] == counts.sum() == 100 and counts.shape == (5, 5)
+    assert scores["macro_accuracy"] == pytest.approx(np.mean(list(scores["accuracy"].values())))
+    for modality in scores["accuracy"]:
+        assert 0 <= scores["accuracy"][modality] + scores["unknown_rate"][modality] <= 1
+    full = shared_data.fullres_parts(data_root, "test")
+    assert result["full resolution"]["images"] == {m: len(full[m]) for m in scores["accuracy"]}
+    outside = result["out of scope"]
+    assert outside["images"] == len(shared_data.out_of_scope_set(data_root)) == len(outside["answers"])
+    confidence = result["confidence"]
+    assert confidence["images"] == 100 + sum(map(len, full.values())) + outside["images"]
+    assert 0 <= confidence["ece"] <= 1
+    uncalibrated = evaluate.modality_separation(make_micro(), data_root, per_modality=5)
+    assert "accuracy" not in uncalibrated["auto routing"] and "full resolution" not in uncalibrated
+    assert np.array(uncalibrated["auto routing"]["confusion"]["counts"]).sum() == 25
+
+
+def test_oct_split_never_shares_a_patient(data_root):
+    train, test = shared_data.oct_splits(data_root)
+    assert not set(train.groups) & set(test.groups)
+    assert "103044" in train.groups + test.groups  # CNV-103044-* slices stay together
+
+
+def test_the_written_fullres_split_follows_its_rules_and_never_leaks_a_group(data_root):
+    written = json.loads(shared_data.SPLIT_FILE.read_text())
+    assert written == shared_data.fullres_split(data_root)
+    train = {p for paths in written["train"].values() for p in paths}
+    test = {p for paths in written["test"].values() for p in paths}
+    assert not train & test and all((data_root / p).is_file() for p in train | test)
+    assert not {str(Path(p)) for p in shared_data.QUICKSTART_IMAGES} & (train | test)
+    lesions = lambda paths: {Path(p).stem for p in paths}  # noqa: E731  the same ISIC lesion at every resolution
+    isic_train, isic_test = shared_data.isic_splits(data_root)
+    assert not lesions(written["train"]["dermoscopy"]) & lesions(isic_test.images)
+    assert not lesions(written["test"]["dermoscopy"]) & lesions(isic_train.images)
+    slides = {row["file"]: row["source_slide"] for row in __import__("csv").DictReader(
+        open(data_root / "pathology/kather2016_texture_tiles_examples/labels.csv"))}
+    kather = lambda paths: {slides[p.split("examples/", 1)[1]] for p in paths if "kather2016" in p}  # noqa: E731
+    assert kather(written["train"]["pathology"]) and not kather(written["train"]["pathology"]) & kather(written["test"]["pathology"])
+    ihc = [p for p in written["test"]["pathology"] if "ki67" in p]
+    assert ihc == []  # the two Ki67 regions are one tissue region: training only
+    assert {m: len(v) for m, v in written["test"].items()} == {"xray": 1, "fundus": 16, "oct": 28, "dermoscopy": 62,
+                                                               "pathology": 15}
+
+
+def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):
+    paths = shared_data.out_of_scope_set(data_root)
+    assert len(paths) == len(set(paths)) == 32
+    names = {Path(p).name for p in paths}
+    assert {"CT_small.dcm", "MR_small.dcm", "chelsea.png", "examples_palette.dcm", "JPEG2000.dcm"} <= names
+    assert "ihc.png" not in names and "retina.jpg" not in names and "cell.png" not in names
