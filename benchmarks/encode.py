@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+
 from .common import interleaved_medians
 from .shared_data import data_root, fullres_parts
+
 
 def real_image_paths(limit: int) -> list[str]:
     """``limit`` full-resolution test files of all five modalities (repeated when fewer)."""

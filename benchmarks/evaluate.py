@@ -34,7 +34,13 @@ from midol_hub.modalities import UNKNOWN
 from midol_hub.model_card import SEPARATION, evaluation_table
 from midol_hub.utils import run_command
 
-from .shared_data import BENCHMARKS, data_root, fullres_parts, labelled_splits, out_of_scope_set
+from .shared_data import (
+    BENCHMARKS,
+    data_root,
+    fullres_parts,
+    labelled_splits,
+    out_of_scope_set,
+)
 
 
 def _cap(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImages:

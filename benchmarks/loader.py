@@ -26,10 +26,9 @@ from training.pretrain import build_models
 from training.shards import StreamData, open_shards, write_shards
 
 from .common import interleaved_medians
-from .shared_data import data_root
+from .shared_data import FILE_FOLDERS, data_root
 
 BATCH = 32
-FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")  # 515 real JPEG and TIFF files
 
 
 def images_per_second(data, batches: int) -> float:
@@ -43,7 +42,7 @@ def images_per_second(data, batches: int) -> float:
 
 def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
     root = data_root()
-    sources = [open_source(f"{folder.split('/')[0]}={root / folder}") for folder in FOLDERS]
+    sources = [open_source(f"{folder.split('/')[0]}={root / folder}") for folder in FILE_FOLDERS]
     augment = MultiCrop(64)
     common = dict(seed=0, balance="none", global_batch=BATCH, per_rank=BATCH, accumulate=1, rank=0, world=1, workers=workers)
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from pathlib import Path
 
 import torch
+
+from midol_hub.dtypes import supported_precisions
 
 from . import encode, loader, loading, train_step
 
@@ -28,6 +31,15 @@ TARGETS = {
 }
 
 
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, small inputs")
@@ -39,7 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     results.update(loading.measure(repeats=1 if args.quick else 3))
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
     results.update(loader.measure(batches=4 if args.quick else 12))
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    machine = supported_precisions("cpu")
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; native bf16: "
+          f"{'yes (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['native_bf16'] else 'no'}; "
+          f"dtype='auto' chose {machine['auto']}")
+    if not machine["native_bf16"]:  # the bf16 target applies only where bf16 is native
+        TARGETS.pop("bf16_speedup_ratio")
+        print("no native bf16 on this CPU: bf16_speedup_ratio has no target here; dtype='auto' must choose float32: "
+              + ("yes" if machine["auto"] == "float32" else "NO"))
     print(f"{'measurement':<38} {'value':>10}  target")
     for key, value in results.items():
         target = TARGETS.get(key)

@@ -105,6 +105,13 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, Labelled
 """Labelled sets: name -> (modality, root -> (train, test))."""
 
 
+TRAINING_ARRAYS = {"xray": "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz",
+                   "fundus": "fundus/retinamnist/retinamnist.npz", "pathology": "pathology/bloodmnist/bloodmnist.npz"}
+"""The MedMNIST files pretraining reads as they are (their ``train`` split)."""
+FILE_FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")
+"""515 real JPEG and TIFF files in folders, for loader benchmarks."""
+
+
 def labelled_splits(root: Path, part: str) -> dict[str, list]:
     """Every labelled set's ``part`` ("train" or "test") images, pooled per modality."""
     index = {"train": 0, "test": 1}[part]

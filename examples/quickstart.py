@@ -6,7 +6,7 @@
 
 The default model is ``midol-micro``, trained here on the training splits of the shared
 medical images and shipped inside the package (no download). With ``--modality auto`` it
-names each image's modality (or ``unknown``) with the router's confidence.
+names each image's modality (or ``unknown``) with the probability that this answer is right.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def bundled_images() -> tuple[list, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP, DICOM)")
+    parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP, GIF, DICOM)")
     parser.add_argument("--model", default="midol-micro", help="registry name, directory or Hub id")
     parser.add_argument("--modality", default="auto", help="auto, xray, fundus, oct, dermoscopy or pathology")
     args = parser.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
     images, names = (args.images, args.images) if args.images else bundled_images()
     encoding = model.encode(images, modality=args.modality)
     for name, modality, confidence, row in zip(names, encoding.modality, encoding.confidence, encoding.embedding):
-        print(f"{name}: modality={modality} routing confidence={confidence:.2f} embedding shape={tuple(row.shape)}")
+        print(f"{name}: modality={modality} confidence={confidence:.2f} embedding shape={tuple(row.shape)}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .dtypes import parse_dtype, supported_precisions
 from .modalities import AUTO, MODALITIES
 from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun
 
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)} (aliases work)")
     encode.add_argument("--out", required=True, help="output file: .npy (embeddings only), .npz or .safetensors")
     encode.add_argument("--batch-size", type=int, default=32)
-    encode.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute precision")
+    encode.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="compute precision; auto: bf16 where this device computes it natively, else fp32")
     encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
     encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
     encode.add_argument("--errors", choices=("raise", "skip"), default="raise",
@@ -179,7 +181,7 @@ def run_encode(args: argparse.Namespace) -> None:
         print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
     try:
         resumed = encode_files(model, [str(f) for f in files], out, modality=args.modality, outputs=outputs,
-                               batch_size=args.batch_size, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+                               batch_size=args.batch_size, dtype=parse_dtype(args.dtype, device or "cpu"),
                                workers=args.workers, errors=args.errors, part_size=args.part_size,
                                resume=args.resume, rank=rank, world=world, frames=args.frames)
     except FileExistsError as error:
@@ -289,6 +291,7 @@ def describe_model(spec: str) -> dict[str, Any]:
         "calibration": config.modality_calibration,
         "preprocessing": config.preprocessing,
         "provenance": provenance,
+        "this_machine": supported_precisions("cuda" if torch.cuda.is_available() else "cpu"),
     }
 
 
@@ -311,6 +314,10 @@ def run_info(args: argparse.Namespace) -> None:
         print(f"  {modality:<12} {profile['channels']}, {profile['resize']}, {profile['size']} px"
               f"{', border removed' if profile['crop_border'] else ''}")
     print("  provenance   " + ", ".join(f"{k}={v}" for k, v in info["provenance"].items() if v is not None))
+    machine = info["this_machine"]
+    print(f"  this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}"
+          f"{' (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['cpu_bf16_features'] else ''}; "
+          f"dtype='auto' computes in {machine['auto']}")
 
 
 def run_list(args: argparse.Namespace) -> None:

@@ -9,12 +9,14 @@ This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf
   covariance shared by all modalities (Lee et al., NeurIPS 2018: a tied covariance), is the
   score. The covariance is stored as a probabilistic PCA (Tipping & Bishop, 1999): its leading
   principal directions with their variances, and one variance for everything else, so a
-  deviation outside the leading directions still counts. Above the calibrated threshold the
-  image is ``"unknown"``.
+  deviation outside the leading directions still counts. Above the threshold of the modality
+  it was routed to (each modality's own, so that a small modality is not judged by the
+  spread of the large ones) the image is ``"unknown"``.
 - **Confidence.** The probability that the answer is right, from two calibrated parts: the
   probability that the image is in scope given its score (in-scope scores follow the
-  training images' distribution; out-of-scope scores are taken as flat, with the prior set
-  so that the probability is 1/2 exactly at the threshold, where the answer flips), and,
+  distribution of the routed modality's training images; out-of-scope scores are taken as
+  flat, with the prior set so that the probability is 1/2 exactly at the threshold, where the
+  answer flips), and,
   for an answered image, the probability that the router's expert is the right one given its
   routing probability (Platt scaling on training images).
 """
@@ -52,25 +54,27 @@ def out_of_scope_score(detector: dict, features: torch.Tensor) -> torch.Tensor:
     return distance.min(dim=1).values
 
 
-def in_scope_tail(detector: dict, score: torch.Tensor) -> torch.Tensor:
-    """Share of in-scope (training) images whose score is at least ``score``: the empirical survival
-    function between the stored quantiles (levels 0, 1/n, ..., (n-1)/n), continued past the last
-    one by the fitted exponential tail."""
-    quantiles = torch.tensor(detector["score_quantiles"], dtype=score.dtype, device=score.device)
+def in_scope_tail(scores: dict, score: torch.Tensor) -> torch.Tensor:
+    """Share of one modality's in-scope (training) images whose score is at least ``score``: the
+    empirical survival function between the stored quantiles (levels 0, 1/n, ..., (n-1)/n),
+    continued past the last one by the fitted exponential tail. ``scores`` is that modality's
+    entry of the detector's ``in_scope``."""
+    quantiles = torch.tensor(scores["score_quantiles"], dtype=score.dtype, device=score.device)
     n = len(quantiles)
     levels = torch.arange(n, dtype=score.dtype, device=score.device) / n
     position = torch.searchsorted(quantiles, score.contiguous()).clamp(1, n - 1)
     low, high = quantiles[position - 1], quantiles[position]
     share = ((score - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
     inside = 1 - (levels[position - 1] + share / n)
-    tail = torch.exp(-(score - quantiles[-1]) / detector["tail_scale"]) / n
+    tail = torch.exp(-(score - quantiles[-1]) / scores["tail_scale"]) / n
     return torch.where(score > quantiles[-1], tail, torch.where(score < quantiles[0], torch.ones_like(score), inside))
 
 
-def in_scope_probability(detector: dict, score: torch.Tensor) -> torch.Tensor:
-    """P(in scope | score): 1/2 at the threshold, towards 1 for typical scores, towards 0 far above."""
-    at_threshold = in_scope_tail(detector, torch.tensor(detector["threshold"], dtype=score.dtype, device=score.device))
-    tail = in_scope_tail(detector, score)
+def in_scope_probability(scores: dict, score: torch.Tensor) -> torch.Tensor:
+    """P(in scope | score) for one modality: 1/2 at its threshold, towards 1 for typical scores,
+    towards 0 far above."""
+    at_threshold = in_scope_tail(scores, torch.tensor(scores["threshold"], dtype=score.dtype, device=score.device))
+    tail = in_scope_tail(scores, score)
     return tail / (tail + at_threshold)
 
 
@@ -111,21 +115,23 @@ def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, feature
         raise ValueError("this model's out-of-scope detector was fitted by midol-hub < 0.2; recalibrate it with "
                          "midol_hub.calibrate(model, images) to use modality='auto'")
     score = out_of_scope_score(detector, features).cpu()
-    in_scope = in_scope_probability(detector, score)
     right = route_right_probability(calibration, top_p)
     modality, reason, confidence = [], [], []
     for row, name in enumerate(names):
-        if score[row] > detector["threshold"]:
-            modality.append(UNKNOWN)
-            reason.append(f"unlike every modality it was calibrated on (out-of-scope score {float(score[row]):.0f} > "
-                          f"{detector['threshold']:.0f})")
-            confidence.append(1 - in_scope[row])
-        elif name == UNASSIGNED:
+        if name == UNASSIGNED or name not in detector["in_scope"]:
             modality.append(UNKNOWN)
             reason.append("routed to an expert that serves no modality")
             confidence.append(1 - right[row])
+            continue
+        scores = detector["in_scope"][name]
+        in_scope = in_scope_probability(scores, score[row : row + 1])[0]
+        if score[row] > scores["threshold"]:
+            modality.append(UNKNOWN)
+            reason.append(f"unlike the {name} images it was calibrated on, and every other modality (out-of-scope score "
+                          f"{float(score[row]):.0f} > {scores['threshold']:.0f})")
+            confidence.append(1 - in_scope)
         else:
             modality.append(name)
             reason.append(None)
-            confidence.append(in_scope[row] * right[row])
+            confidence.append(in_scope * right[row])
     return Decisions(modality, torch.stack(confidence).float(), [ROUTER] * len(names), reason)

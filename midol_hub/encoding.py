@@ -205,7 +205,8 @@ def encode(
         device, dtype: where and in which precision to run. ``encode`` never changes the model
             (others may share it): ``device`` must be where the model is (move it first with
             ``model.to``), and ``dtype`` may lower an fp32 model's precision through autocast
-            (``"bf16"``, ``"fp16"``) but cannot raise a bf16/fp16 model's.
+            (``"bf16"``, ``"fp16"``) but cannot raise a bf16/fp16 model's. ``"auto"`` is bf16
+            where the device computes it natively, else the model's own precision.
         errors: ``"raise"`` stops at the first unreadable input, naming it; ``"skip"`` leaves
             it out and lists it in ``Encoding.failures``.
         strict_modality: raise instead of warning when a forced modality is contradicted by a
@@ -231,9 +232,10 @@ def encode(
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    compute_dtype = parse_dtype(dtype)
     device = _device_of(model)
     model_dtype = next(model.parameters()).dtype
+    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+    compute_dtype = model_dtype if auto and model_dtype != torch.float32 else parse_dtype(dtype, device)
     _check_placement(model, device, model_dtype, device_arg, compute_dtype)
 
     collector = WarningCollector()

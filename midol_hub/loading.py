@@ -77,11 +77,12 @@ def load_model(
 
     ``pretrained=False`` builds the architecture with random weights (no download).
     ``device`` and ``dtype`` (e.g. ``torch.bfloat16`` or ``"bf16"``; default float32, whatever
-    the storage precision) are applied while loading.
+    the storage precision; ``"auto"``: bf16 where ``device`` computes it natively, else float32)
+    are applied while loading.
     """
     spec = os.fspath(name_or_path).strip()
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = parse_dtype(dtype)
+    dtype = parse_dtype(dtype, device)
     hub_kwargs = dict(cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     with _quiet_transformers():
         return _resolve_and_load(spec, pretrained, revision, device, dtype, hub_kwargs)

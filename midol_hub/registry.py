@@ -27,6 +27,12 @@ MICRO_DATA_CITATIONS = (
     "Cell 172(5):1122-1131 (2018); RetinaMNIST from DeepDRiD, R. Liu et al., Patterns 3(6) (2022); PathMNIST from "
     "J. N. Kather et al., PLoS Medicine 16(1):e1002730 (2019); BloodMNIST from A. Acevedo et al., Data in Brief 30:105474 (2020).",
     "Kermany OCT (CC BY 4.0): D. Kermany, K. Zhang, M. Goldbaum, Mendeley Data (2018), doi:10.17632/rscbjbr9sj.",
+    "IDRiD (CC BY 4.0): P. Porwal et al., Data 3(3):25 (2018); cropped and re-encoded by the Deeplayer/Idrid author.",
+    "Kather 2016 colorectal texture tiles (CC BY 4.0): J. N. Kather et al., Scientific Reports 6:27988 (2016), "
+    "doi:10.5281/zenodo.53169.",
+    "NIH ChestX-ray14: X. Wang et al., CVPR 2017.",
+    "OpenSlide test data (OS-1, OS-2; free to use and distribute): OpenSlide, openslide.org (A. Goode et al., "
+    "J. Pathol. Inform. 4:27, 2013), crops by P. Bankhead.",
     "ISIC Archive UDA-1 (CC0 1.0): International Skin Imaging Collaboration.",
 )
 
@@ -65,28 +71,15 @@ _ENTRIES = (
     ModelEntry(
         name="midol-swin-tiny",
         description="Swin-T backbone (embed 96, depths 2-2-6-2), 5 MoE experts, 768-d; a lighter variant.",
-        config=dict(
-            backbone="swin_tiny_patch4_window7_224",
-            embed_dim=96,
-            depths=[2, 2, 6, 2],
-            num_heads=[3, 6, 12, 24],
-        ),
+        config=dict(backbone="swin_tiny_patch4_window7_224", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
     ),
     ModelEntry(
         name="midol-micro",
         description="A 4 M-parameter Swin at 64 px (patch 2, window 4), 5 experts, 256-d; trained here, ships in the package.",
-        config=dict(
-            backbone="swin_micro_patch2_window4_64",
-            embed_dim=32,
-            depths=[2, 2, 6, 2],
-            num_heads=[1, 2, 4, 8],
-            window_size=4,
-            img_size=64,
-            patch_size=2,
-            hidden_dim=512,
-            num_prototypes=4096,
-        ),
-        datasets=("MedMNIST v2 (PneumoniaMNIST, RetinaMNIST, PathMNIST, BloodMNIST)", "Kermany OCT 2017", "ISIC Archive UDA-1"),
+        config=dict(backbone="swin_micro_patch2_window4_64", embed_dim=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8],
+                    window_size=4, img_size=64, patch_size=2, hidden_dim=512, num_prototypes=4096),
+        datasets=("MedMNIST v2 (PneumoniaMNIST, RetinaMNIST, PathMNIST, BloodMNIST)", "Kermany OCT 2017", "ISIC Archive UDA-1",
+                  "IDRiD", "Kather 2016 colorectal textures", "NIH ChestX-ray14", "OpenSlide test data"),
         data_citations=MICRO_DATA_CITATIONS,
         embedded="midol-micro",
     ),

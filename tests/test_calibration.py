@@ -9,7 +9,7 @@ import torch
 
 from benchmarks import shared_data
 from midol_hub import calibrate, routing_report
-from midol_hub.calibration import fit_detector, platt
+from midol_hub.calibration import fit_detector, in_scope_scores, platt
 from midol_hub.detection import (
     detect_modalities,
     in_scope_probability,
@@ -45,9 +45,7 @@ def synthetic_detector(dim: int = 4) -> tuple[dict, torch.Tensor]:
     features += 0.1 * torch.randn(200, dim, generator=generator, dtype=torch.float64)
     detector = fit_detector(features, ["xray"] * 100 + ["oct"] * 100, components=2)
     scores = out_of_scope_score(detector, features).numpy()
-    levels = np.quantile(scores, np.arange(100) / 100)
-    detector.update(threshold=float(np.quantile(scores, 0.975)), score_quantiles=levels.tolist(),
-                    tail_scale=float((scores[scores > levels[-1]] - levels[-1]).mean()))
+    detector["in_scope"] = {"xray": in_scope_scores(scores[:100], 0.975), "oct": in_scope_scores(scores[100:], 0.975)}
     return detector, features
 
 
@@ -66,12 +64,13 @@ def test_out_of_scope_score_is_the_whitened_distance_to_the_nearest_mean():
 
 def test_in_scope_probability_is_one_half_at_the_threshold_and_falls_with_the_score():
     detector, _ = synthetic_detector()
-    threshold = detector["threshold"]
+    xray = detector["in_scope"]["xray"]
+    threshold = xray["threshold"]
     scores = torch.tensor([0.0, threshold / 2, threshold, 2 * threshold, 10 * threshold], dtype=torch.float64)
-    probability = in_scope_probability(detector, scores)
+    probability = in_scope_probability(xray, scores)
     assert float(probability[2]) == pytest.approx(0.5)
     assert torch.all(probability[:-1] >= probability[1:]) and probability[0] > 0.95 and probability[-1] < 1e-6
-    tail = in_scope_tail(detector, torch.tensor(detector["score_quantiles"], dtype=torch.float64))
+    tail = in_scope_tail(xray, torch.tensor(xray["score_quantiles"], dtype=torch.float64))
     torch.testing.assert_close(tail, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
 
 
@@ -87,7 +86,7 @@ def test_detection_reports_unknown_with_its_reason():
     assert decided.modality == ["xray", "unknown", "unknown"] and decided.source == ["router"] * 3
     assert decided.reason[0] is None and "out-of-scope score" in decided.reason[1] and "serves no modality" in decided.reason[2]
     p = torch.softmax(logits[0], 0).max()
-    in_scope = in_scope_probability(detector, out_of_scope_score(detector, near[None]))
+    in_scope = in_scope_probability(detector["in_scope"]["xray"], out_of_scope_score(detector, near[None]))
     assert float(decided.confidence[0]) == pytest.approx(float(in_scope) * float(p), rel=1e-5)  # Platt 1, 0: p itself
     assert decided.confidence[1] > 0.5  # far beyond the threshold: surely out of scope
 
@@ -120,10 +119,12 @@ def test_calibration_on_real_training_images(training_images):
     detector = calibration["out_of_scope"]
     served = {m for m in model.config.expert_modalities if m != "unassigned"}
     assert set(detector["modalities"]) == served and np.array(detector["basis"]).shape == (15 * 32, 16)
-    # on the images it was fitted to, about 1 - quantile of them are beyond the held-out threshold
-    encoding = model.encode([i for m in served for i in training_images[m]], modality="auto", output="stage_pooled")
-    share = float((out_of_scope_score(detector, encoding.stage_pooled) > detector["threshold"]).float().mean())
-    assert share <= 0.05 + 0.05
+    assert set(detector["in_scope"]) == served and all(len(s["score_quantiles"]) == 100 for s in detector["in_scope"].values())
+    # on the images it was fitted to, about 1 - quantile of each modality are beyond its held-out threshold
+    for modality in served:
+        encoding = model.encode(training_images[modality], modality="auto", output="stage_pooled")
+        beyond = out_of_scope_score(detector, encoding.stage_pooled) > detector["in_scope"][modality]["threshold"]
+        assert float(beyond.float().mean()) <= 0.05 + 0.05
     assert 0 <= encoding.confidence.min() and encoding.confidence.max() <= 1
     with pytest.raises(ValueError, match="given twice"):
         calibrate(model, {"oct": training_images["oct"][:2], "OCT": training_images["oct"][:2]})

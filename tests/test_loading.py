@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -186,3 +187,23 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
     assert result.returncode == 0, result.stderr
     ratio = float(result.stdout.strip().splitlines()[-1])
     assert ratio < 1.5, f"load_model added {ratio:.2f}x the weights file to peak memory"
+
+
+def test_auto_precision_follows_native_bf16_and_slow_bf16_warns_once(monkeypatch, micro_dir):
+    from midol_hub import dtypes
+
+    monkeypatch.setattr(dtypes, "cpu_bf16_flags", lambda: ())  # an AVX2 CPU without native bf16
+    dtypes._warn_slow_bf16.cache_clear()
+    assert dtypes.parse_dtype("auto") == torch.float32 and dtypes.supported_precisions()["auto"] == "float32"
+    with pytest.warns(UserWarning, match=r"no native bf16.*about 6x slower.*dtype='auto'") as caught:
+        dtypes.parse_dtype("bf16")
+        dtypes.parse_dtype(torch.bfloat16)
+    assert len(caught) == 1  # once per process
+    assert next(load_model(micro_dir, dtype="auto").parameters()).dtype == torch.float32
+    monkeypatch.setattr(dtypes, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dtypes.parse_dtype("auto") == torch.bfloat16 and dtypes.parse_dtype("bf16") == torch.bfloat16
+    model = load_model(micro_dir, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.encode(torch.rand(3, 64, 64), dtype="auto").embedding.shape == (1, 256)  # its own precision

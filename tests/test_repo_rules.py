@@ -21,8 +21,8 @@ def test_torch_load_is_always_weights_only():
     assert offenders == []
 
 
-def test_inference_package_never_imports_training():
-    pattern = re.compile(r"^\s*(from|import)\s+training\b", re.MULTILINE)
+def test_inference_package_never_imports_training_or_benchmarks():
+    pattern = re.compile(r"^\s*(from|import)\s+(training|benchmarks)\b", re.MULTILINE)
     offenders = [p.name for p in (REPO / "midol_hub").rglob("*.py") if pattern.search(p.read_text())]
     assert offenders == []
 
@@ -74,3 +74,14 @@ def test_no_import_cycle_inside_midol_hub():
 
     cycles = [" -> ".join([name, *cycle]) for name in sorted(graph) if (cycle := cycle_from(name, name, []))]
     assert cycles == []
+    # what encode uses of the calibration is a leaf; fitting it sits above encode
+    assert graph["detection"] <= {"configuration_midol", "modalities"}
+    assert "calibration" not in graph["encoding"] and "modeling_midol" in graph["calibration"]
+
+
+def test_the_data_layout_lives_in_one_module():
+    """Only benchmarks/shared_data.py names the folders of $MIDOL_DATA (tests may read files)."""
+    folders = re.compile(r"pneumoniamnist_balanced_subset|kermany_oct2017|isic_uda1_|idrid_segmentation|bloodmnist/")
+    offenders = [str(p.relative_to(REPO)) for p in PY_FILES if folders.search(p.read_text(encoding="utf-8"))
+                 and p.parts[len(REPO.parts)] not in ("tests",) and p.name != "shared_data.py"]
+    assert offenders == []

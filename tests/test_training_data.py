@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.augment import MultiCrop
+from training.augment import HED_FROM_RGB, RGB_FROM_HED, MultiCrop, StainJitter
 from training.config import ConfigError, load_config
 from training.data import (
     DatasetError,
@@ -136,3 +136,30 @@ def test_config_files_and_overrides():
         load_config(None, ["optim.lr"])
     with pytest.raises(ConfigError, match="must be a number"):
         load_config(None, ["optim.lr=fast"])
+
+
+def test_stain_jitter_round_trips_and_restains_real_he_tiles_as_ihc(data_root):
+    tile = np.asarray(Image.open(data_root / "pathology/crc_val_he_7k_examples/TUM-TCGA-AAHIDTWA.jpg").convert("RGB"))
+    image = torch.from_numpy(tile.astype(np.float32) / 255).permute(2, 0, 1)
+    concentrations = torch.rand(32, 32, 3) * torch.tensor([1.0, 0.8, 0.5])  # physical (non-negative) stain amounts
+    mixed = torch.exp(-(concentrations @ RGB_FROM_HED)).clamp(0, 1).permute(2, 0, 1)
+    torch.testing.assert_close(StainJitter(sigma=0.0, restain_p=0.0)(mixed), mixed, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    stain = lambda x, k: (-torch.log(x.clamp_min(1e-6)).permute(1, 2, 0) @ HED_FROM_RGB)[..., k]  # noqa: E731
+    shares, eosin = [], []
+    for _ in range(20):
+        restained = StainJitter(sigma=0.0, restain_p=1.0)(image)
+        shares.append(float((stain(restained, 2) > stain(image, 2) + 0.05).float().mean()))
+        eosin.append(float(stain(restained, 1).mean() / stain(image, 1).mean()))
+    assert 0.01 < np.mean(shares) < 0.5 and max(shares) < 0.95  # some nuclei turn brown, never the whole tile
+    assert max(eosin) < 0.3  # the pink counterstain is mostly gone
+
+
+def test_only_tagged_sources_get_stain_jitter(data_root):
+    image = torch.rand(3, 80, 80)
+    plain, stained = MultiCrop(64), MultiCrop(64, stain_tags=("pathology",), stain_p=1.0)
+    def crops(augment, tag):
+        torch.manual_seed(0)
+        return augment(image, tag)
+    assert all(torch.equal(a, b) for a, b in zip(crops(plain, "xray"), crops(stained, "xray")))
+    assert not all(torch.equal(a, b) for a, b in zip(crops(plain, "pathology"), crops(stained, "pathology")))

@@ -24,14 +24,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.shared_data import PATHOLOGY_REGIONS, data_root, fullres_parts, isic_splits, pathmnist_splits
+from benchmarks.shared_data import (
+    PATHOLOGY_REGIONS,
+    TRAINING_ARRAYS,
+    data_root,
+    fullres_parts,
+    isic_splits,
+    pathmnist_splits,
+)
 
 CACHE_SIDE = 256
 TILE_MICRONS = 112  # the field of view of a 224 px CRC-VAL-HE tile at 0.5 um/px
 FULLRES_SHARE = 1 / 3
 MAX_REPEATS = 40
-NPZ_SOURCES = {"xray": "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz", "fundus": "fundus/retinamnist/retinamnist.npz",
-               "pathology": "pathology/bloodmnist/bloodmnist.npz"}
 
 
 def _cached(image: Image.Image, out: Path) -> str:
@@ -89,10 +94,10 @@ def prepare(out_dir: Path, root: Path | None = None) -> list[str]:
     path_train, _ = pathmnist_splits(root)
     (out_dir / "isic_train.txt").write_text("\n".join(isic_train.images) + "\n")
     np.savez(out_dir / "pathmnist_train.npz", train_images=np.stack(path_train.images), train_labels=path_train.labels)
-    small = {modality: len(np.load(root / relative, mmap_mode="r")["train_images"]) for modality, relative in NPZ_SOURCES.items()}
+    small = {modality: len(np.load(root / relative, mmap_mode="r")["train_images"]) for modality, relative in TRAINING_ARRAYS.items()}
     small["pathology"] += len(path_train)
     small["dermoscopy"] = len(isic_train)
-    args = [f"{modality}={root / relative}" for modality, relative in NPZ_SOURCES.items()]
+    args = [f"{modality}={root / relative}" for modality, relative in TRAINING_ARRAYS.items()]
     args += [f"pathology={out_dir / 'pathmnist_train.npz'}", f"dermoscopy={out_dir / 'isic_train.txt'}"]
     for modality, files in cache_fullres(root, out_dir / "fullres").items():
         copies = repeats(small.get(modality, 0), len(files))

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from benchmarks.evaluate import evaluate, modality_separation
 from benchmarks.shared_data import BENCHMARKS, data_root, fullres_parts, labelled_splits
@@ -35,7 +34,7 @@ from midol_hub import calibrate, extract_features, few_shot, load_model
 from midol_hub.model_card import SEPARATION, separation_table
 
 from . import export, pretrain
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_checkpoint
 from .config import deviations_from_official
 from .prepare_shared_data import prepare
 
@@ -70,7 +69,8 @@ def calibration_images(root: Path) -> dict[str, list[str]]:
     full = fullres_parts(root, "train")
     for modality, items in labelled_splits(root, "train").items():
         picks = [items[i] for i in sorted(rng.permutation(len(items))[:CALIBRATION_PER_MODALITY])]
-        images[modality] = list(dict.fromkeys([*picks, *full.get(modality, [])]))
+        paths = {item for item in picks if isinstance(item, str)}  # OCT's labelled split is its full-resolution files
+        images[modality] = picks + [path for path in full.get(modality, []) if path not in paths]
     return images
 
 
@@ -80,7 +80,7 @@ def choice_rows(runs: dict[str, Path]) -> list[str]:
     lines = ["| start | differs from the official objective in | routing accuracy at step 50 / 100 / 200 / 300 / last |",
              "|---|---|---|"]
     for label, run in runs.items():
-        config = yaml.safe_load((run / "config.yaml").read_text())
+        config = load_checkpoint(list_checkpoints(run)[-1])["config"]  # what trained it (a resume re-saves config.yaml)
         changed = ", ".join(f"{k}={v}" for k, v in deviations_from_official(config).items()) or "nothing"
         curve = routing_curve(run)
         last = max(curve)

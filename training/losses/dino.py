@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cross_view import cross_view_pairs
 from ..distributed import all_reduce_sum, world_size
+from .cross_view import cross_view_pairs
 
 
 class DINOLoss(nn.Module):
