@@ -1,7 +1,7 @@
 """Out-of-scope detectors compared: ``python -m benchmarks.ood --model NAME [--out results.json]``.
 
-Every detector is fitted on training images only (the labelled training splits and the
-full-resolution training parts, as ``training.release_micro`` calibrates), two-fold: each half
+Every detector is fitted on training images only (``shared_data.calibration_images``, what
+midol-micro is calibrated on), two-fold: each half
 is scored by a detector fitted on the other half. Its threshold is the ``QUANTILE`` of those
 held-out in-scope scores, so every detector wrongly rejects the same share of held-out training
 images; the comparison is the share of the out-of-scope set
@@ -30,10 +30,9 @@ from midol_hub import load_model
 from midol_hub.calibration import fit_detector
 from midol_hub.detection import out_of_scope_score
 
-from .shared_data import data_root, fullres_parts, labelled_splits, out_of_scope_set
+from .shared_data import calibration_images, data_root, out_of_scope_set
 
 QUANTILE = 0.975
-PER_MODALITY = 300
 
 
 def features(model, groups: dict[str, list]) -> dict[str, np.ndarray]:
@@ -97,12 +96,7 @@ DETECTORS = {
 
 def compare(model, root: Path) -> list[dict]:
     rng = np.random.default_rng(0)
-    full_train = fullres_parts(root, "train")
-    train_groups = {}
-    for modality, items in labelled_splits(root, "train").items():
-        picks = [items[i] for i in sorted(rng.permutation(len(items))[:PER_MODALITY])]
-        paths = {item for item in picks if isinstance(item, str)}
-        train_groups[modality] = picks + [p for p in full_train.get(modality, []) if p not in paths]
+    train_groups = calibration_images(root)
     train, outside = features(model, train_groups), features(model, {"out of scope": out_of_scope_set(root)})
     halves = np.array_split(rng.permutation(len(train["labels"])), 2)
     rows = []

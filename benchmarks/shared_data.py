@@ -121,6 +121,19 @@ def labelled_splits(root: Path, part: str) -> dict[str, list]:
     return images
 
 
+def calibration_images(root: Path, per_modality: int = 500, seed: int = 0) -> dict[str, list]:
+    """What midol-micro is calibrated on, training sides only: up to ``per_modality`` labelled
+    training images per modality (a seeded sample) plus every full-resolution training file."""
+    rng = np.random.default_rng(seed)
+    full = fullres_parts(root, "train")
+    images = {}
+    for modality, items in labelled_splits(root, "train").items():
+        picks = [items[i] for i in sorted(rng.permutation(len(items))[:per_modality])]
+        paths = {item for item in picks if isinstance(item, str)}  # OCT's labelled split is its full-resolution files
+        images[modality] = picks + [path for path in full.get(modality, []) if path not in paths]
+    return images
+
+
 # Full-resolution files: modality -> folders (or files) below the root, and how each file's group
 # (patient, lesion, slide) is read, so a group never spans train and test.
 PATHOLOGY_REGIONS = ("pathology/openslide_os1_he_crop", "pathology/openslide_os2_ki67_ihc_crops")

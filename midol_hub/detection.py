@@ -41,12 +41,24 @@ def stage_pooled(pyramid: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.normalize(stage.float().mean(dim=(2, 3)), dim=-1) for stage in pyramid], dim=-1)
 
 
+_TENSORS: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] = {}
+
+
+def _detector_tensors(detector: dict) -> tuple[torch.Tensor, ...]:
+    """means (M, D), basis (D, R), variances (R,) as float64 tensors, converted from the config's
+    lists once per detector (encode scores every batch)."""
+    cached = _TENSORS.get(id(detector))
+    if cached is None or cached[0] is not detector:
+        cached = (detector, tuple(torch.tensor(detector[key], dtype=torch.float64) for key in ("means", "basis", "variances")))
+        _TENSORS[id(detector)] = cached
+    return cached[1]
+
+
 def out_of_scope_score(detector: dict, features: torch.Tensor) -> torch.Tensor:
     """(B,) squared Mahalanobis distance of ``stage_pooled`` features to the nearest modality mean,
     under the detector's probabilistic-PCA covariance."""
     features = features.double()
-    as_tensor = lambda key: torch.tensor(detector[key], dtype=features.dtype, device=features.device)  # noqa: E731
-    means, basis, variances = as_tensor("means"), as_tensor("basis"), as_tensor("variances")  # (M, D), (D, R), (R,)
+    means, basis, variances = (t.to(features.device) for t in _detector_tensors(detector))
     offsets = features.unsqueeze(1) - means.unsqueeze(0)  # (B, M, D)
     along = offsets @ basis  # (B, M, R)
     outside = offsets.pow(2).sum(-1) - along.pow(2).sum(-1)

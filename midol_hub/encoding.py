@@ -146,18 +146,16 @@ def expand_frames(items: list, frames: str | int | None, errors: str, failures: 
     for index, item in enumerate(items):
         try:
             count = 1 if preprocessed else frame_count(item, describe(item, index))
-            if frames is None or count == 1 and not isinstance(frames, int):
-                if count > 1:
-                    raise ImageReadError(describe(item, index), multi_frame_message(count, is_dicom_file(item)))
+            if isinstance(frames, int) and not 0 <= frames < count:
+                raise ImageReadError(describe(item, index), f"has {count} frame(s); frame {frames} does not exist")
+            if count == 1:
                 rows.append((item, index, None))
+            elif frames is None:
+                raise ImageReadError(describe(item, index), multi_frame_message(count, is_dicom_file(item)))
             elif frames == "all":
                 rows += [(item, index, frame) for frame in range(count)]
-            elif frames == "middle":
-                rows.append((item, index, count // 2))
-            elif not 0 <= frames < count:
-                raise ImageReadError(describe(item, index), f"has {count} frame(s); frame {frames} does not exist")
             else:
-                rows.append((item, index, frames if count > 1 else None))
+                rows.append((item, index, count // 2 if frames == "middle" else frames))
         except ImageReadError as error:
             if errors == "raise":
                 raise

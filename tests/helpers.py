@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,15 @@ def make_micro(seed: int = 0, **overrides) -> MIDoLModel:
 
 
 
+def free_port() -> int:
+    """A TCP port the OS has just handed out (so concurrent suites do not collide on fixed ports)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def torchrun(*args: str, ranks: int = 2, timeout: int = 600, check: bool = True, **popen) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone`` (a free port from the OS) with one thread per rank."""
+    """``python -m torch.distributed.run`` on a free local port, one thread per rank."""
     command = torchrun_command(*args, ranks=ranks)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
@@ -40,7 +48,8 @@ def torchrun(*args: str, ranks: int = 2, timeout: int = 600, check: bool = True,
 
 
 def torchrun_command(*args: str, ranks: int = 2) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            f"--nproc_per_node={ranks}", *args]
 
 
 def kill_tree(pid: int) -> None:

@@ -48,7 +48,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
     prototypes = "head.prototypes.parametrizations.weight.original1"
     frozen = (state["student"][prototypes] - state["teacher"][prototypes]).abs().max()
     trained = (state["student"]["head.fc1_weight"] - state["teacher"]["head.fc1_weight"]).abs().max()
-    assert frozen == 0 and trained > 1e-6  # prototypes stay fixed in the first epoch, the experts move
+    assert frozen < 1e-7 and trained > 1e-5  # prototypes stay fixed in the first epoch (EMA rounding only), experts move
     run_dir = tmp_path / "resumed"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
     assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
@@ -93,7 +93,7 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     state["config"]["objective"]["routing"], state["config"]["data"]["balance"] = "balanced", "tags_per_batch"
     state["config"]["model"]["init"] = str(tmp_path / "runs" / "dino-e1")
     record = export.pretraining_record(state)
-    assert record["deviations_from_official"] == {"routing": "balanced", "balance": "tags_per_batch"}
+    assert record["deviations_from_official"] == {"routing": "balanced", "balance": "tags_per_batch", "init": "dino-e1"}
     assert record["init"] == "dino-e1"  # the model's name, not this machine's path
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None

@@ -45,3 +45,15 @@ def test_use_with_transformers_snippets_run(tmp_path, monkeypatch, data_root):
     answer = second["classify"]("chest.png")
     assert {a["label"] for a in answer} == {"normal", "pneumonia"}
     assert (tmp_path / "runs/cxr/model/preprocessor_config.json").is_file()
+
+
+def test_dicom_header_example_shows_what_encode_returns():
+    section = README.read_text(encoding="utf-8").split("## The encode contract\n", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in re.findall(r"```python\n(.*?)```", section, re.DOTALL) if "get_testdata_file" in b)
+    code = "\n".join(line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#"))
+    shown = " ".join(line.strip().lstrip("#").strip() for line in block.splitlines() if line.strip().startswith("#"))
+    from midol_hub import load_model
+
+    namespace = {"model": load_model("midol-micro")}
+    exec(code.replace("list(zip(", "result = list(zip(", 1), namespace)
+    assert repr(namespace["result"]) == shown

@@ -91,7 +91,8 @@ OBJECTIVE_OPTIONS = {"routing": ("objective", "routing"), "top_k": ("model", "to
 
 def objective_options(config: dict[str, Any]) -> dict[str, Any]:
     """A run's values of :data:`OBJECTIVE_OPTIONS` (``init`` as the model's name, not a path)."""
-    values = {name: config[section][key] for name, (section, key) in OBJECTIVE_OPTIONS.items()}
+    values = {name: RENAMED_VALUES.get((section, key), {}).get(config[section][key], config[section][key])
+              for name, (section, key) in OBJECTIVE_OPTIONS.items()}  # old spellings read as today's
     values["init"] = Path(values["init"]).name if values["init"] else None
     return values
 
