@@ -36,6 +36,7 @@ from .evaluation import (
     routing_report,
     segmentation_scores,
 )
+from .explain import draw_routing_maps, routing_map
 from .features import extract_features
 from .image_processing_midol import MIDoLImageProcessor
 from .loading import load_model
@@ -101,5 +102,7 @@ __all__: list[Any] = [
     "get_transform",
     "list_models",
     "load_model",
+    "routing_map",
+    "draw_routing_maps",
     "run_command",
 ]

@@ -19,7 +19,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .encoding import Failure, Plan, concat_encodings, encode_planned, expand_frames, plan_row, preprocess_planned
+from .encoding import (
+    Failure,
+    Plan,
+    concat_encodings,
+    encode_planned,
+    expand_frames,
+    plan_row,
+    preprocess_planned,
+)
 from .errors import ImageReadError
 from .image_io import read_any
 from .modalities import AUTO, canonical_modality

@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing_cache.add_argument("--cache-dir", default=None)
     listing_cache.set_defaults(handler=run_cache_ls)
 
+    explain = commands.add_parser("explain", help="per-patch routing maps: why modality='auto' chose its expert")
+    explain.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    explain.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    explain.add_argument("--out", required=True, help="folder for one PNG per image (per frame)")
+    explain.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX",
+                         help="multi-frame files: as for midol encode")
+    explain.set_defaults(handler=run_explain)
+
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
     plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
     plot.add_argument("--by", default="modality",
@@ -425,6 +433,20 @@ def run_cache_ls(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- plot
+
+
+def run_explain(args: argparse.Namespace) -> None:
+    from . import load_model
+    from .explain import draw_routing_maps
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CLIError("drawing needs matplotlib: pip install 'midol-hub[plot]'") from None
+    files = [str(f) for f in collect_images(args.paths)]
+    model = load_model(args.model)
+    written = draw_routing_maps(model, files, args.out, frames=args.frames)
+    print(f"wrote {len(written)} routing map(s) to {args.out}")
 
 
 def run_plot(args: argparse.Namespace) -> None:

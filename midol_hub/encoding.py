@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from .detection import DICOM, FORCED, ROUTER, detect_modalities, stage_pooled
 from .dtypes import parse_dtype
 from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
-from .image_io import RawImage, describe, frame_count, is_dicom_file, multi_frame_message, read_any, split_images
+from .image_io import (
+    RawImage,
+    describe,
+    frame_count,
+    is_dicom_file,
+    multi_frame_message,
+    read_any,
+    split_images,
+)
 from .modalities import AUTO, UNKNOWN, canonical_modality, dicom_modality
 from .preprocessing import (
     Preprocessor,

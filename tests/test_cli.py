@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from benchmarks import shared_data
 from midol_hub import load_model
 from midol_hub.cli import main
 
@@ -197,3 +199,13 @@ def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
         assert image.size == (1440, 600)  # two panels side by side
     code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x.png"), "--by", "colour")
     assert code == 1 and "--by colour: choose from modality, source, label, folder" in err
+
+
+def test_explain_writes_one_routing_map_per_image(tmp_path, data_root):
+    files = [shared_data.fullres_parts(data_root, "test")[m][0] for m in ("xray", "oct", "pathology")]
+    result = subprocess.run([sys.executable, "-m", "midol_hub.cli", "explain", *files, "--out", str(tmp_path / "maps")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pngs = sorted((tmp_path / "maps").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(Path(f).stem for f in files) and result.stdout.startswith("wrote 3 routing map(s)")
+    assert all(Image.open(p).size[0] > 600 for p in pngs)  # the image beside five expert maps and a colour bar

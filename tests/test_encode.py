@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from benchmarks import shared_data
 from midol_hub import (
     ImageReadError,
     ModalityMismatchError,
     ModalityMismatchWarning,
     load_model,
+    routing_map,
 )
 
 from .helpers import make_micro
@@ -191,3 +193,14 @@ def test_same_input_gives_bitwise_identical_embeddings_on_cpu(micro, images):
     a = micro.encode(images, modality="oct").embedding
     b = micro.encode(images, modality="oct").embedding
     assert torch.equal(a, b)
+
+
+def test_routing_maps_average_exactly_to_the_routing_logits_on_real_images(data_root):
+    model = load_model("midol-micro")
+    full = shared_data.fullres_parts(data_root, "test")
+    files = [full[m][i] for m in ("xray", "fundus", "oct", "dermoscopy", "pathology") for i in range(min(2, len(full[m])))]
+    maps = routing_map(model, files)
+    assert maps.shape == (len(files), 5, 4, 4)  # 64 px with patch 2: a 4 x 4 final-stage token grid
+    logits = model(model.preprocess(files, "auto")).routing_logits
+    torch.testing.assert_close(maps.mean(dim=(2, 3)), logits, atol=1e-5, rtol=0)
+    assert (maps.flatten(2).std(dim=-1) > 0).any()  # a map, not a constant: the patches disagree
