@@ -28,9 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 from midol_hub import load_model
 from midol_hub.calibration import fit_detector
-from midol_hub.detection import out_of_scope_score
+from midol_hub.detection import modality_distances, out_of_scope_score
 
-from .shared_data import calibration_images, data_root, out_of_scope_set
+from .shared_data import calibration_images, data_root, fullres_parts, out_of_scope_set
 
 QUANTILE = 0.975
 
@@ -94,7 +94,7 @@ DETECTORS = {
 }
 
 
-def compare(model, root: Path) -> list[dict]:
+def compare(model, root: Path) -> tuple[list[dict], list[dict]]:
     rng = np.random.default_rng(0)
     train_groups = calibration_images(root)
     train, outside = features(model, train_groups), features(model, {"out of scope": out_of_scope_set(root)})
@@ -110,21 +110,47 @@ def compare(model, root: Path) -> list[dict]:
             rows.append(_row(f"{name} on {feature}", held_out, np.mean(outside_scores, axis=0), train["labels"]))
     for name, function in (("router energy", _energy), ("router maximum probability", _max_probability)):
         rows.append(_row(name, function(train["logits"]), function(outside["logits"])))
-    rows.append(_per_modality_row(model, train, outside, halves))
+    rows.append(_per_modality_row(train, outside, halves))
+    full = set(p for files in fullres_parts(root, "train").values() for p in files)
+    fullres = np.array([isinstance(item, str) and item in full for items in train_groups.values() for item in items])
+    return rows, naming_rows(model, train, halves, fullres)
+
+
+def naming_rows(model, train: dict, halves: list, fullres: np.ndarray) -> list[dict]:
+    """Per modality, the share of held-out training images named right by the router's argmax and by
+    the nearest modality under the detector's distance (fitted on the other half), on all of them
+    and on the full-resolution files alone."""
+    names = list(dict.fromkeys(train["labels"]))
+    nearest = np.empty(len(train["labels"]), dtype=object)
+    for fit_on, score_on in (halves, halves[::-1]):
+        detector = fit_detector(torch.from_numpy(train["stage_pooled"][fit_on]), list(train["labels"][fit_on]), 64)
+        distances = modality_distances(detector, torch.from_numpy(train["stage_pooled"][score_on]))
+        nearest[score_on] = np.array(detector["modalities"])[distances.argmin(1).numpy()]
+    router = np.array([model.config.expert_modalities[i] for i in train["logits"].argmax(1)])
+    rows = []
+    for subset, mask in (("all", np.ones(len(router), dtype=bool)), ("full-resolution", fullres)):
+        for m in names:
+            chosen = mask & (train["labels"] == m)
+            if chosen.any():
+                rows.append({"images": subset, "modality": m, "count": int(chosen.sum()),
+                             "router": float((router[chosen] == m).mean()), "nearest": float((nearest[chosen] == m).mean())})
     return rows
 
 
-def _per_modality_row(model, train: dict, outside: dict, halves: list) -> dict:
+def _per_modality_row(train: dict, outside: dict, halves: list) -> dict:
     """The shipped form: tied Mahalanobis (64 components) on stage_pooled, with each modality's own
-    threshold, applied to an image by the modality its router picks."""
-    held_out, outside_scores = np.empty(len(train["labels"])), []
+    threshold, applied to an image by its nearest modality (the modality ``auto`` names)."""
+    names = list(dict.fromkeys(train["labels"]))
+    held_out = np.empty(len(train["labels"]))
+    outside_distances = []
     for fit_on, score_on in (halves, halves[::-1]):
-        score = _mahalanobis(train["stage_pooled"][fit_on], train["labels"][fit_on], 64)
-        held_out[score_on] = score(train["stage_pooled"][score_on])
-        outside_scores.append(score(outside["stage_pooled"]))
-    thresholds = {m: np.quantile(held_out[train["labels"] == m], QUANTILE) for m in np.unique(train["labels"])}
-    routed = [model.config.expert_modalities[i] for i in outside["logits"].argmax(1)]
-    flagged = [s > thresholds.get(m, -np.inf) for s, m in zip(np.mean(outside_scores, axis=0), routed)]
+        detector = fit_detector(torch.from_numpy(train["stage_pooled"][fit_on]), list(train["labels"][fit_on]), 64)
+        order = [detector["modalities"].index(m) for m in names]
+        held_out[score_on] = modality_distances(detector, torch.from_numpy(train["stage_pooled"][score_on])).min(1).values
+        outside_distances.append(modality_distances(detector, torch.from_numpy(outside["stage_pooled"]))[:, order].numpy())
+    distances = np.mean(outside_distances, axis=0)
+    thresholds = {m: np.quantile(held_out[train["labels"] == m], QUANTILE) for m in names}
+    flagged = [d.min() > thresholds[names[int(d.argmin())]] for d in distances]
     wrong = {m: float((held_out[train["labels"] == m] > t).mean()) for m, t in thresholds.items()}
     return {"detector": "Mahalanobis, tied covariance, 64 components on stage_pooled, a threshold per modality (shipped)",
             "out_of_scope_called_unknown": float(np.mean(flagged)), "auroc": float("nan"),
@@ -139,6 +165,13 @@ def _row(name: str, held_out: np.ndarray, outside: np.ndarray, labels: np.ndarra
     if labels is not None:
         row["held_out_called_unknown"] = {m: float((held_out[labels == m] > threshold).mean()) for m in np.unique(labels)}
     return row
+
+
+def naming_markdown(rows: list[dict]) -> str:
+    lines = ["| held-out training images | modality | images | named right by the router's argmax | by the nearest "
+             "modality |", "|---|---|---|---|---|"]
+    lines += [f"| {r['images']} | {r['modality']} | {r['count']} | {r['router']:.3f} | {r['nearest']:.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -160,10 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="midol-micro")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
-    rows = compare(load_model(args.model), data_root())
+    rows, naming = compare(load_model(args.model), data_root())
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming}, indent=2))
     print(markdown(rows))
+    print()
+    print(naming_markdown(naming))
     return 0
 
 

@@ -13,8 +13,8 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
   give each modality's in-scope score distribution behind the confidence. (Measured on
   midol-micro v3: one threshold for all called a quarter of the 72 held-out OCT images unknown,
   since the modalities with 500 images set it; per-modality thresholds call 2.6-2.8% of each.)
-- **Router confidence.** Platt scaling of the router's probability against "routed to the
-  right expert" on the training images.
+- **Confidence of the answer.** Platt scaling of the nearest modality's margin over the second
+  nearest against "the nearest modality is the image's", on the same held-out scores.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .detection import out_of_scope_score
+from .detection import modality_distances, nearest_margin
 from .evaluation import routing_report
 from .modalities import SHARED, UNASSIGNED, canonical_modality
 from .modeling_midol import MIDoLModel
@@ -56,15 +56,18 @@ def _rounded(tensor: torch.Tensor) -> list:
     return np.vectorize(lambda v: float(f"{v:.7g}"))(tensor.numpy()).tolist()
 
 
-def held_out_scores(features: torch.Tensor, labels: Sequence[str], components: int, seed: int = 0) -> torch.Tensor:
-    """Each image's out-of-scope score under a detector fitted on the other half of the images."""
+def held_out_distances(features: torch.Tensor, labels: Sequence[str], components: int, seed: int = 0) -> torch.Tensor:
+    """(N, M) each image's distances to the modality means (in first-seen label order) under a
+    detector fitted on the other half of the images."""
     order = np.random.default_rng(seed).permutation(len(labels))
     halves = [np.sort(order[::2]), np.sort(order[1::2])]
-    scores = torch.empty(len(labels), dtype=torch.float64)
+    names = list(dict.fromkeys(labels))
+    distances = torch.empty(len(labels), len(names), dtype=torch.float64)
     for fit_on, score_on in (halves, halves[::-1]):
         detector = fit_detector(features[fit_on], [labels[i] for i in fit_on], components)
-        scores[score_on] = out_of_scope_score(detector, features[score_on])
-    return scores
+        columns = [names.index(m) for m in detector["modalities"]]
+        distances[np.ix_(score_on, columns)] = modality_distances(detector, features[score_on])
+    return distances
 
 
 def in_scope_scores(scores: np.ndarray, quantile: float) -> dict:
@@ -76,15 +79,14 @@ def in_scope_scores(scores: np.ndarray, quantile: float) -> dict:
             "tail_scale": float(excess.mean()) if len(excess) else 1.0}
 
 
-def platt(probability: np.ndarray, right: np.ndarray) -> dict:
-    """Logistic regression of ``right`` on the log-odds of ``probability``: {"scale", "bias"}."""
+def platt(score: np.ndarray, right: np.ndarray) -> dict:
+    """Logistic regression of ``right`` on ``score``: {"scale", "bias"} of sigmoid(scale * score + bias)."""
     from sklearn.linear_model import LogisticRegression
 
-    p = np.clip(probability, 1e-6, 1 - 1e-6)
     if right.all() or not right.any():  # nothing to separate: a constant at the observed rate
         rate = (right.sum() + 0.5) / (len(right) + 1)
         return {"scale": 0.0, "bias": float(np.log(rate / (1 - rate)))}
-    fit = LogisticRegression(C=1e4).fit(np.log(p / (1 - p))[:, None], right)
+    fit = LogisticRegression(C=1e4).fit(np.asarray(score, dtype=float)[:, None], right)
     return {"scale": float(fit.coef_[0, 0]), "bias": float(fit.intercept_[0])}
 
 
@@ -96,7 +98,7 @@ def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float
     Updates ``model.config.expert_modalities`` and ``model.config.modality_calibration`` in
     place and returns the calibration: per-modality routing ``accuracy`` and its mean
     ``macro_accuracy``, the modality x expert ``confusion`` counts, ``nmi``, the
-    ``out_of_scope`` detector and ``router_confidence``. Use training images only: evaluate on
+    ``out_of_scope`` detector and ``nearest_confidence``. Use training images only: evaluate on
     held-out ones.
     """
     config = model.config
@@ -116,7 +118,7 @@ def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float
 
 def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, components: int, batch_size: int) -> dict:
     config = model.config
-    labels, experts, probability, features = [], [], [], []
+    labels, experts, features = [], [], []
     for modality, items in images.items():
         key = canonical_modality(modality)
         if key in labels:
@@ -124,7 +126,6 @@ def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, com
         encoding = model.encode(list(items), modality="auto", output="stage_pooled", batch_size=batch_size)
         labels += [key] * len(encoding)
         experts.append(encoding.expert_index)
-        probability.append(encoding.routing.max(dim=-1).values)
         features.append(encoding.stage_pooled)
     expert_index = torch.cat(experts).numpy()
     report = routing_report(labels, expert_index, config.num_experts)
@@ -136,17 +137,18 @@ def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, com
     features_all = torch.cat(features)
     served_labels = [labels[i] for i in served]
     detector = fit_detector(features_all[served], served_labels, components)
-    scores = held_out_scores(features_all[served], served_labels, components).numpy()
+    distances = held_out_distances(features_all[served], served_labels, components)
+    scores, nearest = (values.numpy() for values in distances.min(dim=1))
     label_array = np.array(served_labels)
     detector.update(quantile=quantile, components=len(detector["variances"]),
                     in_scope={m: in_scope_scores(scores[label_array == m], quantile) for m in detector["modalities"]})
-    right = np.array([expert_modalities[e] == label for e, label in zip(expert_index, labels)])
+    right = np.array(list(dict.fromkeys(served_labels)))[nearest] == label_array
     calibration = {
         "method": "Hungarian assignment on argmax-routing counts of labelled training images",
         **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
         "images_per_modality": {m: labels.count(m) for m in report["modalities_order"]},
         "out_of_scope": detector,
-        "router_confidence": platt(torch.cat(probability).numpy(), right),
+        "nearest_confidence": platt(np.log1p(nearest_margin(distances).numpy()), right),
     }
     config.expert_modalities = expert_modalities
     return calibration

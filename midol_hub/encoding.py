@@ -306,14 +306,21 @@ def _run(model: MIDoLModel, pixels: torch.Tensor, plans: list[Plan], requested: 
     for row, plan in enumerate(plans):
         if plan.source == FORCED:
             confidence[row] = routing[row, plan.expert]
+    embedding = out.embedding
     if routed:
         decided = detect_modalities(config, out.routing_logits[routed], stages[routed] if detect else None)
         for position, row in enumerate(routed):
             modality[row], reason[row] = decided.modality[position], decided.reason[position]
             confidence[row] = decided.confidence[position]
+        moved = [(row, e) for row, e in zip(routed, decided.expert) if e >= 0 and e != int(expert_index[row])]
+        if moved:  # auto named another modality than the router's argmax: that modality's expert subspace
+            rows, experts = [r for r, _ in moved], torch.tensor([e for _, e in moved])
+            embedding = embedding.clone()
+            embedding[rows] = model.head.expert_outputs(out.pooled[rows])[torch.arange(len(rows)), experts.to(pixels.device)]
+            expert_index[rows] = experts
     outputs: dict[str, Any] = {}
     if "embedding" in requested:
-        embedding = out.embedding.float()
+        embedding = embedding.float()
         outputs["embedding"] = (F.normalize(embedding, dim=-1) if normalize else embedding).cpu()
     if "pooled" in requested:
         outputs["pooled"] = out.pooled.float().cpu()

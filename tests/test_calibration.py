@@ -14,6 +14,8 @@ from midol_hub.detection import (
     detect_modalities,
     in_scope_probability,
     in_scope_tail,
+    modality_distances,
+    nearest_margin,
     out_of_scope_score,
 )
 
@@ -74,28 +76,47 @@ def test_in_scope_probability_is_one_half_at_the_threshold_and_falls_with_the_sc
     torch.testing.assert_close(tail, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
 
 
-def test_detection_reports_unknown_with_its_reason():
+def test_detection_names_the_nearest_modality_or_unknown_with_its_reason():
     detector, _ = synthetic_detector(dim=256)
     config = make_micro().config
     config.expert_modalities = ["xray", "unassigned", "oct", "dermoscopy", "pathology"]
-    config.modality_calibration = {"out_of_scope": detector, "router_confidence": {"scale": 1.0, "bias": 0.0}}
-    near, far = torch.zeros(256), torch.zeros(256)
-    near[0], far[7] = 1.0, 3.0
-    logits = torch.tensor([[5.0, 0, 0, 0, 0], [5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0]])
-    decided = detect_modalities(config, logits, torch.stack([near, far, near]))
-    assert decided.modality == ["xray", "unknown", "unknown"] and decided.source == ["router"] * 3
-    assert decided.reason[0] is None and "out-of-scope score" in decided.reason[1] and "serves no modality" in decided.reason[2]
-    p = torch.softmax(logits[0], 0).max()
-    in_scope = in_scope_probability(detector["in_scope"]["xray"], out_of_scope_score(detector, near[None]))
-    assert float(decided.confidence[0]) == pytest.approx(float(in_scope) * float(p), rel=1e-5)  # Platt 1, 0: p itself
+    config.modality_calibration = {"out_of_scope": detector, "nearest_confidence": {"scale": 1.0, "bias": 0.0}}
+    near_xray, near_oct, far = torch.zeros(256), torch.zeros(256), torch.zeros(256)
+    near_xray[0], near_oct[1], far[7] = 1.0, 1.0, 3.0
+    logits = torch.tensor([[0, 0, 5.0, 0, 0], [5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0]])  # the router says oct, xray, unassigned
+    decided = detect_modalities(config, logits, torch.stack([near_xray, far, near_oct]))
+    assert decided.modality == ["xray", "unknown", "oct"] and decided.source == ["router"] * 3
+    assert decided.expert == [0, -1, 2]  # the nearest modality's expert, whatever the router's argmax
+    assert decided.reason[0] is None and "even the nearest" in decided.reason[1] and decided.reason[2] is None
+    distances = modality_distances(detector, near_xray[None].double())
+    in_scope = in_scope_probability(detector["in_scope"]["xray"], distances.min(dim=1).values)
+    right = torch.sigmoid(torch.log1p(nearest_margin(distances)))  # Platt scale 1, bias 0
+    assert float(decided.confidence[0]) == pytest.approx(float(in_scope * right), rel=1e-5)
     assert decided.confidence[1] > 0.5  # far beyond the threshold: surely out of scope
+
+
+def test_auto_embeds_in_the_nearest_modalitys_subspace_when_the_router_disagrees(data_root):
+    model = make_micro(seed=5)
+    images = {m: items[:30] for m, items in shared_data.labelled_splits(data_root, "train").items()}
+    calibrate(model, images, components=8)
+    test = [item for items in shared_data.labelled_splits(data_root, "test").values() for item in items[:10]]
+    enc = model.encode(test, modality="auto", output="embedding", normalize=False)
+    router = enc.routing.argmax(dim=1)
+    for row, name in enumerate(enc.modality):
+        if name != "unknown":
+            assert int(enc.expert_index[row]) == model.config.expert_for(name)
+            if int(router[row]) != int(enc.expert_index[row]):  # moved off the router's choice
+                pixels = model.preprocess([test[row]], "auto")  # auto keeps the generic profile
+                expected = model(pixels, expert_index=enc.expert_index[row : row + 1]).embedding[0]
+                torch.testing.assert_close(enc.embedding[row], expected, atol=1e-5, rtol=0)
+    assert (router != enc.expert_index).any()  # a random router disagrees somewhere, so the move is exercised
 
 
 def test_platt_scaling_fits_the_rate_of_right_answers():
     rng = np.random.default_rng(0)
     probability = rng.uniform(0.2, 0.9, 4000)
-    right = rng.uniform(size=4000) < probability  # a router whose probability is already calibrated
-    fit = platt(probability, right)
+    right = rng.uniform(size=4000) < probability  # a score whose sigmoid is already calibrated
+    fit = platt(np.log(probability / (1 - probability)), right)
     assert fit["scale"] == pytest.approx(1.0, abs=0.15) and fit["bias"] == pytest.approx(0.0, abs=0.15)
     assert platt(probability, np.ones(4000, dtype=bool))["scale"] == 0.0  # nothing to separate: a constant
 

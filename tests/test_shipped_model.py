@@ -29,10 +29,10 @@ from .helpers import REPO
 
 # Floors sit below what was measured on these samples when the weights were made (the card has
 # the full numbers); a random router names about 0.2 of each modality.
-SPLIT_MACRO_FLOOR = 0.90  # measured 0.972 (50 test images per modality)
-FULLRES_MACRO_FLOOR = 0.80  # measured 0.878 on the full-resolution test parts (v2: 0.624)
-OUT_OF_SCOPE_FLOOR = 0.85  # measured 0.938 of the out-of-scope set called unknown
-AUROC_FLOOR, ECE_CEILING = 0.70, 0.08  # measured 0.766 and 0.048 on these 382 images
+SPLIT_MACRO_FLOOR = 0.93  # measured 0.988 (50 test images per modality)
+FULLRES_MACRO_FLOOR = 0.85  # measured 0.911 on the full-resolution test parts
+OUT_OF_SCOPE_FLOOR = 0.85  # measured 0.906 of the out-of-scope set called unknown
+AUROC_FLOOR, ECE_CEILING = 0.70, 0.08  # measured 0.793 and 0.042 on these 382 images
 PNEUMONIA_PROBE_FLOOR = 0.75  # measured 0.803
 
 
@@ -66,7 +66,7 @@ def test_experts_detector_and_confidence_are_calibrated(shipped):
     assert detector["quantile"] == 0.975 and np.array(detector["basis"]).shape == (15 * 32, 64)
     for scores in detector["in_scope"].values():  # a threshold per modality, above its median training score
         assert len(scores["score_quantiles"]) == 100 and scores["threshold"] > scores["score_quantiles"][50]
-    assert calibration["router_confidence"]["scale"] > 0
+    assert calibration["nearest_confidence"]["scale"] > 0  # a larger margin, a surer answer
 
 
 def test_auto_names_the_modality_of_real_test_images(separation):
