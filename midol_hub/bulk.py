@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from .encoding import (
     plan_row,
     preprocess_planned,
 )
-from .errors import ImageReadError
+from .errors import ImageReadError, ModalityMismatchWarning
 from .image_io import read_any
 from .modalities import AUTO, canonical_modality
 from .modeling_midol import MIDoLModel
@@ -119,6 +120,7 @@ def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality
         failures["paths"].append(failure.source)
         failures["errors"].append(failure.error)
     buffered, part_number = 0, len(existing)
+    conflicts: list[tuple[str, str]] = []
 
     def flush() -> None:
         nonlocal buffer, failures, buffered, part_number
@@ -140,6 +142,7 @@ def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality
                 failures["indices"].append(index)
                 failures["paths"].append(str(files[index]))
                 failures["errors"].append(reason)
+            conflicts += [(str(files[todo[p][0]]), plan.conflict) for p, _, plan in items if plan is not None and plan.conflict]
             if good:
                 buffer.append(encode_planned(model, torch.stack([x for _, x, _ in good]), [plan for _, _, plan in good],
                                              encode_outputs, [row[0] for row, _, _ in good],
@@ -149,6 +152,10 @@ def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality
             if buffered >= part_size:
                 flush()
         flush()
+    if conflicts:
+        warnings.warn(f"{len(conflicts)} file(s) encoded as {forced!r} contradict their DICOM header, first: "
+                      f"{conflicts[0][0]}: {conflicts[0][1]}; check --modality, or use --modality auto",
+                      ModalityMismatchWarning, stacklevel=2)
     return len(rows) - len(todo)
 
 

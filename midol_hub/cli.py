@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import tempfile
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ import numpy as np
 
 from .dtypes import parse_dtype, supported_precisions
 from .modalities import AUTO, MODALITIES
-from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun
+from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun, run_command
 
 ENCODE_FORMATS = (".npy", ".npz", ".safetensors")
 ENCODE_OUTPUTS = ("embedding", "pooled", "routing")
@@ -37,18 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    try:
-        args.handler(args)
-    except KeyboardInterrupt:
-        print("midol: interrupted", file=sys.stderr)
-        return 130
-    except Exception as error:  # every failure becomes one line unless --debug
-        if args.debug:
-            traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"midol: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    # every failure becomes one line unless --debug
+    return run_command("midol", lambda: args.handler(args), (Exception,), debug=args.debug)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import tempfile
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -64,11 +65,18 @@ def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def run_command(prog: str, command: Callable[[], object], expected: tuple[type[BaseException], ...]) -> int:
-    """Run a command's body: the ``expected`` errors become one line ``PROG: error: ...`` and exit 1."""
+def run_command(prog: str, command: Callable[[], object], expected: tuple[type[BaseException], ...],
+                debug: bool = False) -> int:
+    """Run a command's body: the ``expected`` errors become one line ``PROG: error: ...`` and exit 1
+    (with the traceback first when ``debug``); Ctrl-C exits 130."""
     try:
         command()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except expected as error:
+        if debug:
+            traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 1

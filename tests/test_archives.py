@@ -198,3 +198,14 @@ def test_training_data_names_multi_frame_files_or_takes_every_frame(archive, tmp
     assert len(source) == 4 and source.name(1) == f"{folder / 'stack.tif'}[frame 0]"
     pixels = [source.read(i) for i in range(1, 4)]
     assert not np.array_equal(pixels[0], pixels[1])  # three different pages, not the first one thrice
+
+
+def test_midol_encode_warns_when_a_forced_modality_contradicts_the_header(archive, tmp_path):
+    root, _ = archive
+    out = tmp_path / "feats.npz"
+    result = subprocess.run([sys.executable, "-m", "midol_hub.cli", "encode", str(root / "OP.dcm"), str(root / "CR.dcm"),
+                             "--modality", "xray", "--out", str(out), "--random-weights", "--workers", "0"],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 file(s) encoded as 'xray' contradict their DICOM header, first:" in result.stderr
+    assert "OP.dcm: its DICOM header says Modality OP (fundus)" in result.stderr

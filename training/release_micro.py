@@ -13,7 +13,8 @@
    writes the model card from those numbers.
 
 Every step resumes or is skipped when its output exists, so the command can be rerun after an
-interruption. v2 is copied to ``WORK/v2`` on the first run (the package then holds v3).
+interruption. v2 is copied to ``WORK/v2`` from the package on the first run; once the package
+holds v3, pass v2's directory with ``--init`` (git commit baf3306 holds it).
 """
 
 from __future__ import annotations
@@ -194,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir)
     v2 = Path(args.init) if args.init else work / "v2"
     if not v2.is_dir():
+        shipped = json.loads((PACKAGE_WEIGHTS / "config.json").read_text()).get("pretraining") or {}
+        if shipped.get("init") == "midol-micro":  # the package already holds v3 (started from midol-micro v2)
+            raise SystemExit("the package holds midol-micro v3; pass --init with v2's model directory, e.g. "
+                             "`git archive baf3306 midol_hub/weights/midol-micro | tar -x -C /tmp` and "
+                             "--init /tmp/midol_hub/weights/midol-micro")
         shutil.copytree(PACKAGE_WEIGHTS, v2)
     data = prepare(work / "data")
     train(work / "from-v2", data, "--set", f"model.init={v2}")
