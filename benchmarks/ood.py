@@ -27,7 +27,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from midol_hub import load_model
-from midol_hub.calibration import fit_detector
+from midol_hub.calibration import fit_detector, held_out_distances
 from midol_hub.detection import modality_distances, out_of_scope_score
 
 from .shared_data import calibration_images, data_root, fullres_parts, out_of_scope_set
@@ -110,26 +110,30 @@ def compare(model, root: Path) -> tuple[list[dict], list[dict]]:
             rows.append(_row(f"{name} on {feature}", held_out, np.mean(outside_scores, axis=0), train["labels"]))
     for name, function in (("router energy", _energy), ("router maximum probability", _max_probability)):
         rows.append(_row(name, function(train["logits"]), function(outside["logits"])))
-    rows.append(_per_modality_row(train, outside, halves))
+    rows.append(_shipped_row(train, outside))
     full = set(p for files in fullres_parts(root, "train").values() for p in files)
     fullres = np.array([isinstance(item, str) and item in full for items in train_groups.values() for item in items])
-    return rows, naming_rows(model, train, halves, fullres)
+    return rows, naming_rows(model, train, fullres)
 
 
-def naming_rows(model, train: dict, halves: list, fullres: np.ndarray) -> list[dict]:
+def _shipped(train: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """What ``midol_hub.calibrate`` fits, through its own functions: the detector on all training
+    features, the held-out (two-fold) distances, and each image's nearest modality among them."""
+    features, labels = torch.from_numpy(train["stage_pooled"]), list(train["labels"])
+    detector = fit_detector(features, labels, 64)
+    distances = held_out_distances(features, labels, 64).numpy()  # columns in detector["modalities"] order
+    return detector, distances, np.array(detector["modalities"])[distances.argmin(1)]
+
+
+def naming_rows(model, train: dict, fullres: np.ndarray) -> list[dict]:
     """Per modality, the share of held-out training images named right by the router's argmax and by
     the nearest modality under the detector's distance (fitted on the other half), on all of them
     and on the full-resolution files alone."""
-    names = list(dict.fromkeys(train["labels"]))
-    nearest = np.empty(len(train["labels"]), dtype=object)
-    for fit_on, score_on in (halves, halves[::-1]):
-        detector = fit_detector(torch.from_numpy(train["stage_pooled"][fit_on]), list(train["labels"][fit_on]), 64)
-        distances = modality_distances(detector, torch.from_numpy(train["stage_pooled"][score_on]))
-        nearest[score_on] = np.array(detector["modalities"])[distances.argmin(1).numpy()]
+    _, _, nearest = _shipped(train)
     router = np.array([model.config.expert_modalities[i] for i in train["logits"].argmax(1)])
     rows = []
     for subset, mask in (("all", np.ones(len(router), dtype=bool)), ("full-resolution", fullres)):
-        for m in names:
+        for m in dict.fromkeys(train["labels"]):
             chosen = mask & (train["labels"] == m)
             if chosen.any():
                 rows.append({"images": subset, "modality": m, "count": int(chosen.sum()),
@@ -137,20 +141,14 @@ def naming_rows(model, train: dict, halves: list, fullres: np.ndarray) -> list[d
     return rows
 
 
-def _per_modality_row(train: dict, outside: dict, halves: list) -> dict:
-    """The shipped form: tied Mahalanobis (64 components) on stage_pooled, with each modality's own
-    threshold, applied to an image by its nearest modality (the modality ``auto`` names)."""
-    names = list(dict.fromkeys(train["labels"]))
-    held_out = np.empty(len(train["labels"]))
-    outside_distances = []
-    for fit_on, score_on in (halves, halves[::-1]):
-        detector = fit_detector(torch.from_numpy(train["stage_pooled"][fit_on]), list(train["labels"][fit_on]), 64)
-        order = [detector["modalities"].index(m) for m in names]
-        held_out[score_on] = modality_distances(detector, torch.from_numpy(train["stage_pooled"][score_on])).min(1).values
-        outside_distances.append(modality_distances(detector, torch.from_numpy(outside["stage_pooled"]))[:, order].numpy())
-    distances = np.mean(outside_distances, axis=0)
-    thresholds = {m: np.quantile(held_out[train["labels"] == m], QUANTILE) for m in names}
-    flagged = [d.min() > thresholds[names[int(d.argmin())]] for d in distances]
+def _shipped_row(train: dict, outside: dict) -> dict:
+    """The shipped form, exactly as calibrated: tied Mahalanobis (64 components) on stage_pooled, each
+    modality's own threshold from its held-out scores, applied by the nearest modality."""
+    detector, distances, _ = _shipped(train)
+    held_out = distances.min(1)
+    thresholds = {m: np.quantile(held_out[train["labels"] == m], QUANTILE) for m in detector["modalities"]}
+    scores = modality_distances(detector, torch.from_numpy(outside["stage_pooled"])).numpy()
+    flagged = [d.min() > thresholds[detector["modalities"][int(d.argmin())]] for d in scores]
     wrong = {m: float((held_out[train["labels"] == m] > t).mean()) for m, t in thresholds.items()}
     return {"detector": "Mahalanobis, tied covariance, 64 components on stage_pooled, a threshold per modality (shipped)",
             "out_of_scope_called_unknown": float(np.mean(flagged)), "auroc": float("nan"),

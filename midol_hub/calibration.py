@@ -93,7 +93,7 @@ def platt(score: np.ndarray, right: np.ndarray) -> dict:
 def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float = 0.975, components: int = 64,
               batch_size: int = 64) -> dict:
     """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}),
-    fit the out-of-scope detector and the router's confidence.
+    fit the out-of-scope detector and the confidence of ``auto``'s answers.
 
     Updates ``model.config.expert_modalities`` and ``model.config.modality_calibration`` in
     place and returns the calibration: per-modality routing ``accuracy`` and its mean

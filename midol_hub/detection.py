@@ -9,14 +9,14 @@ This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf
   covariance shared by all modalities (Lee et al., NeurIPS 2018: a tied covariance), is the
   score. The covariance is stored as a probabilistic PCA (Tipping & Bishop, 1999): its leading
   principal directions with their variances, and one variance for everything else, so a
-  deviation outside the leading directions still counts. Above the threshold of the modality
-  it was routed to (each modality's own, so that a small modality is not judged by the
-  spread of the large ones) the image is ``"unknown"``.
+  deviation outside the leading directions still counts. Above the threshold of its nearest
+  modality (each modality's own, so that a small modality is not judged by the spread of the
+  large ones) the image is ``"unknown"``.
 - **Modality.** The modality whose mean is nearest under that covariance: a Gaussian
   classifier on the four stages, calibrated on labelled training images (Lee et al. classify by
   the same distance). It replaced the router's argmax as ``auto``'s answer when it named
   held-out training images right more often (midol-micro v3, two-fold, ``benchmarks.ood``:
-  full-resolution dermoscopy 0.83 -> 1.00, pathology 0.89 -> 0.93); the embedding is then in
+  full-resolution dermoscopy 0.83 -> 0.99, pathology 0.89 -> 0.93); the embedding is then in
   that modality's expert subspace, and ``Encoding.routing`` keeps the router's own view.
 - **Confidence.** The probability that the answer is right, from two calibrated parts: the
   probability that the image is in scope given its score (in-scope scores follow the
@@ -51,7 +51,8 @@ _TENSORS: dict[int, tuple[dict, tuple[torch.Tensor, ...]]] = {}
 
 def _detector_tensors(detector: dict) -> tuple[torch.Tensor, ...]:
     """means (M, D), basis (D, R), variances (R,) as float64 tensors, converted from the config's
-    lists once per detector (encode scores every batch)."""
+    lists once per detector (encode scores every batch; the conversion costs about as much as
+    the scoring itself)."""
     cached = _TENSORS.get(id(detector))
     if cached is None or cached[0] is not detector:
         cached = (detector, tuple(torch.tensor(detector[key], dtype=torch.float64) for key in ("means", "basis", "variances")))
@@ -148,20 +149,18 @@ def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, feature
     distances = modality_distances(detector, features).cpu()
     score, nearest = distances.min(dim=1)
     right = nearest_right_probability(config.modality_calibration, nearest_margin(distances))
-    modality, reason, confidence, expert = [], [], [], []
-    for row in range(rows):
-        name = detector["modalities"][int(nearest[row])]
-        scores = detector["in_scope"][name]
-        in_scope = in_scope_probability(scores, score[row : row + 1])[0]
-        if score[row] > scores["threshold"]:
-            modality.append(UNKNOWN)
-            reason.append(f"unlike every modality it was calibrated on, even the nearest, {name} (out-of-scope score "
-                          f"{float(score[row]):.0f} > {scores['threshold']:.0f})")
-            confidence.append(1 - in_scope)
-            expert.append(-1)
-        else:
-            modality.append(name)
-            reason.append(None)
-            confidence.append(in_scope * right[row])
-            expert.append(config.expert_for(name))
-    return Decisions(modality, torch.stack(confidence).float(), [ROUTER] * rows, reason, expert)
+    names = [detector["modalities"][i] for i in nearest.tolist()]
+    in_scope = torch.empty(rows, dtype=torch.float64)
+    threshold = torch.empty(rows, dtype=torch.float64)
+    for name in set(names):  # one vectorised pass per modality, not per image
+        mine = torch.tensor([i for i, n in enumerate(names) if n == name])
+        in_scope[mine] = in_scope_probability(detector["in_scope"][name], score[mine])
+        threshold[mine] = detector["in_scope"][name]["threshold"]
+    outside = score > threshold
+    modality = [UNKNOWN if out else name for name, out in zip(names, outside.tolist())]
+    reason = [f"unlike every modality it was calibrated on, even the nearest, {name} (out-of-scope score "
+              f"{float(s):.0f} > {float(t):.0f})" if out else None
+              for name, out, s, t in zip(names, outside.tolist(), score, threshold)]
+    confidence = torch.where(outside, 1 - in_scope, in_scope * right)
+    expert = [-1 if out else config.expert_for(name) for name, out in zip(names, outside.tolist())]
+    return Decisions(modality, confidence.float(), [ROUTER] * rows, reason, expert)

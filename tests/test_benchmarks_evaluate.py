@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks import evaluate, shared_data
 from midol_hub import calibrate, load_model
+from midol_hub.evaluation import calibration_error
 from midol_hub.model_card import evaluation_table
 
 from .helpers import make_micro
@@ -38,18 +39,28 @@ def test_modality_separation_of_a_calibrated_model(data_root):
     counts = np.array(scores["confusion"]["counts"])
     assert result["sizes"]["test"] == counts.sum() == 100 and counts.shape == (5, 5)
     assert scores["macro_accuracy"] == pytest.approx(np.mean(list(scores["accuracy"].values())))
+    paths, labels = evaluate._sample(shared_data.labelled_splits(data_root, "test"), 20)  # the same sample
+    said = model.encode(paths, modality="auto").modality
     for modality in scores["accuracy"]:
-        assert 0 <= scores["accuracy"][modality] + scores["unknown_rate"][modality] <= 1
+        mine = [s for s, label in zip(said, labels) if label == modality]
+        assert scores["accuracy"][modality] == pytest.approx(mine.count(modality) / len(mine))
+        assert scores["unknown_rate"][modality] == pytest.approx(mine.count("unknown") / len(mine))
     full = shared_data.fullres_parts(data_root, "test")
     assert result["full resolution"]["images"] == {m: len(full[m]) for m in scores["accuracy"]}
     outside = result["out of scope"]
     assert outside["images"] == len(shared_data.out_of_scope_set(data_root)) == len(outside["answers"])
     confidence = result["confidence"]
     assert confidence["images"] == 100 + sum(map(len, full.values())) + outside["images"]
-    assert 0 <= confidence["ece"] <= 1
     uncalibrated = evaluate.modality_separation(make_micro(), data_root, per_modality=5)
     assert "accuracy" not in uncalibrated["auto routing"] and "full resolution" not in uncalibrated
     assert np.array(uncalibrated["auto routing"]["confusion"]["counts"]).sum() == 25
+
+
+def test_expected_calibration_error_by_hand():
+    # two bins: 0.9-confidence answers right 3 times in 4, 0.3-confidence answers right 1 time in 2
+    confidence, right = [0.9, 0.9, 0.9, 0.9, 0.3, 0.3], [1, 1, 1, 0, 1, 0]
+    assert calibration_error(confidence, right) == pytest.approx(4 / 6 * 0.15 + 2 / 6 * 0.2)
+    assert calibration_error([0.75] * 4, [1, 1, 1, 0]) == pytest.approx(0.0)
 
 
 def test_oct_split_never_shares_a_patient(data_root):

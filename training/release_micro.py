@@ -59,7 +59,7 @@ CHANGES = [
     "stages with a threshold per modality (comparison below, on training images and the out-of-scope set only).",
     "- **Who names the modality.** `auto` now names the nearest modality under the detector's distance (a Gaussian "
     "classifier on the four stages, calibrated on training images) and embeds in its expert's subspace: on held-out "
-    "training images it was right more often than the router's argmax (full-resolution dermoscopy 1.00 against "
+    "training images it was right more often than the router's argmax (full-resolution dermoscopy 0.99 against "
     "0.83, pathology 0.93 against 0.89; two-fold; table below).",
     "- **Confidence.** v2's confidence was the router's probability (0.22-0.38 for every image; AUROC 0.37 as a "
     "score for a right answer). v3's is a calibrated probability that the answer is right (see the evaluation).",
