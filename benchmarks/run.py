@@ -15,7 +15,7 @@ import torch
 
 from midol_hub.dtypes import supported_precisions
 
-from . import encode, loader, loading, train_step
+from . import encode, loader, loading, onnx_runtime, train_step
 
 TARGETS = {
     "encode_overhead_ratio": (">=", 0.97),
@@ -28,6 +28,8 @@ TARGETS = {
     "train_step_midol_vs_dino_ratio": ("<=", 1.10),
     "loader_vs_step_ratio": (">=", 1.0),
     "shard_vs_folder_ratio": (">=", 0.9),
+    "onnxruntime_vs_torch_ratio": (">=", 0.9),
+    "onnxruntime_max_abs_diff": ("<=", 1e-4),
 }
 
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(loading.measure(repeats=1 if args.quick else 3))
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
     results.update(loader.measure(batches=4 if args.quick else 12))
+    results.update(onnx_runtime.measure(repeats=repeats))
     machine = supported_precisions("cpu")
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; native bf16: "
           f"{'yes (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['native_bf16'] else 'no'}; "

@@ -1,7 +1,7 @@
-"""Adapt an M-IDoL encoder to a labelled set: linear probe on cached features, or fine-tuning.
+"""Adapt an M-IDoL encoder to a labelled set: linear probe on cached features, LoRA, or full fine-tuning.
 
     python examples/finetune_classification.py --model DIR_OR_NAME --data DATA --modality oct \\
-        --mode linear-probe|finetune --epochs 20 --output-dir runs/oct
+        --mode linear-probe|lora|finetune --epochs 20 --output-dir runs/oct
 
 DATA is a folder with one sub-folder per class, a CSV (``path,label``, or ``path,A,B,...`` with
 0/1 columns for multi-label), or a MedMNIST-style .npz with train/val/test splits. Folders and
@@ -9,7 +9,9 @@ CSVs take --val/--test sets of the same kind, or are split by --split fractions 
 --group-column, e.g. patient id, so no patient spans two sets).
 
 The best epoch on validation is saved to OUTPUT_DIR/model (load it with
-``midol_hub.MIDoLForImageClassification.from_pretrained``) with OUTPUT_DIR/metrics.json holding
+``midol_hub.MIDoLForImageClassification.from_pretrained``); with ``--mode lora`` to
+OUTPUT_DIR/adapter, the LoRA matrices and task head alone (``midol_hub.load_lora(load_model(MODEL),
+OUTPUT_DIR/adapter)`` gives the model back). OUTPUT_DIR/metrics.json holds
 ``val`` and ``test`` blocks: accuracy, balanced accuracy, macro AUC (``auc``), macro F1,
 per-class metrics and the confusion matrix.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +45,11 @@ from midol_hub import (
     get_transform,
     group_split,
     layerwise_lr_groups,
+    load_lora,
     load_model,
+    lora_classifier,
     run_command,
+    save_lora,
 )
 
 PROBE_CS = (0.01, 0.1, 1.0, 10.0)  # logistic-regression strengths tried on validation
@@ -54,10 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="registry name, model directory or Hub id")
     parser.add_argument("--data", required=True, help="class folders, a CSV or an .npz")
     parser.add_argument("--modality", required=True, help="xray, fundus, oct, dermoscopy or pathology (aliases work)")
-    parser.add_argument("--mode", choices=("linear-probe", "finetune"), default="linear-probe")
+    parser.add_argument("--mode", choices=("linear-probe", "lora", "finetune"), default="linear-probe")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--lr", type=float, default=None, help="finetune: default 5e-4 x batch/256")
+    parser.add_argument("--lr", type=float, default=None, help="finetune: default 5e-4 x batch/256; lora: 1e-3")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
+    parser.add_argument("--lora-targets", default="qkv,proj", help="lora: Swin block layers to adapt, from qkv,proj,fc1,fc2")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay when fine-tuning (RETFound)")
@@ -137,14 +146,14 @@ def predict(model, data, transform, batch_size) -> np.ndarray:
     return scores_of(torch.cat(outputs), data.multilabel)
 
 
-def train_finetune(model, sets, args, output_dir):
-    """Fine-tune encoder and head with layer-wise lr decay; returns val and test scores."""
-    transform = get_transform(model.midol, args.modality)
-    lr = args.lr or 5e-4 * args.batch_size / 256
-    optimizer = torch.optim.AdamW(layerwise_lr_groups(model, lr, args.layer_decay, args.weight_decay), lr=lr)
+def train_epochs(model, parameters, sets, args, transform, save) -> dict:
+    """AdamW over ``parameters`` with random flips; after each epoch the validation score decides
+    whether ``save()`` keeps it, and ``--patience`` epochs without gain stop the run."""
+    optimizer = torch.optim.AdamW(parameters, lr=args.lr)
     train, labels = sets[0], torch.as_tensor(sets[0].labels)
-    best, waited = -1.0, 0
-    for _ in tqdm(range(args.epochs), desc="finetune", unit="epoch"):
+    best, waited, seconds = -1.0, 0, []
+    for _ in tqdm(range(args.epochs), desc=args.mode, unit="epoch"):
+        start_time = time.perf_counter()
         model.train()
         order = torch.randperm(len(train))
         for start in range(0, len(order), args.batch_size):
@@ -155,16 +164,42 @@ def train_finetune(model, sets, args, output_dir):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        seconds.append(time.perf_counter() - start_time)
         score = validation_score(sets[1].labels, predict(model, sets[1], transform, args.batch_size))
         if score > best:
             best, waited = score, 0
-            model.save_pretrained(output_dir / "model")
+            save()
         else:
             waited += 1
             if waited >= args.patience:
                 break
+    return {"epochs": len(seconds), "seconds_per_epoch": float(np.mean(seconds))}
+
+
+def train_finetune(model, sets, args, output_dir):
+    """Fine-tune encoder and head with layer-wise lr decay; returns val and test scores."""
+    transform = get_transform(model.midol, args.modality)
+    args.lr = args.lr or 5e-4 * args.batch_size / 256
+    groups = layerwise_lr_groups(model, args.lr, args.layer_decay, args.weight_decay)
+    timing = train_epochs(model, groups, sets, args, transform, lambda: model.save_pretrained(output_dir / "model"))
     best_model = MIDoLForImageClassification.from_pretrained(output_dir / "model")
-    return [predict(best_model, s, transform, args.batch_size) for s in sets[1:]]
+    return [predict(best_model, s, transform, args.batch_size) for s in sets[1:]], timing
+
+
+def train_lora(encoder, sets, args, output_dir):
+    """Train LoRA matrices in the Swin blocks and the task head, the encoder frozen; returns val
+    and test scores of the best epoch, reloaded from its adapter folder onto the base model."""
+    train = sets[0]
+    model = lora_classifier(encoder, train.class_names, args.modality, train.multilabel, args.feature,
+                            rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets.split(","))
+    transform = get_transform(encoder, args.modality)
+    args.lr = args.lr or 1e-3
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
+    timing = train_epochs(model, groups, sets, args, transform, lambda: save_lora(model, output_dir / "adapter"))
+    best_model = load_lora(encoder, output_dir / "adapter")
+    return [predict(best_model, s, transform, args.batch_size) for s in sets[1:]], timing, trainable
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -177,12 +212,18 @@ def run(args: argparse.Namespace) -> dict:
         if len(part) == 0:
             raise DatasetError(f"the {name} set is empty; adjust --split or pass --{name}")
     model = MIDoLForImageClassification.from_encoder(encoder, train.class_names, args.modality, train.multilabel, args.feature)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    start_time = time.perf_counter()
     if args.mode == "linear-probe":
         cache_dir = Path(args.cache_dir or output_dir / "feature_cache")
         val_scores, test_scores = train_linear_probe(encoder, model, sets, args, cache_dir)
         model.save_pretrained(output_dir / "model")
+        trainable = [model.classifier.weight, model.classifier.bias]
+        timing = {"epochs": 1, "seconds_per_epoch": time.perf_counter() - start_time}  # features + regression
+    elif args.mode == "lora":
+        (val_scores, test_scores), timing, trainable = train_lora(encoder, sets, args, output_dir)
     else:
-        val_scores, test_scores = train_finetune(model, sets, args, output_dir)
+        (val_scores, test_scores), timing = train_finetune(model, sets, args, output_dir)
     thresholds = best_thresholds(val.labels, val_scores) if train.multilabel else None
     metrics = {
         "mode": args.mode,
@@ -190,6 +231,8 @@ def run(args: argparse.Namespace) -> dict:
         "modality": args.modality,
         "classes": train.class_names,
         "sizes": {"train": len(train), "val": len(val), "test": len(test)},
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        **timing,
         "thresholds": None if thresholds is None else thresholds.tolist(),
         "val": classification_metrics(val.labels, val_scores, train.class_names, thresholds),
         "test": classification_metrics(test.labels, test_scores, train.class_names, thresholds),

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .adapters import load_lora, lora_classifier, save_lora
 from .calibration import calibrate
 from .configuration_midol import MIDoLConfig
 from .convert import convert_checkpoint
+from .deploy import OnnxEncoder, export_onnx
 from .datasets import LabelledImages, from_csv, from_folder, from_npz, group_split
 from .encoding import Encoding, Failure
 from .errors import (
@@ -36,7 +38,7 @@ from .evaluation import (
     routing_report,
     segmentation_scores,
 )
-from .explain import draw_routing_maps, routing_map
+from .explain import ClassHeatmaps, class_heatmap, draw_class_heatmaps, draw_routing_maps, routing_map
 from .features import extract_features
 from .image_processing_midol import MIDoLImageProcessor
 from .loading import load_model
@@ -104,5 +106,13 @@ __all__: list[Any] = [
     "load_model",
     "routing_map",
     "draw_routing_maps",
+    "class_heatmap",
+    "draw_class_heatmaps",
+    "ClassHeatmaps",
+    "lora_classifier",
+    "save_lora",
+    "load_lora",
     "run_command",
+    "export_onnx",
+    "OnnxEncoder",
 ]

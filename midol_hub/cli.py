@@ -1,4 +1,4 @@
-"""The ``midol`` command line: encode, info, list, convert, push, cache and plot.
+"""The ``midol`` command line: encode, info, list, convert, push, cache, explain, export and plot.
 
 Every subcommand exits 0 on success and 1 with a one-line ``midol: error: ...`` otherwise
 (2 for usage errors); ``--debug`` shows the traceback. Output files are written to a
@@ -104,13 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     listing_cache.add_argument("--cache-dir", default=None)
     listing_cache.set_defaults(handler=run_cache_ls)
 
-    explain = commands.add_parser("explain", help="per-patch routing maps: why modality='auto' chose its expert")
+    explain = commands.add_parser("explain", help="routing maps (why modality='auto' chose its expert), or class heatmaps of a classifier")
     explain.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     explain.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
     explain.add_argument("--out", required=True, help="folder for one PNG per image (per frame)")
     explain.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX",
                          help="multi-frame files: as for midol encode")
+    explain.add_argument("--classifier", default=None, metavar="DIR",
+                         help="a fine-tuned MIDoLForImageClassification: draw its class heatmaps instead of routing maps")
+    explain.add_argument("--target", type=int, default=None, help="--classifier: the class to explain (default: the predicted one)")
+    explain.add_argument("--method", default="gradcam", help="--classifier: gradcam (default), gradcam++, hirescam, "
+                                                             "xgradcam, layercam or eigencam")
     explain.set_defaults(handler=run_explain)
+
+    export = commands.add_parser("export", help="export a model for deployment")
+    export_formats = export.add_subparsers(title="formats", metavar="FORMAT")
+    onnx = export_formats.add_parser("onnx", help="an ONNX file checked against torch, with a .midol.json sidecar")
+    onnx.add_argument("model", help="registry name, model directory or Hub id")
+    onnx.add_argument("out", help="the .onnx file to write (the sidecar goes beside it)")
+    onnx.add_argument("--modality", default=None,
+                      help="fix one modality's expert: the graph outputs that embedding only (default: every expert)")
+    onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    onnx.set_defaults(handler=run_export_onnx)
 
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
     plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
@@ -426,16 +441,36 @@ def run_cache_ls(args: argparse.Namespace) -> None:
 
 def run_explain(args: argparse.Namespace) -> None:
     from . import load_model
-    from .explain import draw_routing_maps
+    from .explain import draw_class_heatmaps, draw_routing_maps
 
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise CLIError("drawing needs matplotlib: pip install 'midol-hub[plot]'") from None
     files = [str(f) for f in collect_images(args.paths)]
-    model = load_model(args.model)
-    written = draw_routing_maps(model, files, args.out, frames=args.frames)
-    print(f"wrote {len(written)} routing map(s) to {args.out}")
+    if args.classifier is None:
+        written = draw_routing_maps(load_model(args.model), files, args.out, frames=args.frames)
+        print(f"wrote {len(written)} routing map(s) to {args.out}")
+        return
+    from .tasks import MIDoLForImageClassification
+
+    if not (Path(args.classifier) / "config.json").is_file():
+        raise CLIError(f"--classifier {args.classifier}: not a model folder (no config.json); give the folder that "
+                       "save_pretrained (or examples/finetune_classification.py, OUTPUT_DIR/model) wrote")
+    classifier = MIDoLForImageClassification.from_pretrained(args.classifier)
+    written = draw_class_heatmaps(classifier, files, args.out, target=args.target, method=args.method)
+    print(f"wrote {len(written)} class heatmap(s) to {args.out}")
+
+
+def run_export_onnx(args: argparse.Namespace) -> None:
+    from . import load_model
+    from .deploy import export_onnx, sidecar_path
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise CLIError(f"{out}: the export file must end in .onnx")
+    path = export_onnx(load_model(args.model), out, modality=args.modality, opset=args.opset)
+    print(f"wrote {path} and {sidecar_path(path).name} (checked against torch: every output within 1e-4)")
 
 
 def run_plot(args: argparse.Namespace) -> None:

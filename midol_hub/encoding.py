@@ -6,7 +6,7 @@ import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -224,6 +224,68 @@ def encode(
             (never silently its first page); ``Encoding.indices`` and ``frames`` map rows back.
     """
     config, device_arg = model.config, device
+    forced, requested = check_encode_args(config, modality, output, errors, batch_size)
+    device = _device_of(model)
+    model_dtype = next(model.parameters()).dtype
+    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
+    compute_dtype = model_dtype if auto and model_dtype != torch.float32 else parse_dtype(dtype, device)
+    _check_placement(model, device, model_dtype, device_arg, compute_dtype)
+
+    forward = torch_forward(model, device, model_dtype, compute_dtype)
+    return encode_rows(config, model.provenance, forward, images, forced, requested, batch_size=batch_size,
+                       normalize=normalize, progress=progress, errors=errors, strict_modality=strict_modality,
+                       preprocessed=preprocessed, channels_first=channels_first, frames=frames)
+
+
+@dataclass
+class NetworkOutput:
+    """What one forward pass of a backend (torch, onnxruntime) gives :func:`encode_rows`.
+
+    ``embedding`` is each row's output in expert ``expert_index`` (the planned expert, or the
+    router's argmax for -1); ``expert_embeddings(rows, experts)`` gives other experts' outputs
+    for the rows that ``auto`` moves to the nearest calibrated modality."""
+
+    pooled: torch.Tensor
+    routing_logits: torch.Tensor
+    embedding: torch.Tensor
+    expert_index: torch.Tensor
+    expert_embeddings: Callable[[list[int], torch.Tensor], torch.Tensor]
+    stages: torch.Tensor | None = None
+    patch_tokens: torch.Tensor | None = None
+    pyramid: tuple[torch.Tensor, ...] | None = None
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor, frozenset, bool], NetworkOutput]
+"""(pixels, planned experts, requested outputs, needs stage_pooled) -> :class:`NetworkOutput`."""
+
+
+def torch_forward(model: MIDoLModel, device: torch.device, model_dtype: torch.dtype,
+                  compute_dtype: torch.dtype | None) -> Forward:
+    """The :data:`Forward` of a torch model: inference mode, autocast to ``compute_dtype``."""
+
+    def forward(pixels: torch.Tensor, experts: torch.Tensor, requested: frozenset, stages: bool) -> NetworkOutput:
+        with torch.inference_mode(), _autocast(device, compute_dtype, model_dtype):
+            out = model(pixels.to(device=device, dtype=model_dtype, non_blocking=True),
+                        expert_index=experts.to(device), output_patch_tokens="patch_tokens" in requested,
+                        output_pyramid="pyramid" in requested or stages)
+
+            pooled_stages = stage_pooled(out.pyramid) if stages else None
+
+        def expert_embeddings(rows: list[int], chosen: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode(), _autocast(device, compute_dtype, model_dtype):
+                every = model.head.expert_outputs(out.pooled[rows])
+            return every[torch.arange(len(rows)), chosen.to(every.device)]
+
+        return NetworkOutput(out.pooled, out.routing_logits, out.embedding, out.expert_index, expert_embeddings,
+                             pooled_stages, out.patch_tokens, out.pyramid)
+
+    return forward
+
+
+def check_encode_args(config: Any, modality: str, output: str | Sequence[str] | None, errors: str,
+                      batch_size: int) -> tuple[str | None, tuple[str, ...]]:
+    """The forced modality (None for auto) and the outputs of an encode call, or a clear error
+    before any image is read."""
     requested = _requested_outputs(output, config.default_output)
     if config.backbone_only and "embedding" in requested:
         raise ValueError(
@@ -233,17 +295,20 @@ def encode(
     modality = canonical_modality(modality, allow_auto=True)
     forced = None if modality == AUTO else modality
     if forced is not None:
-        config.expert_for(forced)  # a model without that expert fails here, before any image is read
+        config.expert_for(forced)  # a model without that expert fails here
     if errors not in ("raise", "skip"):
         raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = _device_of(model)
-    model_dtype = next(model.parameters()).dtype
-    auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
-    compute_dtype = model_dtype if auto and model_dtype != torch.float32 else parse_dtype(dtype, device)
-    _check_placement(model, device, model_dtype, device_arg, compute_dtype)
+    return forced, requested
 
+
+def encode_rows(config: Any, provenance: Any, forward: Forward, images: Any, forced: str | None,
+                requested: Sequence[str], *, batch_size: int = 32, normalize: bool = True, progress: bool = False,
+                errors: str = "raise", strict_modality: bool = False, preprocessed: bool = False,
+                channels_first: bool | None = None, frames: str | int | None = None) -> Encoding:
+    """The body of :func:`encode` for any backend: read, plan, preprocess and run ``images`` in
+    chunks, then name each row's modality (arguments already checked by the caller)."""
     collector = WarningCollector()
     failures: list[Failure] = []
     items = _as_items(images, preprocessed, config.img_size, channels_first)
@@ -251,25 +316,25 @@ def encode(
     parts: list[Encoding] = []
     names: list[str] = []
     conflicts: list[tuple[str, str]] = []
-    with _progress(len(rows), progress) as progress_bar, torch.inference_mode(), _autocast(device, compute_dtype, model_dtype):
+    with _progress(len(rows), progress) as progress_bar:
         for _, chunk in iter_chunks(rows, batch_size):
             batch, plans, kept = _prepare(chunk, config, forced, preprocessed, errors, collector, failures)
             progress_bar.update(len(chunk))
             if not kept:
                 continue
-            parts.append(_run(model, batch.to(device=device, dtype=model_dtype, non_blocking=True), plans, requested,
-                              normalize, [index for _, index, _ in kept], [frame for _, _, frame in kept]))
+            parts.append(run_planned(config, forward, batch, plans, requested, normalize,
+                                     [index for _, index, _ in kept], [frame for _, _, frame in kept]))
             names += [describe(item, index) for item, index, _ in kept]
             conflicts += [(describe(item, index), plan.conflict) for (item, index, _), plan in zip(kept, plans) if plan.conflict]
-    collector.emit(stacklevel=4)
+    collector.emit(stacklevel=5)
     if failures:
         warnings.warn(
             f"skipped {len(failures)} of {len(items)} input(s) that could not be read, first: "
             f"{failures[0].source}: {failures[0].error}",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    result = concat_encodings(parts, config, requested, model.provenance)
+    result = concat_encodings(parts, config, requested, provenance)
     result.failures = failures
     if forced is not None:
         _guard_modality(result, names, conflicts, config, strict_modality)
@@ -281,24 +346,22 @@ def encode_planned(model: MIDoLModel, batch: torch.Tensor, plans: list[Plan], re
                    dtype: torch.dtype | None = None) -> Encoding:
     """Encode an already-preprocessed batch whose rows were planned with :func:`plan_row` (the
     path of ``midol encode``, whose workers read and preprocess)."""
-    device, model_dtype = _device_of(model), next(model.parameters()).dtype
-    with torch.inference_mode(), _autocast(device, dtype, model_dtype):
-        part = _run(model, batch.to(device=device, dtype=model_dtype), plans, requested, normalize, indices, frames)
+    forward = torch_forward(model, _device_of(model), next(model.parameters()).dtype, dtype)
+    part = run_planned(model.config, forward, batch, plans, requested, normalize, indices, frames)
     return concat_encodings([part], model.config, requested, model.provenance)
 
 
-def _run(model: MIDoLModel, pixels: torch.Tensor, plans: list[Plan], requested: Sequence[str], normalize: bool,
-         indices: list[int], frames: list[int | None]) -> Encoding:
+@torch.inference_mode()
+def run_planned(config: Any, forward: Forward, pixels: torch.Tensor, plans: list[Plan], requested: Sequence[str],
+                normalize: bool, indices: list[int], frames: list[int | None]) -> Encoding:
     """One forward pass over planned rows, and each row's modality, confidence, source and reason."""
-    config = model.config
     routed = [i for i, plan in enumerate(plans) if plan.source == ROUTER]
     detect = bool(routed) and bool((config.modality_calibration or {}).get("out_of_scope"))
-    out = model(pixels, expert_index=torch.tensor([plan.expert for plan in plans], device=pixels.device),
-                output_patch_tokens="patch_tokens" in requested,
-                output_pyramid=bool({"pyramid", "stage_pooled"} & set(requested)) or detect)
+    out = forward(pixels, torch.tensor([plan.expert for plan in plans]), frozenset(requested),
+                  detect or "stage_pooled" in requested)
     routing = out.routing_logits.float().softmax(dim=-1).cpu()
     expert_index = out.expert_index.cpu()
-    stages = stage_pooled(out.pyramid) if out.pyramid is not None else None
+    stages = out.stages.cpu() if out.stages is not None else None
     modality = [plan.modality for plan in plans]
     source = [plan.source for plan in plans]
     reason = [plan.reason for plan in plans]
@@ -316,7 +379,7 @@ def _run(model: MIDoLModel, pixels: torch.Tensor, plans: list[Plan], requested: 
         if moved:  # auto named another modality than the router's argmax: that modality's expert subspace
             rows, experts = [r for r, _ in moved], torch.tensor([e for _, e in moved])
             embedding = embedding.clone()
-            embedding[rows] = model.head.expert_outputs(out.pooled[rows])[torch.arange(len(rows)), experts.to(pixels.device)]
+            embedding[rows] = out.expert_embeddings(rows, experts).to(embedding.dtype)
             expert_index[rows] = experts
     outputs: dict[str, Any] = {}
     if "embedding" in requested:
@@ -423,7 +486,7 @@ def _guard_modality(result: Encoding, names: list[str], conflicts: list[tuple[st
     for message in messages:
         if strict:
             raise ModalityMismatchError(message)
-        warnings.warn(message, ModalityMismatchWarning, stacklevel=4)
+        warnings.warn(message, ModalityMismatchWarning, stacklevel=5)
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

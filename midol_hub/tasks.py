@@ -79,7 +79,7 @@ class _TaskModel(PreTrainedModel):
 
 
 class MIDoLForImageClassification(_TaskModel):
-    """Encoder feature (expert embedding or pooled) -> per-feature standardisation -> linear classifier.
+    """Encoder feature (L2-normalised expert embedding, or pooled) -> per-feature standardisation -> linear classifier.
 
     The standardisation is a BatchNorm without affine parameters, as in MAE's linear probe: a
     per-sample LayerNorm would keep the offset that all embeddings share and drown the features
@@ -100,7 +100,9 @@ class MIDoLForImageClassification(_TaskModel):
         if expert_index is None:
             expert_index = self.expert_index(pixel_values.shape[0], pixel_values.device)
         out = self.midol(pixel_values, expert_index=expert_index)
-        features = out.embedding if self.config.task_feature == "embedding" else out.pooled
+        # the features as encode and extract_features give them (the embedding L2-normalised), so a
+        # linear probe fitted on extracted features is this head exactly
+        features = F.normalize(out.embedding, dim=-1) if self.config.task_feature == "embedding" else out.pooled
         logits = self.classifier(self.norm(features))
         loss = None
         if labels is not None:

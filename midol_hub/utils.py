@@ -44,6 +44,9 @@ def atomic_write(target: str | os.PathLike) -> Iterator[str]:
     os.close(handle)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result gets the usual permissions
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

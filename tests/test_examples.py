@@ -14,10 +14,12 @@ from PIL import Image
 
 from midol_hub import (
     MIDoLForImageClassification,
+    WeightsMismatchError,
     MIDoLForSemanticSegmentation,
     extract_features,
     from_npz,
     linear_probe,
+    load_lora,
     load_model,
 )
 
@@ -81,6 +83,9 @@ def test_example_linear_probe_matches_the_library_on_pneumoniamnist(tmp_path, da
     with torch.no_grad():
         logits = model.classifier(model.eval().norm(features[1]))
     assert float((logits.argmax(1).numpy() == test.labels).mean()) == pytest.approx(example_accuracy)
+    # and so does the whole saved model on the images themselves (the embedding normalised as extract_features has it)
+    probabilities = model.predict(test.images[:64])
+    assert float((probabilities - logits[:64].softmax(-1)).abs().max()) < 1e-4
 
 
 def test_finetune_on_a_real_class_folder(tmp_path, data_root, classification):
@@ -92,6 +97,36 @@ def test_finetune_on_a_real_class_folder(tmp_path, data_root, classification):
     probs = MIDoLForImageClassification.from_pretrained(tmp_path / "ft" / "model").predict(
         [str(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg")])
     assert probs.shape == (1, 4)
+
+
+def test_lora_trains_an_adapter_that_loads_back_onto_the_base_exactly(tmp_path, data_root, classification):
+    argv = ["--model", "midol-micro", "--data", str(data_root / "oct/kermany_oct2017_samples_c"), "--modality", "oct",
+            "--mode", "lora", "--lora-rank", "4", "--epochs", "2", "--batch-size", "8", "--split", "0.5,0.25,0.25",
+            "--output-dir", str(tmp_path / "lora")]
+    assert classification.main(argv) == 0
+    metrics = json.loads((tmp_path / "lora" / "metrics.json").read_text())
+    encoder = load_model("midol-micro")
+    attention = [m for name, m in encoder.named_modules() if name.endswith(("attn.qkv", "attn.proj"))]
+    rank, classes, width = 4, 4, encoder.config.num_features
+    lora = sum(rank * (m.in_features + m.out_features) for m in attention)
+    assert metrics["trainable_parameters"] == lora + classes * (width + 1)  # LoRA matrices + the linear classifier
+    adapter = tmp_path / "lora" / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                        "midol_head.safetensors", "midol_task.json"]
+    assert (adapter / "adapter_model.safetensors").stat().st_size < 0.1 * encoder.num_parameters() * 4  # no base weights
+    model = load_lora(encoder, adapter)
+    before = encoder.backbone.layers[0].blocks[0].attn.qkv.weight.clone()
+    image = str(data_root / "oct/kermany_oct2017_samples_b/test_cnv.jpeg")
+    pixels = model.get_base_model().preprocess([image])
+    with torch.no_grad():
+        first = model(pixels).logits
+        again = load_lora(load_model("midol-micro"), adapter)(pixels).logits
+        merged = load_lora(load_model("midol-micro"), adapter).merge_and_unload()(pixels).logits
+    assert torch.equal(first, again)
+    assert float((merged - first).abs().max()) < 1e-4  # merged into the base weights: the same classifier
+    assert torch.equal(before, load_model("midol-micro").backbone.layers[0].blocks[0].attn.qkv.weight)
+    with pytest.raises(WeightsMismatchError, match="trained on base weights"):
+        load_lora(load_model("midol-micro", pretrained=False), adapter)
 
 
 def multilabel_csv(tmp_path: Path, data_root: Path, broken: bool = False) -> Path:
