@@ -25,6 +25,7 @@ from midol_hub import (
     classification_metrics,
     extract_features,
     knn_classify,
+    retrieval_scores,
     linear_probe,
     load_model,
     routing_report,
@@ -51,7 +52,8 @@ def _cap(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImag
 
 def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "embedding", max_train: int | None = 3000,
              max_test: int | None = 2000, cache_dir: str | None = None, progress: bool = False) -> dict:
-    """``{dataset: {"linear probe": metrics, "kNN": metrics, "sizes": ...}}`` on the test splits."""
+    """``{dataset: {"linear probe": metrics, "kNN": metrics, "retrieval": precision@10 and mAP@10,
+    "sizes": ...}}`` on the test splits."""
     results = {}
     for name in names or list(BENCHMARKS):
         if name not in BENCHMARKS:
@@ -68,6 +70,8 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
                        if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
             for protocol, scores in (("linear probe", probe), ("kNN", knn))
         }
+        if np.asarray(train.labels).ndim == 1:
+            results[name]["retrieval"] = retrieval_scores(train_x, train.labels, test_x, test.labels)
         results[name]["sizes"] = {"train": len(train), "test": len(test)}
     return results
 

@@ -14,8 +14,8 @@ from .adapters import load_lora, lora_classifier, save_lora
 from .calibration import calibrate
 from .configuration_midol import MIDoLConfig
 from .convert import convert_checkpoint
-from .deploy import OnnxEncoder, export_onnx
 from .datasets import LabelledImages, from_csv, from_folder, from_npz, group_split
+from .deploy import OnnxEncoder, export_onnx
 from .encoding import Encoding, Failure
 from .errors import (
     CheckpointError,
@@ -35,10 +35,17 @@ from .evaluation import (
     fit_linear_probe,
     knn_classify,
     linear_probe,
+    retrieval_scores,
     routing_report,
     segmentation_scores,
 )
-from .explain import ClassHeatmaps, class_heatmap, draw_class_heatmaps, draw_routing_maps, routing_map
+from .explain import (
+    ClassHeatmaps,
+    class_heatmap,
+    draw_class_heatmaps,
+    draw_routing_maps,
+    routing_map,
+)
 from .features import extract_features
 from .image_processing_midol import MIDoLImageProcessor
 from .loading import load_model
@@ -46,6 +53,7 @@ from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
 from .preprocessing import ModalityTransform, get_transform
 from .registry import get_entry, list_models
+from .search import Hit, ImageIndex, IndexDamagedError, IndexMismatchError
 from .tasks import (
     ClassificationModel,
     MIDoLForImageClassification,
@@ -80,6 +88,7 @@ __all__: list[Any] = [
     "knn_classify",
     "layerwise_lr_groups",
     "linear_probe",
+    "retrieval_scores",
     "routing_report",
     "segmentation_scores",
     "Encoding",
@@ -112,6 +121,10 @@ __all__: list[Any] = [
     "lora_classifier",
     "save_lora",
     "load_lora",
+    "ImageIndex",
+    "Hit",
+    "IndexMismatchError",
+    "IndexDamagedError",
     "run_command",
     "export_onnx",
     "OnnxEncoder",

@@ -1,4 +1,4 @@
-"""The ``midol`` command line: encode, info, list, convert, push, cache, explain, export and plot.
+"""The ``midol`` command line: encode, info, list, convert, push, cache, explain, export, index, search and plot.
 
 Every subcommand exits 0 on success and 1 with a one-line ``midol: error: ...`` otherwise
 (2 for usage errors); ``--debug`` shows the traceback. Output files are written to a
@@ -126,6 +126,38 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fix one modality's expert: the graph outputs that embedding only (default: every expert)")
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     onnx.set_defaults(handler=run_export_onnx)
+
+    index = commands.add_parser("index", help="build and grow an image index for similar-case search")
+    index_commands = index.add_subparsers(title="index commands", metavar="ACTION")
+    build = index_commands.add_parser("build", help="encode images and index them, one sub-index per modality")
+    build.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    build.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    build.add_argument("--index", required=True, help="the index folder (created)")
+    build.add_argument("--exact-limit", type=int, default=None,
+                       help="rows of one modality up to which search is exact (default 50000; above: IVF tuned to recall 0.95)")
+    _index_options(build)
+    build.set_defaults(handler=run_index_build)
+    grow = index_commands.add_parser("add", help="add images to an index (files it holds, by content, are skipped)")
+    grow.add_argument("index", help="the index folder")
+    grow.add_argument("paths", nargs="+", help="image files or folders")
+    grow.add_argument("--model", default=None, help="default: the model the index was built with")
+    _index_options(grow)
+    grow.set_defaults(handler=run_index_add)
+    about = index_commands.add_parser("info", help="rows per modality, model and settings of an index")
+    about.add_argument("index", help="the index folder")
+    about.add_argument("--json", action="store_true")
+    about.set_defaults(handler=run_index_info)
+
+    search = commands.add_parser("search", help="the most similar indexed images of each query, within its modality")
+    search.add_argument("queries", nargs="+", help="query image files")
+    search.add_argument("--index", required=True, help="the index folder")
+    search.add_argument("-k", type=int, default=10, help="neighbours per query")
+    search.add_argument("--modality", default=None, help="force the queries' modality (default: auto)")
+    search.add_argument("--model", default=None, help="default: the model the index was built with")
+    search.add_argument("--include-unknown", action="store_true", help="also search images auto called unknown")
+    search.add_argument("--json", action="store_true", help="print JSON: per query its modality and neighbours")
+    search.add_argument("--show", default=None, metavar="OUT.png", help="draw each query beside its neighbours")
+    search.set_defaults(handler=run_search)
 
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
     plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
@@ -471,6 +503,117 @@ def run_export_onnx(args: argparse.Namespace) -> None:
         raise CLIError(f"{out}: the export file must end in .onnx")
     path = export_onnx(load_model(args.model), out, modality=args.modality, opset=args.opset)
     print(f"wrote {path} and {sidecar_path(path).name} (checked against torch: every output within 1e-4)")
+
+
+def _index_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)}")
+    parser.add_argument("--labels", default=None, help="CSV with a path column and label columns to store with each image")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode")
+    parser.add_argument("--part-size", type=int, default=1024, help="images per part written as the run goes")
+    parser.add_argument("--resume", action="store_true", help="finish an interrupted build")
+    parser.add_argument("--errors", choices=("raise", "skip"), default="skip",
+                        help="skip (default): leave unreadable files out and list them; raise: stop at the first")
+    parser.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX")
+
+
+def _index_model(args: argparse.Namespace, index: Any, device: str | None = None) -> Any:
+    from . import load_model
+
+    name = args.model or index.manifest.get("model")
+    if name is None:
+        raise CLIError(f"{index.directory}: the index does not name its model; pass --model")
+    return load_model(name, device=device)
+
+
+def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, world: int) -> None:
+    import torch
+
+    from .search import add_files, read_labels
+
+    labels = read_labels(args.labels)[1] if args.labels else None
+    try:
+        report = add_files(index, model, [str(f) for f in collect_images(args.paths)], modality=args.modality,
+                           labels=labels, batch_size=args.batch_size, workers=args.workers, errors=args.errors,
+                           part_size=args.part_size, resume=args.resume, rank=rank, world=world, frames=args.frames)
+    except FileExistsError as error:
+        raise CLIError(str(error)) from None
+    if rank == 0:
+        print(f"indexed {report['added']} new row(s) in {index.directory} ({report['already_indexed']} file(s) already "
+              f"there); {report['rows']} row(s): " + ", ".join(f"{m} {n}" for m, n in index.counts().items()))
+        for failure in report["failures"]:
+            print(f"  skipped {failure['path']}: {failure['error']}", file=sys.stderr)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def run_index_build(args: argparse.Namespace) -> None:
+    from . import load_model
+    from .search import EXACT_LIMIT, ImageIndex, read_labels
+
+    rank, world, device = join_torchrun(None)
+    model = load_model(args.model, device=device)
+    directory = Path(args.index)
+    if (directory / "index.json").is_file():
+        if not args.resume:
+            raise CLIError(f"{directory}: an index is already there; add to it with `midol index add {directory} ...`")
+        index = ImageIndex(directory)
+    elif rank == 0:
+        columns = read_labels(args.labels)[0] if args.labels else []
+        index = ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model)
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+        index = ImageIndex(directory)
+    _fill_index(args, index, model, rank, world)
+
+
+def run_index_add(args: argparse.Namespace) -> None:
+    from .search import ImageIndex
+
+    rank, world, device = join_torchrun(None)
+    index = ImageIndex(args.index)
+    _fill_index(args, index, _index_model(args, index, device), rank, world)
+
+
+def run_index_info(args: argparse.Namespace) -> None:
+    from .search import ImageIndex
+
+    info = ImageIndex(args.index).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.index}: {info['rows']} row(s), model {info['model']} (weights {info['weights_sha256'][:12]}, "
+          f"preprocessing {info['preprocessing_sha256'][:12]}), dimension {info['dim']}")
+    for modality, about in info["modalities"].items():
+        print(f"  {modality:<11} {about['rows']:>8}  {about['search']}")
+    if info["label_columns"]:
+        print(f"  labels: {', '.join(info['label_columns'])}")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from .search import ImageIndex, draw_search
+
+    index = ImageIndex(args.index)
+    model = _index_model(args, index)
+    queries = [str(q) for q in collect_images(args.queries)]
+    if args.show:
+        check_writable(Path(args.show), (".png",))
+    hits, modalities = index.search(model, queries, k=args.k, modality=args.modality, include_unknown=args.include_unknown)
+    if args.show:
+        draw_search(queries, hits, modalities, args.show, index.manifest["label_columns"])
+    if args.json:
+        print(json.dumps([{"query": q, "modality": m, "neighbours": [h.to_dict() for h in found]}
+                          for q, m, found in zip(queries, modalities, hits)], indent=2))
+        return
+    for query, modality, found in zip(queries, modalities, hits):
+        print(f"{query} ({modality}):" + ("" if found else " no indexed images of this modality"))
+        for hit in found:
+            labels = "  " + " ".join(f"{k}={v}" for k, v in hit.labels.items()) if hit.labels else ""
+            print(f"  {hit.rank:>3}  {hit.score:.4f}  {hit.path}{labels}")
+    if args.show:
+        print(f"drew {args.show}")
 
 
 def run_plot(args: argparse.Namespace) -> None:

@@ -169,6 +169,26 @@ def knn_classify(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
     return (votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
 
 
+def retrieval_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
+                     k: int = 10) -> dict[str, float]:
+    """Similar-case retrieval of test queries against the training images, by cosine (exact
+    search, as an :class:`~midol_hub.ImageIndex` of this size does): ``precision@k``, the share
+    of the top k with the query's label, and ``mAP@k``, the mean over queries of the average
+    precision at the ranks of the relevant hits among the top k, divided by min(k, relevant
+    images in the gallery). Single-label sets only."""
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if train_y.ndim != 1 or test_y.ndim != 1:
+        raise ValueError("retrieval_scores takes single-label sets (one class index per image)")
+    k = min(k, len(train_y))
+    similarity = F.normalize(torch.as_tensor(test_x).float(), dim=-1) @ F.normalize(torch.as_tensor(train_x).float(), dim=-1).T
+    top = similarity.topk(k, dim=1).indices.numpy()
+    relevant = train_y[top] == test_y[:, None]  # (Q, k)
+    precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
+    in_gallery = np.minimum(k, (train_y[None, :] == test_y[:, None]).sum(axis=1))
+    average_precision = (precision_at * relevant).sum(axis=1) / np.maximum(in_gallery, 1)
+    return {f"precision@{k}": float(relevant.mean()), f"mAP@{k}": float(average_precision.mean())}
+
+
 def few_shot(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, shots: int,
              seeds: Sequence[int] = (0, 1, 2, 3, 4), method: str = "linear") -> dict:
     """Accuracy with ``shots`` training images per class, over several seeds: mean and std."""

@@ -1,0 +1,180 @@
+"""Similar-case search: `midol index` and `midol search` on a real folder of mixed modalities."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import pytest
+from PIL import Image
+
+from midol_hub import load_model
+from midol_hub.search import RECALL_TARGET, ImageIndex, IndexDamagedError, IndexMismatchError, build_faiss_index
+from midol_hub.utils import image_files
+
+from .helpers import REPO
+
+FOLDERS = {"xray/nih_chestxray14_examples": 2, "fundus/idrid_segmentation_train_cropped": 6,
+           "oct/kermany_oct2017_samples": 8, "dermoscopy/isic_uda1_fullres": 6, "pathology/crc_val_he_7k_examples": 6,
+           "other/skimage_natural_photos": 3}
+
+
+def midol(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory, data_root) -> Path:
+    """28 real files of all five modalities and three photos, copied into one folder, with a labels CSV."""
+    root = tmp_path_factory.mktemp("archive")
+    with open(root / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "source"])
+        for folder, count in FOLDERS.items():
+            for path in image_files(data_root / folder)[:count]:
+                target = root / "images" / f"{folder.split('/')[0]}-{path.name}"
+                target.parent.mkdir(exist_ok=True)
+                shutil.copy(path, target)
+                writer.writerow([f"images/{target.name}", folder.split("/")[1]])
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(archive, tmp_path_factory) -> Path:
+    index = tmp_path_factory.mktemp("index") / "idx"
+    result = midol("index", "build", str(archive / "images"), "--index", str(index), "--labels",
+                   str(archive / "labels.csv"), "--part-size", "8", "--workers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "indexed 31 new row(s)" in result.stdout
+    return index
+
+
+def test_a_query_finds_itself_first_and_only_its_modality(built, archive, tmp_path):
+    images = archive / "images"
+    queries = [str(images / "dermoscopy-ISIC_0000001.jpg"), str(sorted(images.glob("oct-*"))[0]),
+               str(images / "pathology-BACK-TCGA-ACTQDGTI.jpg")]
+    result = midol("search", *queries, "--index", str(built), "-k", "5", "--json", "--show", str(tmp_path / "hits.png"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = json.loads(result.stdout)
+    rows = ImageIndex(built).counts()
+    for query, answer in zip(queries, answers):
+        first = answer["neighbours"][0]
+        assert first["path"] == query and abs(first["score"] - 1) < 1e-5 and first["rank"] == 1
+        assert {n["modality"] for n in answer["neighbours"]} == {answer["modality"]}
+        assert len(answer["neighbours"]) == min(5, rows[answer["modality"]])
+        assert [n["rank"] for n in answer["neighbours"]] == list(range(1, len(answer["neighbours"]) + 1))
+        assert all(a["score"] >= b["score"] for a, b in zip(answer["neighbours"], answer["neighbours"][1:]))
+        assert set(first) == {"path", "score", "modality", "rank", "source"}
+    assert [a["modality"] for a in answers] == ["dermoscopy", "oct", "pathology"]
+    assert Image.open(tmp_path / "hits.png").size[0] > 1000
+
+
+def test_unknown_images_are_stored_but_searched_only_when_asked(built, archive):
+    index, model = ImageIndex(built), load_model("midol-micro")
+    photo = str(archive / "images" / "other-astronaut.png")
+    hits, modalities = index.search(model, [photo])
+    assert modalities == ["unknown"] and hits == [[]]
+    assert index.counts().get("unknown", 0) >= 1
+    hits, _ = index.search(model, [photo], include_unknown=True)
+    assert hits[0][0].path == photo and abs(hits[0][0].score - 1) < 1e-5
+
+
+def test_add_skips_files_already_indexed_by_content(built, archive, tmp_path, data_root):
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(archive / "images" / "dermoscopy-ISIC_0000001.jpg", extra / "renamed.jpg")  # same content, new name
+    shutil.copy(image_files(data_root / "dermoscopy/isic_uda1_fullres")[7], extra / "new.jpg")
+    result = midol("index", "add", str(copy), str(extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "indexed 1 new row(s)" in result.stdout and "(1 file(s) already there)" in result.stdout
+    assert len(ImageIndex(copy)) == 32
+
+
+def test_other_weights_are_refused_and_damage_is_named(built, tmp_path):
+    random_model = load_model("midol-micro", pretrained=False)
+    with pytest.raises(IndexMismatchError, match="other weights"):
+        ImageIndex(built).search(random_model, [np.zeros((64, 64), np.uint8)])
+    result = midol("search", str(REPO / "README.md"), "--index", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "not an index" in result.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(built, broken)
+    (broken / "rows.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(IndexDamagedError, match="rows.sqlite"):
+        ImageIndex(broken)
+    stale = tmp_path / "stale"
+    shutil.copytree(built, stale)
+    for cached in (stale / "faiss").glob("*.faiss"):
+        cached.write_bytes(b"damaged")  # a derived file: rebuilt from the table
+    index = ImageIndex(stale)
+    with sqlite3.connect(stale / "rows.sqlite") as db:
+        (path,) = db.execute("SELECT path FROM rows WHERE modality = 'oct' LIMIT 1").fetchone()
+    hits, _ = index.search(load_model("midol-micro"), [path], modality="oct")
+    assert hits[0][0].path == path
+
+
+def test_a_killed_build_resumes_to_the_same_index(built, archive, tmp_path):
+    target = tmp_path / "idx"
+    command = [sys.executable, "-m", "midol_hub.cli", "index", "build", str(archive / "images"), "--index", str(target),
+               "--labels", str(archive / "labels.csv"), "--batch-size", "2", "--part-size", "2", "--workers", "1"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    parts = target / "pending.npz.parts"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < 2:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (target / "pending.json").is_file() and len(ImageIndex(target)) == 0
+    again = midol("index", "add", str(target), str(archive / "images"))
+    assert again.returncode == 1 and "--resume" in again.stderr
+    resumed = midol(*command[3:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not (target / "pending.json").exists() and not parts.exists()
+
+    def table(directory: Path) -> list:
+        with sqlite3.connect(directory / "rows.sqlite") as db:
+            return sorted(db.execute("SELECT path, sha256, modality, labels FROM rows"))
+
+    assert table(target) == table(built)
+    with sqlite3.connect(target / "rows.sqlite") as db, sqlite3.connect(built / "rows.sqlite") as other:
+        mine = dict(db.execute("SELECT path, embedding FROM rows"))
+        theirs = dict(other.execute("SELECT path, embedding FROM rows"))
+    assert max(np.abs(np.frombuffer(mine[p], np.float32) - np.frombuffer(theirs[p], np.float32)).max() for p in mine) < 1e-5
+
+
+def test_the_approximate_index_reaches_its_recall_target():
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((200, 256)).astype(np.float32)
+    vectors = centres[rng.integers(0, 200, 30_000)] + 0.5 * rng.standard_normal((30_000, 256)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index, built = build_faiss_index(vectors, exact_limit=10_000)
+    assert built["kind"] == "ivf-flat" and built["tuned_recall_at_10"] >= RECALL_TARGET
+    queries = vectors[:300] + 0.05 * rng.standard_normal((300, 256)).astype(np.float32)
+    exact, _ = build_faiss_index(vectors, exact_limit=10**9)
+    _, truth = exact.search(queries, 10)
+    _, found = index.search(queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)]) >= RECALL_TARGET
+
+
+def test_retrieval_scores_by_hand():
+    from midol_hub import retrieval_scores
+
+    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = np.array([0, 1, 1, 0])
+    query = torch.tensor([[1.0, 0.05]])  # ranks the gallery 0, 1, 3, 2: labels 0, 1, 0, 1
+    scores = retrieval_scores(gallery, labels, query, np.array([0]), k=3)
+    assert scores["precision@3"] == pytest.approx(2 / 3)
+    assert scores["mAP@3"] == pytest.approx((1 / 1 + 2 / 3) / 2)  # hits at ranks 1 and 3; 2 relevant in the gallery
