@@ -15,7 +15,7 @@ import torch
 
 from midol_hub.dtypes import supported_precisions
 
-from . import encode, loader, loading, onnx_runtime, train_step
+from . import encode, loader, loading, onnx_runtime, search_scale, train_step
 
 TARGETS = {
     "encode_overhead_ratio": (">=", 0.97),
@@ -30,6 +30,8 @@ TARGETS = {
     "shard_vs_folder_ratio": (">=", 0.9),
     "onnxruntime_vs_torch_ratio": (">=", 0.9),
     "onnxruntime_max_abs_diff": ("<=", 1e-4),
+    "ann_recall_at_10": (">=", 0.95),
+    "ann_query_speedup_ratio": (">=", 10.0),
 }
 
 
@@ -54,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
     results.update(loader.measure(batches=4 if args.quick else 12))
     results.update(onnx_runtime.measure(repeats=repeats))
+    results.update(search_scale.measure(size=100_000 if args.quick else 1_000_000))
     machine = supported_precisions("cpu")
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; native bf16: "
           f"{'yes (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['native_bf16'] else 'no'}; "

@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--index", required=True, help="the index folder (created)")
     build.add_argument("--exact-limit", type=int, default=None,
                        help="rows of one modality up to which search is exact (default 50000; above: IVF tuned to recall 0.95)")
+    build.add_argument("--backend", choices=("faiss", "milvus"), default="faiss",
+                       help="faiss (embedded, default) or milvus: the rows in a Milvus server, cluster or milvus-lite file")
+    build.add_argument("--uri", default=None, help="milvus: http://host:19530, or a local file such as cases.db (milvus-lite)")
+    build.add_argument("--collection", default="midol", help="milvus: collection prefix, one collection per modality")
+    build.add_argument("--milvus-index", default="FLAT", help="milvus: index type (FLAT: exact; HNSW, IVF_FLAT, AUTOINDEX)")
     _index_options(build)
     build.set_defaults(handler=run_index_build)
     grow = index_commands.add_parser("add", help="add images to an index (files it holds, by content, are skipped)")
@@ -560,7 +565,12 @@ def run_index_build(args: argparse.Namespace) -> None:
         index = ImageIndex(directory)
     elif rank == 0:
         columns = read_labels(args.labels)[0] if args.labels else []
-        index = ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model)
+        try:
+            index = ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
+                                      backend=args.backend, uri=args.uri, collection=args.collection,
+                                      milvus_index=args.milvus_index)
+        except ValueError as error:
+            raise CLIError(str(error)) from None
     if world > 1:
         import torch
 

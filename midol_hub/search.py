@@ -6,12 +6,15 @@ An index folder holds:
 - ``index.json``: the format, the model's provenance (weights and preprocessing hashes: the
   index refuses embeddings of other weights or preprocessing), the label columns and the
   search settings (``exact_limit``: above it a modality gets an approximate index).
-- ``rows.sqlite``: one row per indexed image (or frame): path, content hash, modality, where
-  it came from, confidence, labels and the L2-normalised embedding. Every batch is committed
-  in one transaction, so a killed build keeps every batch committed before it and nothing
-  half-written; this table is the index's only record.
-- ``faiss/``: per-modality FAISS files, derived from the table and rebuilt when they are
-  missing or behind it.
+- with the embedded backend (FAISS, the default), ``rows.sqlite``: one row per indexed image
+  (or frame): path, content hash, modality, where it came from, confidence, labels and the
+  L2-normalised embedding. Every batch is committed in one transaction, so a killed build keeps
+  every batch committed before it and nothing half-written; this table is the index's only
+  record. ``faiss/``: per-modality FAISS files, derived from the table and rebuilt when they
+  are missing, behind it or damaged.
+- with ``backend="milvus"``, the same rows in Milvus collections (one per modality), for an
+  archive past one machine: every site's ``torchrun`` ranks encode their share and rank 0
+  writes to the one Milvus.
 - ``pending.json`` and ``pending.npz.parts/`` while a build runs: the files being encoded and
   the parts :mod:`midol_hub.bulk` writes (workers, parts, ``--resume``, torchrun ranks), as
   ``midol encode`` does.
@@ -93,6 +96,199 @@ def read_labels(csv_path: str | Path) -> tuple[list[str], dict[str, dict[str, st
     return columns, labels
 
 
+Neighbour = tuple[float, str, int, str, str]
+"""(score, path, frame (-1: single-frame file), modality, labels as JSON) as a store returns it."""
+
+
+class FaissStore:
+    """The embedded backend: rows in ``rows.sqlite`` (the record), FAISS sub-indices in ``faiss/``
+    derived from it."""
+
+    def __init__(self, directory: Path, dim: int, exact_limit: int) -> None:
+        self.path, self.folder, self.dim, self.exact_limit = directory / "rows.sqlite", directory / "faiss", dim, exact_limit
+        try:
+            with closing(self._connect()) as db:
+                result = db.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as error:
+            raise IndexDamagedError(f"{self.path}: damaged ({error})") from None
+        if result != "ok":
+            raise IndexDamagedError(f"{self.path}: damaged ({result})")
+        self._cache: dict[str, tuple[str, Any, np.ndarray]] = {}
+
+    @staticmethod
+    def create(directory: Path) -> None:
+        with closing(sqlite3.connect(directory / "rows.sqlite")) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL, "
+                       "frame INTEGER NOT NULL, modality TEXT NOT NULL, source TEXT NOT NULL, confidence REAL NOT NULL, "
+                       "labels TEXT NOT NULL, embedding BLOB NOT NULL, UNIQUE (sha256, frame))")
+            db.execute("CREATE INDEX IF NOT EXISTS rows_modality ON rows (modality)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path)
+
+    def hashes(self) -> set[str]:
+        with closing(self._connect()) as db:
+            return {sha for (sha,) in db.execute("SELECT DISTINCT sha256 FROM rows")}
+
+    def counts(self) -> dict[str, int]:
+        with closing(self._connect()) as db:
+            return dict(db.execute("SELECT modality, COUNT(*) FROM rows GROUP BY modality ORDER BY modality"))
+
+    def add(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:
+        with closing(self._connect()) as db, db:  # one transaction: all of these rows or none
+            before = db.total_changes
+            db.executemany(
+                "INSERT OR IGNORE INTO rows (path, sha256, frame, modality, source, confidence, labels, embedding) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(row["path"], row["sha256"], _frame(row), row["modality"], row["modality_source"],
+                  float(row["confidence"]), json.dumps(row.get("labels") or {}), vector.tobytes())
+                 for row, vector in zip(rows, embeddings)],
+            )
+            return db.total_changes - before
+
+    def _sub_index(self, modality: str) -> tuple[Any, np.ndarray]:
+        """(FAISS index, row ids) of one modality, cached on disk and in memory, rebuilt from the
+        table when missing, behind it or damaged."""
+        faiss = _faiss()
+        with closing(self._connect()) as db:
+            count, last = db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM rows WHERE modality = ?", (modality,)).fetchone()
+        stamp = f"{count}:{last}"
+        cached = self._cache.get(modality)
+        if cached is not None and cached[0] == stamp:
+            return cached[1], cached[2]
+        index_file, ids_file = self.folder / f"{modality}.faiss", self.folder / f"{modality}.ids.npy"
+        meta_file = self.folder / f"{modality}.json"
+        read = _read_cached(faiss, meta_file, index_file, ids_file, stamp)
+        if read is not None:
+            index, ids = read
+        else:
+            with closing(self._connect()) as db:
+                fetched = db.execute("SELECT id, embedding FROM rows WHERE modality = ? ORDER BY id", (modality,)).fetchall()
+            ids = np.array([i for i, _ in fetched], dtype=np.int64)
+            vectors = np.frombuffer(b"".join(blob for _, blob in fetched), dtype=np.float32).reshape(len(ids), self.dim)
+            index, built = build_faiss_index(vectors, self.exact_limit)
+            self.folder.mkdir(exist_ok=True)
+            with atomic_write(index_file) as tmp:
+                faiss.write_index(index, tmp)
+            with atomic_write(ids_file) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, ids)
+            with atomic_write(meta_file) as tmp:
+                Path(tmp).write_text(json.dumps({"stamp": stamp, **built}))
+        self._cache[modality] = (stamp, index, ids)
+        return index, ids
+
+    def describe(self, modality: str) -> str:
+        return "exact" if self.counts().get(modality, 0) <= self.exact_limit else "approximate (ivf-flat)"
+
+    def search(self, modality: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
+        index, ids = self._sub_index(modality)
+        scores, positions = index.search(vectors, min(k, len(ids)))
+        wanted = sorted({int(ids[p]) for p in positions.flatten() if p >= 0})
+        with closing(self._connect()) as db:
+            rows = {row[0]: row[1:] for row in db.execute(
+                f"SELECT id, path, frame, modality, labels FROM rows WHERE id IN ({','.join('?' * len(wanted))})", wanted)}
+        return [[(float(score), *rows[int(ids[p])]) for score, p in zip(row_scores, row_positions) if p >= 0]
+                for row_scores, row_positions in zip(scores, positions)]
+
+
+class MilvusStore:
+    """Milvus (a server, a cluster, or milvus-lite's local file) through ``pymilvus``: one
+    collection per modality, ``{collection}_{modality}``, holding the same rows as the embedded
+    backend's table. Exact inner-product search (a FLAT index) unless ``milvus_index`` names
+    another Milvus index type (HNSW, IVF_FLAT, AUTOINDEX on a cluster)."""
+
+    FIELDS = ("path", "sha256", "frame", "modality", "source", "confidence", "labels")
+
+    def __init__(self, uri: str, collection: str, dim: int, fingerprint: dict[str, str], index_type: str = "FLAT") -> None:
+        try:
+            from pymilvus import MilvusClient
+        except ImportError:
+            raise ImportError("the Milvus backend needs pymilvus (and milvus-lite for a local file): "
+                              "pip install 'midol-hub[milvus]'") from None
+        self.client = MilvusClient(uri)
+        self.uri, self.collection, self.dim, self.index_type = uri, collection, dim, index_type
+        self.fingerprint = {f"midol_{key}": value for key, value in fingerprint.items()}
+        for name in self._collections().values():  # several sites may share one Milvus: check what is already there
+            recorded = {k: v for k, v in (self.client.describe_collection(name).get("properties") or {}).items()
+                        if k in self.fingerprint}
+            if recorded != self.fingerprint:
+                raise IndexMismatchError(
+                    f"{uri}: collection {name} holds embeddings of other weights or preprocessing "
+                    f"({recorded or 'unrecorded'}) than this index ({self.fingerprint}); use another --collection"
+                )
+            self.client.load_collection(name)  # a reopened collection is released until loaded
+
+    def _name(self, modality: str) -> str:
+        return f"{self.collection}_{modality}"
+
+    def _collections(self) -> dict[str, str]:
+        prefix = f"{self.collection}_"
+        return {name[len(prefix):]: name for name in self.client.list_collections() if name.startswith(prefix)}
+
+    def _create(self, modality: str) -> str:
+        from pymilvus import DataType, MilvusClient
+
+        schema = MilvusClient.create_schema(auto_id=True)
+        schema.add_field("id", DataType.INT64, is_primary=True)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=self.dim)
+        for name, kind in (("path", DataType.VARCHAR), ("sha256", DataType.VARCHAR), ("frame", DataType.INT64),
+                           ("modality", DataType.VARCHAR), ("source", DataType.VARCHAR), ("confidence", DataType.FLOAT),
+                           ("labels", DataType.VARCHAR)):
+            schema.add_field(name, kind, **({"max_length": 65535} if kind == DataType.VARCHAR else {}))
+        params = self.client.prepare_index_params()
+        params.add_index(field_name="embedding", index_type=self.index_type, metric_type="IP")
+        self.client.create_collection(self._name(modality), schema=schema, index_params=params, consistency_level="Strong",
+                                      properties=self.fingerprint)
+        return self._name(modality)
+
+    def _all(self, name: str, fields: list[str]) -> list[dict]:
+        iterator = self.client.query_iterator(name, batch_size=1000, filter="", output_fields=fields)
+        rows = []
+        while batch := iterator.next():
+            rows += batch
+        iterator.close()
+        return rows
+
+    def hashes(self) -> set[str]:
+        return {row["sha256"] for name in self._collections().values() for row in self._all(name, ["sha256"])}
+
+    def counts(self) -> dict[str, int]:
+        return {modality: int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+                for modality, name in sorted(self._collections().items())}
+
+    def add(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:
+        present = {(row["sha256"], row["frame"]) for name in self._collections().values()
+                   for row in self._all(name, ["sha256", "frame"])}
+        added = 0
+        for modality in dict.fromkeys(row["modality"] for row in rows):
+            batch = [{"embedding": vector.tolist(), "path": row["path"], "sha256": row["sha256"], "frame": _frame(row),
+                      "modality": modality, "source": row["modality_source"], "confidence": float(row["confidence"]),
+                      "labels": json.dumps(row.get("labels") or {})}
+                     for row, vector in zip(rows, embeddings)
+                     if row["modality"] == modality and (row["sha256"], _frame(row)) not in present]
+            if batch:
+                name = self._collections().get(modality) or self._create(modality)
+                added += int(self.client.insert(name, batch)["insert_count"])
+        return added
+
+    def describe(self, modality: str) -> str:
+        return f"milvus {self.index_type}"
+
+    def search(self, modality: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
+        found = self.client.search(self._name(modality), data=vectors.tolist(), limit=k,
+                                   output_fields=["path", "frame", "modality", "labels"],
+                                   search_params={"metric_type": "IP"})
+        return [[(float(hit["distance"]), hit["entity"]["path"], int(hit["entity"]["frame"]), hit["entity"]["modality"],
+                  hit["entity"]["labels"]) for hit in hits] for hits in found]
+
+
+BACKENDS = ("faiss", "milvus")
+
+
+def _frame(row: dict[str, Any]) -> int:
+    return -1 if row.get("frame") is None else int(row["frame"])
+
+
 class ImageIndex:
     """An index folder; open one with ``ImageIndex(directory)``, make one with :meth:`create`."""
 
@@ -104,49 +300,50 @@ class ImageIndex:
         try:
             self.manifest = json.loads(manifest.read_text())
         except json.JSONDecodeError as error:
-            raise IndexDamagedError(f"{manifest}: damaged ({error}); the rows are in rows.sqlite, rebuild the index") from None
+            raise IndexDamagedError(f"{manifest}: damaged ({error}); rebuild the index") from None
         if self.manifest.get("format") != INDEX_FORMAT or self.manifest.get("version") != INDEX_VERSION:
             raise IndexDamagedError(f"{manifest}: not a {INDEX_FORMAT} version {INDEX_VERSION} manifest")
-        try:
-            with closing(self._connect()) as db:
-                result = db.execute("PRAGMA quick_check").fetchone()[0]
-        except sqlite3.DatabaseError as error:
-            raise IndexDamagedError(f"{self.directory / 'rows.sqlite'}: damaged ({error})") from None
-        if result != "ok":
-            raise IndexDamagedError(f"{self.directory / 'rows.sqlite'}: damaged ({result})")
-        self._faiss: dict[str, tuple[int, Any, np.ndarray]] = {}
+        backend = self.manifest.get("backend", "faiss")
+        if backend == "milvus":
+            fingerprint = {key: self.manifest[key] for key in ("weights_sha256", "preprocessing_sha256")}
+            self.store: FaissStore | MilvusStore = MilvusStore(self.manifest["uri"], self.manifest["collection"],
+                                                               self.manifest["dim"], fingerprint, self.manifest["milvus_index"])
+        else:
+            self.store = FaissStore(self.directory, self.manifest["dim"], self.manifest["exact_limit"])
 
     @classmethod
     def create(cls, directory: str | Path, model: MIDoLModel, label_columns: Sequence[str] = (),
-               exact_limit: int = EXACT_LIMIT, model_name: str | None = None) -> ImageIndex:
-        """A new, empty index for ``model``'s embeddings."""
+               exact_limit: int = EXACT_LIMIT, model_name: str | None = None, backend: str = "faiss",
+               uri: str | None = None, collection: str = "midol", milvus_index: str = "FLAT") -> ImageIndex:
+        """A new, empty index for ``model``'s embeddings. ``backend="milvus"`` keeps the rows in
+        the Milvus at ``uri`` (a server address, or a local ``.db`` file for milvus-lite) in
+        collections named ``{collection}_{modality}``; the folder then holds the manifest."""
         directory = Path(directory)
         if (directory / "index.json").exists():
             raise FileExistsError(f"{directory}: an index is already there; add to it with `midol index add`")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "milvus" and not uri:
+            raise ValueError("the Milvus backend needs --uri: a server (http://host:19530) or a local file (cases.db)")
+        if backend == "milvus" and not collection.replace("_", "").isalnum():
+            raise ValueError(f"a Milvus collection name is letters, digits and underscores, got {collection!r}")
         directory.mkdir(parents=True, exist_ok=True)
-        with closing(sqlite3.connect(directory / "rows.sqlite")) as db, db:
-            db.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, path TEXT NOT NULL, sha256 TEXT NOT NULL, "
-                       "frame INTEGER NOT NULL, modality TEXT NOT NULL, source TEXT NOT NULL, confidence REAL NOT NULL, "
-                       "labels TEXT NOT NULL, embedding BLOB NOT NULL, UNIQUE (sha256, frame))")
-            db.execute("CREATE INDEX IF NOT EXISTS rows_modality ON rows (modality)")
-        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "model": model_name
-                    or (model.provenance.location if model.provenance is not None else None),
+        if backend == "faiss":
+            FaissStore.create(directory)
+            where: dict[str, Any] = {"exact_limit": exact_limit,
+                                     "approximate": {"method": "ivf-flat", "lists": "4 sqrt(N)", "recall_target": RECALL_TARGET}}
+        else:
+            where = {"uri": uri, "collection": collection, "milvus_index": milvus_index, "exact_limit": exact_limit}
+        manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "backend": backend,
+                    "model": model_name or (model.provenance.location if model.provenance is not None else None),
                     **model_fingerprint(model), "dim": model.config.num_features,
-                    "experts": list(model.config.expert_modalities), "label_columns": list(label_columns),
-                    "exact_limit": exact_limit,
-                    "approximate": {"method": "ivf-flat", "lists": "4 sqrt(N)", "recall_target": RECALL_TARGET}}
+                    "experts": list(model.config.expert_modalities), "label_columns": list(label_columns), **where}
         with atomic_write(directory / "index.json") as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2))
         return cls(directory)
 
-    # ------------------------------------------------------------------ rows
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.directory / "rows.sqlite")
-
     def __len__(self) -> int:
-        with closing(self._connect()) as db:
-            return db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        return sum(self.counts().values())
 
     def check_model(self, model: MIDoLModel) -> None:
         """Raise :class:`IndexMismatchError` unless ``model`` has the index's weights and preprocessing."""
@@ -160,77 +357,31 @@ class ImageIndex:
                 )
 
     def indexed_hashes(self) -> set[str]:
-        with closing(self._connect()) as db:
-            return {sha for (sha,) in db.execute("SELECT DISTINCT sha256 FROM rows")}
+        return self.store.hashes()
+
+    def counts(self) -> dict[str, int]:
+        return self.store.counts()
 
     def add_rows(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:
         """Commit encoded rows (path, sha256, frame, modality, modality_source, confidence,
-        labels) with their embeddings in one transaction; rows already there are skipped.
-        Returns how many were added."""
+        labels) with their embeddings (normalised here); rows already there (same content and
+        frame) are skipped. Returns how many were added."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape != (len(rows), self.manifest["dim"]):
             raise ValueError(f"embeddings of shape {embeddings.shape} for {len(rows)} row(s) of dimension {self.manifest['dim']}")
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        embeddings = embeddings / np.maximum(norms, 1e-12)
-        with closing(self._connect()) as db, db:
-            before = db.total_changes
-            db.executemany(
-                "INSERT OR IGNORE INTO rows (path, sha256, frame, modality, source, confidence, labels, embedding) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(row["path"], row["sha256"], -1 if row.get("frame") is None else row["frame"], row["modality"],
-                  row["modality_source"], float(row["confidence"]), json.dumps(row.get("labels") or {}), vector.tobytes())
-                 for row, vector in zip(rows, embeddings)],
-            )
-            return db.total_changes - before
-
-    def counts(self) -> dict[str, int]:
-        with closing(self._connect()) as db:
-            return dict(db.execute("SELECT modality, COUNT(*) FROM rows GROUP BY modality ORDER BY modality"))
+        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        return self.store.add(rows, embeddings)
 
     def info(self) -> dict[str, Any]:
         """The manifest, the rows per modality, and how each modality is searched."""
         counts = self.counts()
-        return {**self.manifest, "rows": sum(counts.values()), "modalities": {
-            m: {"rows": n, "search": "exact" if n <= self.manifest["exact_limit"] else "approximate"} for m, n in counts.items()}}
-
-    # ------------------------------------------------------------------ search
-
-    def _sub_index(self, modality: str) -> tuple[Any, np.ndarray]:
-        """(FAISS index, row ids) of one modality, built from the table, cached on disk and in
-        memory, rebuilt when the table has grown."""
-        faiss = _faiss()
-        with closing(self._connect()) as db:
-            count, last = db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM rows WHERE modality = ?", (modality,)).fetchone()
-        stamp = f"{count}:{last}"
-        cached = self._faiss.get(modality)
-        if cached is not None and cached[0] == stamp:
-            return cached[1], cached[2]
-        folder = self.directory / "faiss"
-        index_file, ids_file = folder / f"{modality}.faiss", folder / f"{modality}.ids.npy"
-        meta_file = folder / f"{modality}.json"
-        index = _read_cached(faiss, meta_file, index_file, ids_file, stamp)
-        if index is not None:
-            index, ids = index
-        else:  # missing, behind the table, or damaged: the table is the record, rebuild from it
-            with closing(self._connect()) as db:
-                fetched = db.execute("SELECT id, embedding FROM rows WHERE modality = ? ORDER BY id", (modality,)).fetchall()
-            ids = np.array([i for i, _ in fetched], dtype=np.int64)
-            vectors = np.frombuffer(b"".join(blob for _, blob in fetched), dtype=np.float32).reshape(len(ids), self.manifest["dim"])
-            index, built = build_faiss_index(vectors, self.manifest["exact_limit"])
-            folder.mkdir(exist_ok=True)
-            with atomic_write(index_file) as tmp:
-                faiss.write_index(index, tmp)
-            with atomic_write(ids_file) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, ids)
-            with atomic_write(meta_file) as tmp:
-                Path(tmp).write_text(json.dumps({"stamp": stamp, **built}))
-        self._faiss[modality] = (stamp, index, ids)
-        return index, ids
+        return {**self.manifest, "rows": sum(counts.values()),
+                "modalities": {m: {"rows": n, "search": self.store.describe(m)} for m, n in counts.items()}}
 
     def search_vectors(self, vectors: np.ndarray, modalities: Sequence[str], k: int = 10,
                        include_unknown: bool = False) -> list[list[Hit]]:
         """Neighbours of each embedding among the indexed rows of its modality."""
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
@@ -240,22 +391,9 @@ class ImageIndex:
             if modality not in counts or (modality == UNKNOWN and not include_unknown):
                 continue
             queries = [q for q, m in enumerate(modalities) if m == modality]
-            index, ids = self._sub_index(modality)
-            scores, positions = index.search(vectors[queries], min(k, len(ids)))
-            found = {int(i): None for i in ids[positions[positions >= 0]]}
-            with closing(self._connect()) as db:
-                for row in db.execute(f"SELECT id, path, frame, modality, labels FROM rows WHERE id IN ({','.join('?' * len(found))})",
-                                      list(found)):
-                    found[row[0]] = row
-            for q, row_scores, row_positions in zip(queries, scores, positions):
-                hits = []
-                for score, position in zip(row_scores, row_positions):
-                    if position < 0:
-                        continue
-                    _, path, frame, row_modality, labels = found[int(ids[position])]
-                    hits.append(Hit(path, float(score), row_modality, len(hits) + 1, None if frame < 0 else frame,
-                                    json.loads(labels)))
-                results[q] = hits
+            for q, neighbours in zip(queries, self.store.search(modality, vectors[queries], k)):
+                results[q] = [Hit(path, score, row_modality, rank, None if frame < 0 else frame, json.loads(labels))
+                              for rank, (score, path, frame, row_modality, labels) in enumerate(neighbours, start=1)]
         return results
 
     def search(self, model: MIDoLModel, queries: Any, k: int = 10, modality: str | None = None,

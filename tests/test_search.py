@@ -50,14 +50,26 @@ def archive(tmp_path_factory, data_root) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def built(archive, tmp_path_factory) -> Path:
-    index = tmp_path_factory.mktemp("index") / "idx"
+def build(archive: Path, index: Path, *backend: str) -> Path:
     result = midol("index", "build", str(archive / "images"), "--index", str(index), "--labels",
-                   str(archive / "labels.csv"), "--part-size", "8", "--workers", "1")
+                   str(archive / "labels.csv"), "--part-size", "8", "--workers", "1", *backend)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "indexed 31 new row(s)" in result.stdout
     return index
+
+
+@pytest.fixture(scope="module")
+def faiss_index(archive, tmp_path_factory) -> Path:
+    return build(archive, tmp_path_factory.mktemp("faiss") / "idx")
+
+
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def built(request, archive, faiss_index, tmp_path_factory) -> Path:
+    """The same archive indexed with FAISS and with Milvus (milvus-lite, the embedded Milvus with the client API of a cluster)."""
+    if request.param == "faiss":
+        return faiss_index
+    root = tmp_path_factory.mktemp("milvus")
+    return build(archive, root / "idx", "--backend", "milvus", "--uri", str(root / "cases.db"), "--collection", "cases")
 
 
 def test_a_query_finds_itself_first_and_only_its_modality(built, archive, tmp_path):
@@ -91,22 +103,44 @@ def test_unknown_images_are_stored_but_searched_only_when_asked(built, archive):
 
 
 def test_add_skips_files_already_indexed_by_content(built, archive, tmp_path, data_root):
-    copy = tmp_path / "copy"
-    shutil.copytree(built, copy)
+    backend = ImageIndex(built).manifest["backend"]
+    options = ["--backend", "milvus", "--uri", str(tmp_path / "cases.db")] if backend == "milvus" else []
+    first = tmp_path / "first"
+    first.mkdir()
+    for name in ("dermoscopy-ISIC_0000001.jpg", "pathology-BACK-TCGA-ACTQDGTI.jpg"):
+        shutil.copy(archive / "images" / name, first / name)
+    assert midol("index", "build", str(first), "--index", str(tmp_path / "idx"), *options).returncode == 0
     extra = tmp_path / "more"
     extra.mkdir()
-    shutil.copy(archive / "images" / "dermoscopy-ISIC_0000001.jpg", extra / "renamed.jpg")  # same content, new name
+    shutil.copy(first / "dermoscopy-ISIC_0000001.jpg", extra / "renamed.jpg")  # same content, new name
     shutil.copy(image_files(data_root / "dermoscopy/isic_uda1_fullres")[7], extra / "new.jpg")
-    result = midol("index", "add", str(copy), str(extra))
+    result = midol("index", "add", str(tmp_path / "idx"), str(extra))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "indexed 1 new row(s)" in result.stdout and "(1 file(s) already there)" in result.stdout
-    assert len(ImageIndex(copy)) == 32
+    assert ImageIndex(tmp_path / "idx").counts() == {"dermoscopy": 2, "pathology": 1}
 
 
-def test_other_weights_are_refused_and_damage_is_named(built, tmp_path):
+def test_other_weights_are_refused(built):
     random_model = load_model("midol-micro", pretrained=False)
     with pytest.raises(IndexMismatchError, match="other weights"):
         ImageIndex(built).search(random_model, [np.zeros((64, 64), np.uint8)])
+
+
+def test_a_milvus_collection_of_other_weights_is_refused(tmp_path):
+    model, other = load_model("midol-micro"), load_model("midol-micro", pretrained=False)
+    uri = str(tmp_path / "shared.db")
+    index = ImageIndex.create(tmp_path / "site-a", model, backend="milvus", uri=uri, collection="cases")
+    rows = [{"path": "a.png", "sha256": "0" * 64, "frame": None, "modality": "oct", "modality_source": "router",
+             "confidence": 0.9}]
+    assert index.add_rows(rows, np.ones((1, model.config.num_features), np.float32)) == 1
+    assert index.add_rows(rows, np.ones((1, model.config.num_features), np.float32)) == 0  # same content: skipped
+    del index
+    with pytest.raises(IndexMismatchError, match="collection cases_oct"):  # a second site with other weights
+        ImageIndex.create(tmp_path / "site-b", other, backend="milvus", uri=uri, collection="cases")
+
+
+def test_damage_is_named_and_derived_files_are_rebuilt(faiss_index, tmp_path):
+    built = faiss_index
     result = midol("search", str(REPO / "README.md"), "--index", str(tmp_path / "nowhere"))
     assert result.returncode == 1 and "not an index" in result.stderr
     broken = tmp_path / "broken"
@@ -125,7 +159,8 @@ def test_other_weights_are_refused_and_damage_is_named(built, tmp_path):
     assert hits[0][0].path == path
 
 
-def test_a_killed_build_resumes_to_the_same_index(built, archive, tmp_path):
+def test_a_killed_build_resumes_to_the_same_index(faiss_index, archive, tmp_path):
+    built = faiss_index
     target = tmp_path / "idx"
     command = [sys.executable, "-m", "midol_hub.cli", "index", "build", str(archive / "images"), "--index", str(target),
                "--labels", str(archive / "labels.csv"), "--batch-size", "2", "--part-size", "2", "--workers", "1"]
