@@ -333,7 +333,7 @@ class ImageIndex:
             where: dict[str, Any] = {"exact_limit": exact_limit,
                                      "approximate": {"method": "ivf-flat", "lists": "4 sqrt(N)", "recall_target": RECALL_TARGET}}
         else:
-            where = {"uri": uri, "collection": collection, "milvus_index": milvus_index, "exact_limit": exact_limit}
+            where = {"uri": uri, "collection": collection, "milvus_index": milvus_index}
         manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "backend": backend,
                     "model": model_name or (model.provenance.location if model.provenance is not None else None),
                     **model_fingerprint(model), "dim": model.config.num_features,
@@ -466,7 +466,7 @@ def _faiss() -> Any:
     return faiss
 
 
-def file_rows(files: Sequence[str]) -> dict[str, str]:
+def content_hashes(files: Sequence[str]) -> dict[str, str]:
     """sha256 of each file's content, by path."""
     return {str(path): file_sha256(path) for path in files}
 
@@ -490,7 +490,7 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
         raise FileExistsError(f"{index.directory}: an earlier build was interrupted; pass --resume to finish it first, "
                               f"or delete {pending.name} and {out.name}.parts to drop what it encoded")
     if not interrupted and rank == 0:
-        hashes = file_rows(files)
+        hashes = content_hashes(files)
         known = index.indexed_hashes()
         todo = [f for f in dict.fromkeys(map(str, files)) if hashes[f] not in known]
         with atomic_write(pending) as tmp:

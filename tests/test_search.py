@@ -22,7 +22,7 @@ from midol_hub import load_model
 from midol_hub.search import RECALL_TARGET, ImageIndex, IndexDamagedError, IndexMismatchError, build_faiss_index
 from midol_hub.utils import image_files
 
-from .helpers import REPO
+from .helpers import REPO, torchrun
 
 FOLDERS = {"xray/nih_chestxray14_examples": 2, "fundus/idrid_segmentation_train_cropped": 6,
            "oct/kermany_oct2017_samples": 8, "dermoscopy/isic_uda1_fullres": 6, "pathology/crc_val_he_7k_examples": 6,
@@ -178,16 +178,29 @@ def test_a_killed_build_resumes_to_the_same_index(faiss_index, archive, tmp_path
     resumed = midol(*command[3:], "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (target / "pending.json").exists() and not parts.exists()
-
-    def table(directory: Path) -> list:
-        with sqlite3.connect(directory / "rows.sqlite") as db:
-            return sorted(db.execute("SELECT path, sha256, modality, labels FROM rows"))
-
     assert table(target) == table(built)
-    with sqlite3.connect(target / "rows.sqlite") as db, sqlite3.connect(built / "rows.sqlite") as other:
-        mine = dict(db.execute("SELECT path, embedding FROM rows"))
-        theirs = dict(other.execute("SELECT path, embedding FROM rows"))
-    assert max(np.abs(np.frombuffer(mine[p], np.float32) - np.frombuffer(theirs[p], np.float32)).max() for p in mine) < 1e-5
+    mine, theirs = embeddings(target), embeddings(built)
+    assert max(float(np.abs(mine[p] - theirs[p]).max()) for p in mine) < 1e-5
+
+
+def table(directory: Path) -> list:
+    with sqlite3.connect(directory / "rows.sqlite") as db:
+        return sorted(db.execute("SELECT path, sha256, frame, modality, source, labels FROM rows"))
+
+
+def embeddings(directory: Path) -> dict[str, np.ndarray]:
+    with sqlite3.connect(directory / "rows.sqlite") as db:
+        return {path: np.frombuffer(blob, np.float32) for path, blob in db.execute("SELECT path, embedding FROM rows")}
+
+
+@pytest.mark.distributed
+def test_two_torchrun_ranks_build_what_one_process_builds(faiss_index, archive, tmp_path):
+    torchrun("-m", "midol_hub.cli", "index", "build", str(archive / "images"), "--index", str(tmp_path / "idx"),
+             "--labels", str(archive / "labels.csv"), "--part-size", "4", "--workers", "0")
+    assert table(tmp_path / "idx") == table(faiss_index)
+    mine, theirs = embeddings(tmp_path / "idx"), embeddings(faiss_index)
+    assert max(float(np.abs(mine[p] - theirs[p]).max()) for p in mine) < 1e-5
+    assert not (tmp_path / "idx" / "pending.json").exists()
 
 
 def test_the_approximate_index_reaches_its_recall_target():
