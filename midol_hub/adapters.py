@@ -98,8 +98,9 @@ def load_lora(encoder: MIDoLModel, directory: str | os.PathLike) -> Any:
     peft = _peft()
     directory = Path(directory)
     task_file = directory / TASK_FILE
-    if not task_file.is_file():
-        raise FileNotFoundError(f"{directory}: not a midol LoRA adapter (no {TASK_FILE}); write one with save_lora")
+    missing = [name for name in (TASK_FILE, HEAD_FILE, "adapter_config.json") if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: not a midol LoRA adapter (no {', '.join(missing)}); write one with save_lora")
     task = json.loads(task_file.read_text())
     wanted, found = task.get("base_weights_sha256"), _base_sha256(encoder)
     if wanted is not None and found != wanted:

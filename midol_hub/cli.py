@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .dtypes import parse_dtype, supported_precisions
-from .modalities import AUTO, MODALITIES
+from .modalities import AUTO, MODALITIES, UNKNOWN
 from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun, run_command
 
 ENCODE_FORMATS = (".npy", ".npz", ".safetensors")
@@ -618,7 +618,9 @@ def run_search(args: argparse.Namespace) -> None:
                           for q, m, found in zip(queries, modalities, hits)], indent=2))
         return
     for query, modality, found in zip(queries, modalities, hits):
-        print(f"{query} ({modality}):" + ("" if found else " no indexed images of this modality"))
+        empty = (" not searched: auto calls it none of the five modalities (--include-unknown searches such images)"
+                 if modality == UNKNOWN and not args.include_unknown else " no indexed images of this modality")
+        print(f"{query} ({modality}):" + ("" if found else empty))
         for hit in found:
             labels = "  " + " ".join(f"{k}={v}" for k, v in hit.labels.items()) if hit.labels else ""
             print(f"  {hit.rank:>3}  {hit.score:.4f}  {hit.path}{labels}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import sqlite3
+import warnings
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,9 @@ class FaissStore:
     def describe(self, modality: str) -> str:
         return "exact" if self.counts().get(modality, 0) <= self.exact_limit else "approximate (ivf-flat)"
 
+    def close(self) -> None:
+        self._cache.clear()
+
     def search(self, modality: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
         index, ids = self._sub_index(modality)
         scores, positions = index.search(vectors, min(k, len(ids)))
@@ -274,6 +278,9 @@ class MilvusStore:
     def describe(self, modality: str) -> str:
         return f"milvus {self.index_type}"
 
+    def close(self) -> None:
+        self.client.close()
+
     def search(self, modality: str, vectors: np.ndarray, k: int) -> list[list[Neighbour]]:
         found = self.client.search(self._name(modality), data=vectors.tolist(), limit=k,
                                    output_fields=["path", "frame", "modality", "labels"],
@@ -344,6 +351,16 @@ class ImageIndex:
 
     def __len__(self) -> int:
         return sum(self.counts().values())
+
+    def close(self) -> None:
+        """Release the backend (a milvus-lite file is open to one process at a time)."""
+        self.store.close()
+
+    def __enter__(self) -> ImageIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def check_model(self, model: MIDoLModel) -> None:
         """Raise :class:`IndexMismatchError` unless ``model`` has the index's weights and preprocessing."""
@@ -489,6 +506,11 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
     if interrupted and not resume:
         raise FileExistsError(f"{index.directory}: an earlier build was interrupted; pass --resume to finish it first, "
                               f"or delete {pending.name} and {out.name}.parts to drop what it encoded")
+    if labels is not None and rank == 0 and not interrupted:
+        unlabelled = [str(f) for f in files if str(Path(f).resolve()) not in labels]
+        if unlabelled:
+            warnings.warn(f"{len(unlabelled)} of {len(files)} file(s) have no row in the labels CSV and are indexed "
+                          f"without labels, first: {unlabelled[0]}", UserWarning, stacklevel=2)
     if not interrupted and rank == 0:
         hashes = content_hashes(files)
         known = index.indexed_hashes()

@@ -102,6 +102,11 @@ def test_unknown_images_are_stored_but_searched_only_when_asked(built, archive):
     assert hits[0][0].path == photo and abs(hits[0][0].score - 1) < 1e-5
 
 
+def test_search_says_why_an_unknown_query_has_no_neighbours(faiss_index, archive):
+    shown = midol("search", str(archive / "images" / "other-astronaut.png"), "--index", str(faiss_index))
+    assert shown.returncode == 0 and "(unknown): not searched" in shown.stdout and "--include-unknown" in shown.stdout
+
+
 def test_add_skips_files_already_indexed_by_content(built, archive, tmp_path, data_root):
     backend = ImageIndex(built).manifest["backend"]
     options = ["--backend", "milvus", "--uri", str(tmp_path / "cases.db")] if backend == "milvus" else []
@@ -114,9 +119,10 @@ def test_add_skips_files_already_indexed_by_content(built, archive, tmp_path, da
     extra.mkdir()
     shutil.copy(first / "dermoscopy-ISIC_0000001.jpg", extra / "renamed.jpg")  # same content, new name
     shutil.copy(image_files(data_root / "dermoscopy/isic_uda1_fullres")[7], extra / "new.jpg")
-    result = midol("index", "add", str(tmp_path / "idx"), str(extra))
+    result = midol("index", "add", str(tmp_path / "idx"), str(extra), "--labels", str(archive / "labels.csv"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "indexed 1 new row(s)" in result.stdout and "(1 file(s) already there)" in result.stdout
+    assert "2 of 2 file(s) have no row in the labels CSV" in result.stderr  # said, not silently unlabelled
     assert ImageIndex(tmp_path / "idx").counts() == {"dermoscopy": 2, "pathology": 1}
 
 
