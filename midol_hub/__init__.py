@@ -21,6 +21,8 @@ from .errors import (
     CheckpointError,
     DatasetError,
     ImageReadError,
+    IndexDamagedError,
+    IndexMismatchError,
     MIDoLInputWarning,
     ModalityMismatchError,
     ModalityMismatchWarning,
@@ -53,7 +55,7 @@ from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
 from .preprocessing import ModalityTransform, get_transform
 from .registry import get_entry, list_models
-from .search import Hit, ImageIndex, IndexDamagedError, IndexMismatchError
+from .search import Hit, ImageIndex
 from .tasks import (
     ClassificationModel,
     MIDoLForImageClassification,

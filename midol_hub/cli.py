@@ -20,7 +20,13 @@ import numpy as np
 
 from .dtypes import parse_dtype, supported_precisions
 from .modalities import AUTO, MODALITIES, UNKNOWN
-from .utils import READABLE_SUFFIXES, atomic_write, image_files, join_torchrun, run_command
+from .utils import (
+    READABLE_SUFFIXES,
+    atomic_write,
+    image_files,
+    join_torchrun,
+    run_command,
+)
 
 ENCODE_FORMATS = (".npy", ".npz", ".safetensors")
 ENCODE_OUTPUTS = ("embedding", "pooled", "routing")
@@ -559,24 +565,28 @@ def run_index_build(args: argparse.Namespace) -> None:
     rank, world, device = join_torchrun(None)
     model = load_model(args.model, device=device)
     directory = Path(args.index)
-    if (directory / "index.json").is_file():
-        if not args.resume:
-            raise CLIError(f"{directory}: an index is already there; add to it with `midol index add {directory} ...`")
-        index = ImageIndex(directory)
-    elif rank == 0:
-        columns = read_labels(args.labels)[0] if args.labels else []
+    problem = None
+    if rank == 0:  # one rank decides and creates; the others learn the outcome (never a race on index.json)
         try:
-            index = ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
-                                      backend=args.backend, uri=args.uri, collection=args.collection,
-                                      milvus_index=args.milvus_index)
-        except ValueError as error:
-            raise CLIError(str(error)) from None
+            if (directory / "index.json").is_file():
+                if not args.resume:
+                    raise CLIError(f"{directory}: an index is already there; add to it with `midol index add {directory} ...`")
+            else:
+                columns = read_labels(args.labels)[0] if args.labels else []
+                ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
+                                  backend=args.backend, uri=args.uri, collection=args.collection,
+                                  milvus_index=args.milvus_index).close()
+        except (CLIError, ValueError) as error:
+            problem = str(error)
     if world > 1:
         import torch
 
-        torch.distributed.barrier()
-        index = ImageIndex(directory)
-    _fill_index(args, index, model, rank, world)
+        shared = [problem]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        problem = shared[0]
+    if problem is not None:
+        raise CLIError(problem)
+    _fill_index(args, ImageIndex(directory), model, rank, world)
 
 
 def run_index_add(args: argparse.Namespace) -> None:

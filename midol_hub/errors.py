@@ -43,3 +43,12 @@ class CheckpointError(ValueError):
 class DatasetError(ValueError):
     """Data that cannot be used as given (a labelled set, a training root, a shard); the message
     says what to fix."""
+
+
+class IndexMismatchError(ValueError):
+    """An image index asked to take or compare embeddings of other weights or preprocessing
+    than it was built with."""
+
+
+class IndexDamagedError(RuntimeError):
+    """An image index folder whose files cannot be read as an index."""

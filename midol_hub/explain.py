@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .drawing import pyplot, save_figure
 from .encoding import Encoding
 from .image_io import read_any
 from .modeling_midol import MIDoLModel
 from .preprocessing import WarningCollector
 from .tasks import MIDoLForImageClassification
-from .drawing import pyplot, save_figure
 
 
 def _encode_with_maps(model: MIDoLModel, images: Any, **encode_kwargs: Any) -> tuple[Encoding, torch.Tensor]:
@@ -123,7 +123,14 @@ def class_heatmap(model: MIDoLForImageClassification, images: Any, target: int |
         method: one of :data:`CAM_METHODS` (the ``grad-cam`` library's implementations).
     """
     try:
-        from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM)
+        from pytorch_grad_cam import (
+            EigenCAM,
+            GradCAM,
+            GradCAMPlusPlus,
+            HiResCAM,
+            LayerCAM,
+            XGradCAM,
+        )
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         raise ImportError("class heatmaps need the grad-cam library: pip install 'midol-hub[explain]'") from None

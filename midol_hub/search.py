@@ -1,5 +1,5 @@
 """Similar-case search: an on-disk index of embeddings, one sub-index per modality (each in its
-expert's subspace), searched with FAISS.
+expert's subspace), searched with FAISS or kept in Milvus.
 
 An index folder holds:
 
@@ -33,6 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .errors import IndexDamagedError, IndexMismatchError
 from .modalities import AUTO, UNKNOWN, canonical_modality
 from .modeling_midol import MIDoLModel
 from .utils import atomic_write, file_sha256, state_sha256
@@ -43,14 +44,6 @@ EXACT_LIMIT = 50_000
 """Rows of one modality up to which search is exact (FAISS ``IndexFlatIP``)."""
 RECALL_TARGET = 0.95
 """Recall@10 against exact search that an approximate sub-index is tuned to reach."""
-
-
-class IndexMismatchError(ValueError):
-    """Embeddings from other weights or preprocessing than the index was built with."""
-
-
-class IndexDamagedError(RuntimeError):
-    """An index folder whose files cannot be read as an index."""
 
 
 @dataclass
@@ -310,13 +303,18 @@ class ImageIndex:
             raise IndexDamagedError(f"{manifest}: damaged ({error}); rebuild the index") from None
         if self.manifest.get("format") != INDEX_FORMAT or self.manifest.get("version") != INDEX_VERSION:
             raise IndexDamagedError(f"{manifest}: not a {INDEX_FORMAT} version {INDEX_VERSION} manifest")
-        backend = self.manifest.get("backend", "faiss")
-        if backend == "milvus":
+        self._store: FaissStore | MilvusStore | None = None
+        if self.manifest.get("backend", "faiss") == "faiss":
+            self._store = FaissStore(self.directory, self.manifest["dim"], self.manifest["exact_limit"])  # checks the table now
+
+    @property
+    def store(self) -> FaissStore | MilvusStore:
+        """The backend, connected on first use (so torchrun ranks that only encode never open it)."""
+        if self._store is None:
             fingerprint = {key: self.manifest[key] for key in ("weights_sha256", "preprocessing_sha256")}
-            self.store: FaissStore | MilvusStore = MilvusStore(self.manifest["uri"], self.manifest["collection"],
-                                                               self.manifest["dim"], fingerprint, self.manifest["milvus_index"])
-        else:
-            self.store = FaissStore(self.directory, self.manifest["dim"], self.manifest["exact_limit"])
+            self._store = MilvusStore(self.manifest["uri"], self.manifest["collection"], self.manifest["dim"], fingerprint,
+                                      self.manifest["milvus_index"])
+        return self._store
 
     @classmethod
     def create(cls, directory: str | Path, model: MIDoLModel, label_columns: Sequence[str] = (),
@@ -347,14 +345,18 @@ class ImageIndex:
                     "experts": list(model.config.expert_modalities), "label_columns": list(label_columns), **where}
         with atomic_write(directory / "index.json") as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2))
-        return cls(directory)
+        index = cls(directory)
+        if backend == "milvus":
+            index.counts()  # connect now: a collection of other weights is refused at creation
+        return index
 
     def __len__(self) -> int:
         return sum(self.counts().values())
 
     def close(self) -> None:
         """Release the backend (a milvus-lite file is open to one process at a time)."""
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> ImageIndex:
         return self

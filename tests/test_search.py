@@ -18,8 +18,8 @@ import torch
 import pytest
 from PIL import Image
 
-from midol_hub import load_model
-from midol_hub.search import RECALL_TARGET, ImageIndex, IndexDamagedError, IndexMismatchError, build_faiss_index
+from midol_hub import ImageIndex, IndexDamagedError, IndexMismatchError, load_model
+from midol_hub.search import RECALL_TARGET, build_faiss_index
 from midol_hub.utils import image_files
 
 from .helpers import REPO, torchrun
@@ -207,6 +207,17 @@ def test_two_torchrun_ranks_build_what_one_process_builds(faiss_index, archive, 
     mine, theirs = embeddings(tmp_path / "idx"), embeddings(faiss_index)
     assert max(float(np.abs(mine[p] - theirs[p]).max()) for p in mine) < 1e-5
     assert not (tmp_path / "idx" / "pending.json").exists()
+
+
+@pytest.mark.distributed
+def test_two_torchrun_ranks_fill_one_milvus(faiss_index, archive, tmp_path):
+    torchrun("-m", "midol_hub.cli", "index", "build", str(archive / "images"), "--index", str(tmp_path / "idx"),
+             "--backend", "milvus", "--uri", str(tmp_path / "cases.db"), "--part-size", "4", "--workers", "0")
+    with ImageIndex(tmp_path / "idx") as index:
+        assert index.counts() == ImageIndex(faiss_index).counts()
+        query = str(archive / "images" / "dermoscopy-ISIC_0000001.jpg")
+        hits, _ = index.search(load_model("midol-micro"), [query])
+        assert hits[0][0].path == query and abs(hits[0][0].score - 1) < 1e-5
 
 
 def test_the_approximate_index_reaches_its_recall_target():
