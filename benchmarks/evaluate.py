@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from midol_hub import (
     DatasetError,
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             if args.random_weights:
                 warnings.simplefilter("ignore")
+                torch.manual_seed(0)  # the random-initialisation baseline is the same in every run (as the release's)
             model = load_model(args.model, pretrained=not args.random_weights)
         results = evaluate(model, root, args.datasets, args.feature, args.max_train, args.max_test, args.cache_dir,
                            progress=True)

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from midol_hub.search import build_faiss_index
+from midol_hub.search import build_faiss_index, recall_at_k, unit_rows
 
 
 def synthetic(size: int, dim: int, clusters: int = 2000, spread: float = 0.6, seed: int = 0) -> np.ndarray:
@@ -24,15 +24,13 @@ def synthetic(size: int, dim: int, clusters: int = 2000, spread: float = 0.6, se
         stop = min(size, start + 100_000)
         vectors[start:stop] = centres[rng.integers(0, clusters, stop - start)]
         vectors[start:stop] += spread * rng.standard_normal((stop - start, dim), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
+    return unit_rows(vectors)
 
 
 def measure(size: int = 1_000_000, dim: int = 256, queries: int = 1000) -> dict[str, float]:
     vectors = synthetic(size, dim)
     rng = np.random.default_rng(1)
-    probe = vectors[rng.integers(0, size, queries)] + 0.05 * rng.standard_normal((queries, dim), dtype=np.float32)
-    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    probe = unit_rows(vectors[rng.integers(0, size, queries)] + 0.05 * rng.standard_normal((queries, dim), dtype=np.float32))
     start = time.perf_counter()
     exact, _ = build_faiss_index(vectors, exact_limit=size)
     exact_build = time.perf_counter() - start
@@ -45,7 +43,7 @@ def measure(size: int = 1_000_000, dim: int = 256, queries: int = 1000) -> dict[
     start = time.perf_counter()
     _, found = approximate.search(probe, 10)
     approximate_query = (time.perf_counter() - start) / queries
-    recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)]))
+    recall = recall_at_k(truth, found)
     return {
         "ann_recall_at_10": recall,
         "ann_query_speedup_ratio": exact_query / approximate_query,

@@ -127,11 +127,8 @@ def train_linear_probe(encoder, model, sets, args, cache_dir):
     and linear classifier. Returns val and test scores."""
     features = [extract_features(encoder, s.images, args.modality, args.feature, cache_dir, progress=True) for s in sets]
     probe = fit_linear_probe(features[0], sets[0].labels, features[1], sets[1].labels, cs=PROBE_CS, seed=args.seed)
+    model.load_linear_probe(probe)
     with torch.no_grad():
-        model.norm.running_mean.copy_(probe.mean)
-        model.norm.running_var.copy_(probe.std**2 - model.norm.eps)  # so that sqrt(var + eps) is the std
-        model.classifier.weight.copy_(probe.weight)
-        model.classifier.bias.copy_(probe.bias)
         head = torch.nn.Sequential(model.norm, model.classifier).eval()
         return [scores_of(head(f), s.multilabel) for f, s in zip(features[1:], sets[1:])]
 

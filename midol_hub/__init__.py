@@ -42,6 +42,7 @@ from .evaluation import (
     segmentation_scores,
 )
 from .explain import (
+    CAM_METHODS,
     ClassHeatmaps,
     class_heatmap,
     draw_class_heatmaps,
@@ -120,6 +121,7 @@ __all__: list[Any] = [
     "class_heatmap",
     "draw_class_heatmaps",
     "ClassHeatmaps",
+    "CAM_METHODS",
     "lora_classifier",
     "save_lora",
     "load_lora",

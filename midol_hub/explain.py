@@ -143,10 +143,8 @@ def class_heatmap(model: MIDoLForImageClassification, images: Any, target: int |
     device = next(model.parameters()).device
     pixels = model.preprocess(images)
     classes = model.config.num_labels
-    if target is None:
-        with torch.inference_mode():
-            targets = torch.cat([model(chunk.to(device)).logits.argmax(-1).cpu() for chunk in pixels.split(batch_size)])
-    else:
+    targets = None
+    if target is not None:
         targets = torch.as_tensor([target] * len(pixels) if isinstance(target, int) else list(target), dtype=torch.long)
         if targets.shape != (len(pixels),):
             raise ValueError(f"target gives {targets.numel()} class(es) for {len(pixels)} image(s); give one, or one per image")
@@ -154,19 +152,23 @@ def class_heatmap(model: MIDoLForImageClassification, images: Any, target: int |
             raise ValueError(f"target classes must lie in 0..{classes - 1} ({', '.join(model.config.id2label.values())})")
     was_training = model.training
     model.eval()
-    wrapped = _Logits(model)
-    heat, probability = [], []
+    heat, probability, explained = [], [], []
     try:
-        with methods[method](wrapped, target_layers=[model.midol.backbone.layers[-1]], reshape_transform=_nchw) as cam:
-            for chunk, chunk_targets in zip(pixels.split(batch_size), targets.split(batch_size)):
-                maps = cam(chunk.to(device), targets=[ClassifierOutputTarget(int(t)) for t in chunk_targets])
+        with methods[method](_Logits(model), target_layers=[model.midol.backbone.layers[-1]], reshape_transform=_nchw) as cam:
+            for start in range(0, len(pixels), batch_size):
+                chunk = pixels[start : start + batch_size]
+                # without a target, grad-cam explains each image's top class from the same forward pass
+                wanted = None if targets is None else [ClassifierOutputTarget(int(t)) for t in targets[start : start + batch_size]]
+                maps = cam(chunk.to(device), targets=wanted)
                 heat.append(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32)))
                 logits = cam.outputs.detach().float().cpu()
+                chosen = logits.argmax(-1) if targets is None else targets[start : start + batch_size]
                 scores = logits.sigmoid() if model.config.problem_type == "multi_label_classification" else logits.softmax(-1)
-                probability.append(scores.gather(1, chunk_targets[:, None]).squeeze(1))
+                probability.append(scores.gather(1, chosen[:, None]).squeeze(1))
+                explained.append(chosen)
     finally:
         model.train(was_training)
-    return ClassHeatmaps(torch.cat(heat), targets, torch.cat(probability), pixels)
+    return ClassHeatmaps(torch.cat(heat), torch.cat(explained), torch.cat(probability), pixels)
 
 
 def draw_class_heatmaps(model: MIDoLForImageClassification, paths: list[str], out_dir: str | Path,

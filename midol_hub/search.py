@@ -120,9 +120,14 @@ class FaissStore:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path)
 
-    def hashes(self) -> set[str]:
+    def known(self, hashes: Sequence[str]) -> set[str]:
+        found: set[str] = set()
         with closing(self._connect()) as db:
-            return {sha for (sha,) in db.execute("SELECT DISTINCT sha256 FROM rows")}
+            for start in range(0, len(hashes), 500):  # SQLite's bound-parameter limit
+                chunk = list(hashes[start : start + 500])
+                found.update(sha for (sha,) in db.execute(
+                    f"SELECT DISTINCT sha256 FROM rows WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def counts(self) -> dict[str, int]:
         with closing(self._connect()) as db:
@@ -171,8 +176,8 @@ class FaissStore:
         self._cache[modality] = (stamp, index, ids)
         return index, ids
 
-    def describe(self, modality: str) -> str:
-        return "exact" if self.counts().get(modality, 0) <= self.exact_limit else "approximate (ivf-flat)"
+    def describe(self, rows: int) -> str:
+        return "exact" if rows <= self.exact_limit else "approximate (ivf-flat)"
 
     def close(self) -> None:
         self._cache.clear()
@@ -238,24 +243,25 @@ class MilvusStore:
                                       properties=self.fingerprint)
         return self._name(modality)
 
-    def _all(self, name: str, fields: list[str]) -> list[dict]:
-        iterator = self.client.query_iterator(name, batch_size=1000, filter="", output_fields=fields)
-        rows = []
-        while batch := iterator.next():
-            rows += batch
-        iterator.close()
-        return rows
+    def _present(self, hashes: Sequence[str]) -> set[tuple[str, int]]:
+        """(sha256, frame) of the rows that hold any of ``hashes``, asking only for those."""
+        found: set[tuple[str, int]] = set()
+        for name in self._collections().values():
+            for start in range(0, len(hashes), 500):
+                chunk = json.dumps(list(hashes[start : start + 500]))
+                found.update((row["sha256"], row["frame"]) for row in self.client.query(
+                    name, filter=f"sha256 in {chunk}", output_fields=["sha256", "frame"], limit=16384))
+        return found
 
-    def hashes(self) -> set[str]:
-        return {row["sha256"] for name in self._collections().values() for row in self._all(name, ["sha256"])}
+    def known(self, hashes: Sequence[str]) -> set[str]:
+        return {sha for sha, _ in self._present(hashes)}
 
     def counts(self) -> dict[str, int]:
         return {modality: int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
                 for modality, name in sorted(self._collections().items())}
 
     def add(self, rows: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:
-        present = {(row["sha256"], row["frame"]) for name in self._collections().values()
-                   for row in self._all(name, ["sha256", "frame"])}
+        present = self._present(list(dict.fromkeys(row["sha256"] for row in rows)))
         added = 0
         for modality in dict.fromkeys(row["modality"] for row in rows):
             batch = [{"embedding": vector.tolist(), "path": row["path"], "sha256": row["sha256"], "frame": _frame(row),
@@ -268,7 +274,7 @@ class MilvusStore:
                 added += int(self.client.insert(name, batch)["insert_count"])
         return added
 
-    def describe(self, modality: str) -> str:
+    def describe(self, rows: int) -> str:
         return f"milvus {self.index_type}"
 
     def close(self) -> None:
@@ -375,8 +381,9 @@ class ImageIndex:
                     "compared: use that model, or build a new index"
                 )
 
-    def indexed_hashes(self) -> set[str]:
-        return self.store.hashes()
+    def known(self, hashes: Sequence[str]) -> set[str]:
+        """Which of these content hashes the index holds already."""
+        return self.store.known(list(hashes))
 
     def counts(self) -> dict[str, int]:
         return self.store.counts()
@@ -388,22 +395,20 @@ class ImageIndex:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape != (len(rows), self.manifest["dim"]):
             raise ValueError(f"embeddings of shape {embeddings.shape} for {len(rows)} row(s) of dimension {self.manifest['dim']}")
-        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-        return self.store.add(rows, embeddings)
+        return self.store.add(rows, unit_rows(embeddings))
 
     def info(self) -> dict[str, Any]:
         """The manifest, the rows per modality, and how each modality is searched."""
         counts = self.counts()
         return {**self.manifest, "rows": sum(counts.values()),
-                "modalities": {m: {"rows": n, "search": self.store.describe(m)} for m, n in counts.items()}}
+                "modalities": {m: {"rows": n, "search": self.store.describe(n)} for m, n in counts.items()}}
 
     def search_vectors(self, vectors: np.ndarray, modalities: Sequence[str], k: int = 10,
                        include_unknown: bool = False) -> list[list[Hit]]:
         """Neighbours of each embedding among the indexed rows of its modality."""
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        vectors = unit_rows(vectors)
         results: list[list[Hit]] = [[] for _ in modalities]
         counts = self.counts()
         for modality in dict.fromkeys(modalities):
@@ -425,6 +430,17 @@ class ImageIndex:
                                 batch_size=batch_size)
         hits = self.search_vectors(encoding.embedding.numpy(), encoding.modality, k, include_unknown)
         return hits, list(encoding.modality)
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """float32 rows scaled to unit length (inner product is then cosine)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return np.ascontiguousarray(vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12))
+
+
+def recall_at_k(truth: np.ndarray, found: np.ndarray) -> float:
+    """Mean share of each row of ``truth`` (exact neighbour ids) that ``found`` holds too."""
+    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(truth, found)]))
 
 
 def _read_cached(faiss: Any, meta_file: Path, index_file: Path, ids_file: Path, stamp: str) -> tuple[Any, np.ndarray] | None:
@@ -461,16 +477,13 @@ def build_faiss_index(vectors: np.ndarray, exact_limit: int = EXACT_LIMIT, seed:
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
     index.train(vectors[rng.permutation(count)[: min(count, 64 * lists)]])
     index.add(vectors)
-    queries = vectors[rng.permutation(count)[:256]] + 0.05 * rng.standard_normal((256, dim)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    exact = faiss.IndexFlatIP(dim)
-    exact.add(vectors)
-    _, truth = exact.search(queries, 10)
+    queries = unit_rows(vectors[rng.permutation(count)[:256]] + 0.05 * rng.standard_normal((256, dim)).astype(np.float32))
+    _, truth = build_faiss_index(vectors, exact_limit=count)[0].search(queries, 10)
     probes, recall = 1, 0.0
     while True:
         index.nprobe = probes
         _, found = index.search(queries, 10)
-        recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)]))
+        recall = recall_at_k(truth, found)
         if recall >= RECALL_TARGET or probes >= lists:
             break
         probes = min(2 * probes, lists)
@@ -515,7 +528,7 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
                           f"without labels, first: {unlabelled[0]}", UserWarning, stacklevel=2)
     if not interrupted and rank == 0:
         hashes = content_hashes(files)
-        known = index.indexed_hashes()
+        known = index.known(list(hashes.values()))
         todo = [f for f in dict.fromkeys(map(str, files)) if hashes[f] not in known]
         with atomic_write(pending) as tmp:
             Path(tmp).write_text(json.dumps({"files": todo, "hashes": {f: hashes[f] for f in todo},

@@ -112,6 +112,16 @@ class MIDoLForImageClassification(_TaskModel):
                 loss = F.cross_entropy(logits, labels.long())
         return ImageClassifierOutput(loss=loss, logits=logits)
 
+    @torch.no_grad()
+    def load_linear_probe(self, probe: Any) -> MIDoLForImageClassification:
+        """Make the head the fitted :class:`~midol_hub.evaluation.LinearProbe` exactly: its
+        feature mean and std go into the standardising norm, its weights into the classifier."""
+        self.norm.running_mean.copy_(probe.mean)
+        self.norm.running_var.copy_(probe.std**2 - self.norm.eps)  # so that sqrt(var + eps) is the std
+        self.classifier.weight.copy_(probe.weight)
+        self.classifier.bias.copy_(probe.bias)
+        return self
+
     @torch.inference_mode()
     def predict(self, images: Any) -> torch.Tensor:
         """Probabilities (B, num_labels): softmax, or sigmoid for multi-label models."""
