@@ -517,7 +517,10 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
 
     index.check_model(model)
     pending, out = index.directory / "pending.json", index.directory / "pending.npz"
-    interrupted = pending.is_file()
+    interrupted = [pending.is_file()]
+    if world > 1:  # rank 0's view, taken before anyone writes pending.json (a rank that looked later would see it)
+        dist.broadcast_object_list(interrupted, src=0)
+    interrupted = interrupted[0]
     if interrupted and not resume:
         raise FileExistsError(f"{index.directory}: an earlier build was interrupted; pass --resume to finish it first, "
                               f"or delete {pending.name} and {out.name}.parts to drop what it encoded")
