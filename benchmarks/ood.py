@@ -1,17 +1,19 @@
 """Out-of-scope detectors compared: ``python -m benchmarks.ood --model NAME [--out results.json]``.
 
-Every detector is fitted on training images only (``shared_data.calibration_images``, what
-midol-micro is calibrated on), two-fold: each half
-is scored by a detector fitted on the other half. Its threshold is the ``QUANTILE`` of those
+Every detector is fitted on training images only (``shared_data.calibration_set``, what
+midol-micro is calibrated on), two-fold by group (patient, lesion, slide, source file): each
+half is scored by a detector fitted on the other half. Its threshold is the ``QUANTILE`` of those
 held-out in-scope scores, so every detector wrongly rejects the same share of held-out training
 images; the comparison is the share of the out-of-scope set
 (``benchmarks.shared_data.out_of_scope_set``) it calls out of scope at that threshold, and the
 AUROC between held-out in-scope and out-of-scope scores. No test image enters the choice (the
 shipped detector's false-unknown rate on the test parts is in ``benchmarks.evaluate``). Candidates: kNN distance on L2-normalised
 features (Sun et al., ICML 2022), class-conditional Mahalanobis with a tied covariance (Lee et
-al., NeurIPS 2018, full and on its 64 leading components), a diagonal Gaussian per modality
+al., NeurIPS 2018, full and on its leading components), a diagonal Gaussian per modality
 (midol-micro v2's), the energy and the maximum probability of the router, on the final pooled
-feature and on all four stages (``stage_pooled``).
+feature and on all four stages (``stage_pooled``). A second table varies what the shipped form is
+calibrated on (with or without the crops of full-resolution files) and its number of components:
+held-out whole full-resolution files named right per modality against out-of-scope images caught.
 """
 
 from __future__ import annotations
@@ -27,18 +29,26 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from midol_hub import load_model
-from midol_hub.calibration import fit_detector, held_out_distances
-from midol_hub.detection import modality_distances, out_of_scope_score
+from midol_hub.calibration import (
+    COMPONENTS,
+    OUTSIDE_WEIGHT,
+    QUANTILE,
+    REPEATS,
+    fit_detector,
+    fit_out_of_scope,
+    held_out_distances,
+    two_fold,
+)
+from midol_hub.detection import DistanceAnswers, answer_by_distance, modality_distances, out_of_scope_score
+from midol_hub.evaluation import calibration_error
 
-from .shared_data import calibration_images, data_root, fullres_parts, out_of_scope_set
-
-QUANTILE = 0.975
+from .shared_data import calibration_set, data_root, out_of_scope_set
 
 
-def features(model, groups: dict[str, list]) -> dict[str, np.ndarray]:
+def features(model, images: dict[str, list]) -> dict[str, np.ndarray]:
     """pooled, stage_pooled (both L2-normalised), router logits and labels of every image."""
     out: dict[str, list] = {"pooled": [], "stage_pooled": [], "logits": [], "labels": []}
-    for label, images in groups.items():
+    for label, images in images.items():
         enc = model.encode(images, modality="auto", output=("pooled", "stage_pooled"), batch_size=32)
         out["pooled"].append(torch.nn.functional.normalize(enc.pooled, dim=-1).numpy())
         out["stage_pooled"].append(enc.stage_pooled.numpy())
@@ -66,7 +76,7 @@ def _mahalanobis_clusters(train: np.ndarray, labels: np.ndarray, clusters: int =
         rows = labels == modality
         found = KMeans(min(clusters, rows.sum()), n_init=4, random_state=0).fit_predict(train[rows])
         sub[rows] = [f"{modality}/{c}" for c in found]
-    return _mahalanobis(train, sub, 64)
+    return _mahalanobis(train, sub, COMPONENTS)
 
 
 def _diagonal(train: np.ndarray, labels: np.ndarray) -> Callable:
@@ -88,17 +98,19 @@ DETECTORS = {
     "kNN distance (k=1)": lambda t, y: _knn(t, y, 1),
     "kNN distance (k=10)": lambda t, y: _knn(t, y, 10),
     "Mahalanobis, tied covariance": lambda t, y: _mahalanobis(t, y),
-    "Mahalanobis, tied covariance, 64 components": lambda t, y: _mahalanobis(t, y, 64),
-    "Mahalanobis, tied covariance, 64 components, 4 means per modality": _mahalanobis_clusters,
+    f"Mahalanobis, tied covariance, {COMPONENTS} components": lambda t, y: _mahalanobis(t, y, COMPONENTS),
+    f"Mahalanobis, tied covariance, {COMPONENTS} components, 4 means per modality": _mahalanobis_clusters,
     "diagonal Gaussian per modality": _diagonal,
 }
 
 
-def compare(model, root: Path) -> tuple[list[dict], list[dict]]:
-    rng = np.random.default_rng(0)
-    train_groups = calibration_images(root)
-    train, outside = features(model, train_groups), features(model, {"out of scope": out_of_scope_set(root)})
-    halves = np.array_split(rng.permutation(len(train["labels"])), 2)
+def compare(model, root: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    calibration = calibration_set(root)
+    train, outside = features(model, calibration.images), features(model, {"out of scope": out_of_scope_set(root)})
+    groups = [(m, g) for m, ids in calibration.groups.items() for g in ids]
+    kinds = np.array([k for ids in calibration.kinds.values() for k in ids])
+    sides = two_fold(groups)
+    halves = [np.flatnonzero(sides == 0), np.flatnonzero(sides == 1)]
     rows = []
     for feature in ("pooled", "stage_pooled"):
         for name, build in DETECTORS.items():
@@ -110,26 +122,35 @@ def compare(model, root: Path) -> tuple[list[dict], list[dict]]:
             rows.append(_row(f"{name} on {feature}", held_out, np.mean(outside_scores, axis=0), train["labels"]))
     for name, function in (("router energy", _energy), ("router maximum probability", _max_probability)):
         rows.append(_row(name, function(train["logits"]), function(outside["logits"])))
-    rows.append(_shipped_row(train, outside))
-    full = set(p for files in fullres_parts(root, "train").values() for p in files)
-    fullres = np.array([isinstance(item, str) and item in full for items in train_groups.values() for item in items])
-    return rows, naming_rows(model, train, fullres)
+    shipped = _shipped(train, groups)
+    rows.append(_shipped_row(shipped, train, outside, groups))
+    views = [_views_row(train, outside, groups, kinds, crops, components, quantile)
+             for crops in (False, True) for components in (COMPONENTS, 2 * COMPONENTS) for quantile in (0.95, 0.975)]
+    confidence = [_confidence_row(train, outside, groups, kinds, weight) for weight in (1 - QUANTILE, 1e-2, 3e-3, 1e-3, 1e-4)]
+    return rows, naming_rows(model, train, groups, shipped, kinds == "file"), views, confidence
 
 
-def _shipped(train: dict) -> tuple[dict, np.ndarray, np.ndarray]:
-    """What ``midol_hub.calibrate`` fits, through its own functions: the detector on all training
-    features, the held-out (two-fold) distances, and each image's nearest modality among them."""
-    features, labels = torch.from_numpy(train["stage_pooled"]), list(train["labels"])
-    detector = fit_detector(features, labels, 64)
-    distances = held_out_distances(features, labels, 64).numpy()  # columns in detector["modalities"] order
-    return detector, distances, np.array(detector["modalities"])[distances.argmin(1)]
+def _shipped(train: dict, groups: list, components: int = COMPONENTS, quantile: float = QUANTILE,
+             outside_weight: float = OUTSIDE_WEIGHT) -> dict:
+    """What ``midol_hub.calibrate`` fits, through its own function, on these training features."""
+    return fit_out_of_scope(torch.from_numpy(train["stage_pooled"]), list(train["labels"]), groups, quantile, components,
+                            REPEATS, outside_weight)
 
 
-def naming_rows(model, train: dict, fullres: np.ndarray) -> list[dict]:
+def _held_out(train: dict, groups: list, components: int, seed: int) -> torch.Tensor:
+    return held_out_distances(torch.from_numpy(train["stage_pooled"]), list(train["labels"]), components, groups, seed)
+
+
+def _outside(calibration: dict, outside: dict) -> DistanceAnswers:
+    distances = modality_distances(calibration["out_of_scope"], torch.from_numpy(outside["stage_pooled"]))
+    return answer_by_distance(calibration, distances)
+
+
+def naming_rows(model, train: dict, groups: list, shipped: dict, fullres: np.ndarray) -> list[dict]:
     """Per modality, the share of held-out training images named right by the router's argmax and by
     the nearest modality under the detector's distance (fitted on the other half), on all of them
-    and on the full-resolution files alone."""
-    _, _, nearest = _shipped(train)
+    and on the whole full-resolution files alone."""
+    nearest = np.array(answer_by_distance(shipped, _held_out(train, groups, COMPONENTS, 0)).nearest)
     router = np.array([model.config.expert_modalities[i] for i in train["logits"].argmax(1)])
     rows = []
     for subset, mask in (("all", np.ones(len(router), dtype=bool)), ("full-resolution", fullres)):
@@ -141,18 +162,86 @@ def naming_rows(model, train: dict, fullres: np.ndarray) -> list[dict]:
     return rows
 
 
-def _shipped_row(train: dict, outside: dict) -> dict:
-    """The shipped form, exactly as calibrated: tied Mahalanobis (64 components) on stage_pooled, each
-    modality's own threshold from its held-out scores, applied by the nearest modality."""
-    detector, distances, _ = _shipped(train)
-    held_out = distances.min(1)
-    thresholds = {m: np.quantile(held_out[train["labels"] == m], QUANTILE) for m in detector["modalities"]}
-    scores = modality_distances(detector, torch.from_numpy(outside["stage_pooled"])).numpy()
-    flagged = [d.min() > thresholds[detector["modalities"][int(d.argmin())]] for d in scores]
-    wrong = {m: float((held_out[train["labels"] == m] > t).mean()) for m, t in thresholds.items()}
-    return {"detector": "Mahalanobis, tied covariance, 64 components on stage_pooled, a threshold per modality (shipped)",
-            "out_of_scope_called_unknown": float(np.mean(flagged)), "auroc": float("nan"),
-            "in_scope_images": len(held_out), "out_of_scope_images": len(flagged), "held_out_called_unknown": wrong}
+def _shipped_row(shipped: dict, train: dict, outside: dict, groups: list) -> dict:
+    """The shipped form, exactly as calibrated: tied Mahalanobis on stage_pooled, each modality's own
+    threshold from its held-out scores, applied by the nearest modality."""
+    held_out = answer_by_distance(shipped, _held_out(train, groups, COMPONENTS, 0))
+    wrong = {m: float(held_out.outside.numpy()[train["labels"] == m].mean()) for m in shipped["out_of_scope"]["modalities"]}
+    return {"detector": f"Mahalanobis, tied covariance, {COMPONENTS} components on stage_pooled, a threshold per "
+                        f"modality at the {QUANTILE} quantile of {REPEATS} held-out splits (shipped)",
+            "out_of_scope_called_unknown": float(_outside(shipped, outside).outside.double().mean()),
+            "auroc": float("nan"), "in_scope_images": len(train["labels"]), "out_of_scope_images": len(outside["labels"]),
+            "held_out_called_unknown": wrong}
+
+
+def _views_row(train: dict, outside: dict, groups: list, kinds: np.ndarray, crops: bool, components: int,
+               quantile: float) -> dict:
+    """The shipped form calibrated with or without the crops of full-resolution files, with
+    ``components`` directions and thresholds at ``quantile``: held-out whole full-resolution files
+    named right per modality (from a fresh split, seed 99), held-out whole images (not crops or
+    tiles) called unknown, and out-of-scope images caught."""
+    keep = np.ones(len(kinds), dtype=bool) if crops else kinds != "crop"
+    subset = {key: value[keep] for key, value in train.items()}
+    kept_groups = [g for g, k in zip(groups, keep) if k]
+    calibration = _shipped(subset, kept_groups, components, quantile)
+    said = np.array(answer_by_distance(calibration, _held_out(subset, kept_groups, components, 99)).modality)
+    files, whole = kinds[keep] == "file", np.isin(kinds[keep], ("labelled", "file"))
+    return {"crops": crops, "components": components, "quantile": quantile,
+            "full_resolution_named_right": {m: float((said[files & (subset["labels"] == m)] == m).mean())
+                                            for m in dict.fromkeys(subset["labels"]) if (files & (subset["labels"] == m)).any()},
+            "held_out_called_unknown": float((said[whole] == "unknown").mean()),
+            "out_of_scope_called_unknown": float(_outside(calibration, outside).outside.double().mean())}
+
+
+def _confidence_row(train: dict, outside: dict, groups: list, kinds: np.ndarray, outside_weight: float) -> dict:
+    """Expected calibration error and AUROC (right vs wrong) of the confidence with ``outside_weight``,
+    over held-out whole training images (a fresh split, seed 99) and the out-of-scope set."""
+    calibration = _shipped(train, groups, outside_weight=outside_weight)
+    held_out, out = answer_by_distance(calibration, _held_out(train, groups, COMPONENTS, 99)), _outside(calibration, outside)
+    whole = np.isin(kinds, ("labelled", "file"))
+    right = np.r_[np.array(held_out.modality)[whole] == train["labels"][whole], np.array(out.modality) == "unknown"]
+    confidence = np.r_[held_out.confidence.numpy()[whole], out.confidence.numpy()]
+    return {"outside_weight": outside_weight, "ece": calibration_error(confidence, right),
+            "auroc": float(roc_auc_score(right, confidence)), "right": float(right.mean()),
+            "mean_confidence": float(confidence.mean()), "images": len(right)}
+
+
+def confidence_markdown(rows: list[dict]) -> str:
+    lines = ["| outside_weight | expected calibration error | AUROC right vs wrong | answers right | mean confidence |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        weight = f"{r['outside_weight']:.0e}" + (" (1/2 at the threshold)" if r["outside_weight"] == 1 - QUANTILE else "")
+        lines.append(f"| {weight} | {r['ece']:.3f} | {r['auroc']:.3f} | {r['right']:.3f} | {r['mean_confidence']:.3f} |")
+    return "\n".join(lines)
+
+
+def chosen_view(rows: list[dict]) -> dict:
+    """The rule behind the shipped calibration settings: among rows whose held-out whole images are
+    called unknown at most 0.05 of the time, the highest worst of held-out full-resolution
+    pathology and dermoscopy files named right and out-of-scope images caught."""
+    def worst(row: dict) -> float:
+        named = row["full_resolution_named_right"]
+        return min(named["pathology"], named["dermoscopy"], row["out_of_scope_called_unknown"])
+    return max((r for r in rows if r["held_out_called_unknown"] <= 0.05), key=worst)
+
+
+def chosen_weight(rows: list[dict]) -> float:
+    """The rule behind the shipped ``outside_weight``: the lowest expected calibration error."""
+    return min(rows, key=lambda r: r["ece"])["outside_weight"]
+
+
+def views_markdown(rows: list[dict]) -> str:
+    modalities = list(rows[0]["full_resolution_named_right"])
+    lines = ["| calibrated on | components | threshold quantile | "
+             + " | ".join(f"held-out full-res {m} named right" for m in modalities)
+             + " | held-out whole training images called unknown | out-of-scope images called unknown |",
+             "|---|---|---|" + "---|" * (len(modalities) + 2)]
+    for r in rows:
+        what = "+ 4 crops of each full-resolution file" if r["crops"] else "whole files and region tiles"
+        lines.append(f"| {what} | {r['components']} | {r['quantile']} | " + " | ".join(f"{r['full_resolution_named_right'][m]:.3f}"
+                                                                     for m in modalities)
+                     + f" | {r['held_out_called_unknown']:.3f} | {r['out_of_scope_called_unknown']:.3f} |")
+    return "\n".join(lines)
 
 
 def _row(name: str, held_out: np.ndarray, outside: np.ndarray, labels: np.ndarray | None = None) -> dict:
@@ -178,9 +267,9 @@ def markdown(rows: list[dict]) -> str:
     lines += [f"| {r['detector']} | {r['out_of_scope_called_unknown']:.3f} | "
               f"{'n/a' if np.isnan(r['auroc']) else format(r['auroc'], '.3f')} |" for r in rows]
     one = rows[-1]["held_out_called_unknown"]
-    shared = next(r for r in rows if r["detector"] == "Mahalanobis, tied covariance, 64 components on stage_pooled")
-    lines += ["", "Held-out training images called unknown per modality, one threshold for all (Mahalanobis, 64 "
-              "components, stage_pooled) against one per modality: " + ", ".join(
+    shared = next(r for r in rows if r["detector"] == f"Mahalanobis, tied covariance, {COMPONENTS} components on stage_pooled")
+    lines += ["", f"Held-out training images called unknown per modality, one threshold for all (Mahalanobis, {COMPONENTS} "
+              "components, stage_pooled, one split) against one per modality: " + ", ".join(
                   f"{m} {shared['held_out_called_unknown'][m]:.3f} -> {one[m]:.3f}" for m in one) + "."]
     return "\n".join(lines)
 
@@ -191,12 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="midol-micro")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
-    rows, naming = compare(load_model(args.model), data_root())
+    rows, naming, views, confidence = compare(load_model(args.model), data_root())
     if args.out:
-        Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming}, indent=2))
+        Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming, "views": views,
+                                              "confidence": confidence}, indent=2))
     print(markdown(rows))
     print()
     print(naming_markdown(naming))
+    print()
+    print(views_markdown(views))
+    print()
+    print(confidence_markdown(confidence))
     return 0
 
 

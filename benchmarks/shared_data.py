@@ -16,15 +16,18 @@ choice. The two quickstart images stay out of every split, calibration and choic
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
 
 from midol_hub import DatasetError, LabelledImages, from_npz, group_split
 from midol_hub.utils import image_files
@@ -34,6 +37,15 @@ SPLIT_FILE = Path(__file__).with_name("fullres_split.json")
 OCT_CLASSES = ["CNV", "DME", "DRUSEN", "NORMAL"]
 QUICKSTART_IMAGES = ("fundus/skimage_examples/retina.jpg", "pathology/skimage_examples/ihc.png")
 """Shown in the README's quickstart: kept out of training, calibration and every choice."""
+PATHOLOGY_REGIONS = ("pathology/openslide_os1_he_crop", "pathology/openslide_os2_ki67_ihc_crops")
+"""Large single regions (one tissue region each): training only, cut into tiles
+(:func:`region_tiles`); there is therefore no independent IHC test part."""
+KATHER_2016 = "pathology/kather2016_texture_tiles_examples"
+TILE_MICRONS = 112  # the field of view of a 224 px CRC-VAL-HE tile at 0.5 um/px
+CALIBRATION_CROPS = 4
+"""Multi-scale crops of each full-resolution training file in the calibration set: with them,
+midol-micro v3 named held-out full-resolution H&E files right 0.875 instead of 0.833 and
+dermoscopy 0.919 instead of 0.893 (``python -m benchmarks.ood``, calibration-settings table)."""
 
 
 def data_root() -> Path:
@@ -121,24 +133,109 @@ def labelled_splits(root: Path, part: str) -> dict[str, list]:
     return images
 
 
-def calibration_images(root: Path, per_modality: int = 500, seed: int = 0) -> dict[str, list]:
-    """What midol-micro is calibrated on, training sides only: up to ``per_modality`` labelled
-    training images per modality (a seeded sample) plus every full-resolution training file."""
+@dataclass
+class CalibrationSet:
+    """What midol-micro is calibrated on: ``images`` {modality: images} and, for each image, the
+    ``groups`` {modality: ids} that held-out scoring keeps together (patient, lesion, slide or
+    source file; see :func:`midol_hub.calibrate`) and ``kinds`` {modality: "labelled" | "file" |
+    "crop" | "tile"}: a labelled set's image, a whole full-resolution file, a crop of one, a tile
+    of a large region."""
+
+    images: dict[str, list]
+    groups: dict[str, list[str]]
+    kinds: dict[str, list[str]]
+
+
+def calibration_set(root: Path, per_modality: int = 500, crops: int = CALIBRATION_CROPS, seed: int = 0) -> CalibrationSet:
+    """Training sides only: up to ``per_modality`` labelled training images per modality (a seeded
+    sample), every full-resolution training file whole, ``crops`` multi-scale crops of each
+    (users feed whole files, tiles and crops of them alike), and the large pathology regions
+    cut into the tiles pretraining saw (:func:`region_tiles`) instead of whole."""
     rng = np.random.default_rng(seed)
     full = fullres_parts(root, "train")
-    images = {}
+    regions = {str(root / folder) for folder in PATHOLOGY_REGIONS}
+    images: dict[str, list] = {}
+    groups: dict[str, list[str]] = {}
+    kinds: dict[str, list[str]] = {}
     for modality, items in labelled_splits(root, "train").items():
         picks = [items[i] for i in sorted(rng.permutation(len(items))[:per_modality])]
         paths = {item for item in picks if isinstance(item, str)}  # OCT's labelled split is its full-resolution files
-        images[modality] = picks + [path for path in full.get(modality, []) if path not in paths]
-    return images
+        files = [p for p in full.get(modality, []) if p not in paths and str(Path(p).parent) not in regions]
+        images[modality] = picks + files
+        groups[modality] = [group_of(root, item) if isinstance(item, str) else f"array {i}" for i, item in enumerate(picks)]
+        groups[modality] += [group_of(root, p) for p in files]
+        whole_files = set(full.get(modality, []))  # OCT's labelled images are its full-resolution files
+        kinds[modality] = ["file" if isinstance(item, str) and item in whole_files else "labelled" for item in picks]
+        kinds[modality] += ["file"] * len(files)
+        for path in full.get(modality, []):
+            if str(Path(path).parent) in regions:
+                views, kind = region_tiles(Path(path)), "tile"
+            else:
+                with Image.open(path) as opened:
+                    views, kind = random_crops(opened.convert("RGB"), crops, rng), "crop"
+            images[modality] += views
+            groups[modality] += [group_of(root, path)] * len(views)
+            kinds[modality] += [kind] * len(views)
+    return CalibrationSet(images, groups, kinds)
+
+
+def random_crops(image: Image.Image, count: int, rng: np.random.Generator) -> list[Image.Image]:
+    """``count`` crops of 15-80% of the area (aspect 3:4 to 4:3), each scaled to at most 512 px."""
+    crops = []
+    for _ in range(count):
+        area = rng.uniform(0.15, 0.8) * image.width * image.height
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        width, height = int(min(image.width, np.sqrt(area * aspect))), int(min(image.height, np.sqrt(area / aspect)))
+        left, top = rng.integers(0, image.width - width + 1), rng.integers(0, image.height - height + 1)
+        crop = image.crop((left, top, left + width, top + height))
+        scale = 512 / max(crop.size)
+        if scale < 1:
+            crop = crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.Resampling.LANCZOS)
+        crops.append(crop)
+    return crops
+
+
+def group_of(root: Path, path: str | Path) -> str:
+    """What a file must stay together with: its patient (OCT), source slide (Kather 2016), tissue
+    region (the OpenSlide crops: both Ki67 files show one region), else the file name's stem (an
+    ISIC lesion id, shared by its copies at every size)."""
+    path = Path(path)
+    relative = path.relative_to(root)
+    if relative.parts[0] == "oct":
+        return f"oct patient {oct_patient(path)[1]}"
+    if str(relative.parent) in PATHOLOGY_REGIONS:
+        return f"region {relative.parent}"
+    if relative.is_relative_to(KATHER_2016):
+        return f"slide {kather_slides(root)[str(relative.relative_to(KATHER_2016))]}"
+    return path.stem
+
+
+@functools.cache
+def kather_slides(root: Path) -> dict[str, str]:
+    """Kather 2016 tile (path below its folder) -> its source slide (from the folder's labels.csv)."""
+    with open(root / KATHER_2016 / "labels.csv", newline="") as handle:
+        return {row["file"]: row["source_slide"] for row in csv.DictReader(handle)}
+
+
+def region_tiles(path: Path) -> list[Image.Image]:
+    """Tiles of ``TILE_MICRONS`` (non-overlapping) and of twice that (stride half) from one large
+    pathology region, at the micrometres per pixel its folder's labels.csv records."""
+    with open(path.parent / "labels.csv", newline="") as handle:
+        microns_per_pixel = {row["file"]: float(row["um_per_px"]) for row in csv.DictReader(handle)}[path.name]
+    with Image.open(path) as opened:
+        region = opened.convert("RGB")
+    tiles = []
+    for microns in (TILE_MICRONS, 2 * TILE_MICRONS):
+        side = round(microns / microns_per_pixel)
+        stride = side if microns == TILE_MICRONS else side // 2
+        for top in range(0, region.height - side + 1, stride):
+            for left in range(0, region.width - side + 1, stride):
+                tiles.append(region.crop((left, top, left + side, top + side)))
+    return tiles
 
 
 # Full-resolution files: modality -> folders (or files) below the root, and how each file's group
 # (patient, lesion, slide) is read, so a group never spans train and test.
-PATHOLOGY_REGIONS = ("pathology/openslide_os1_he_crop", "pathology/openslide_os2_ki67_ihc_crops")
-"""Large single regions (one slide each): training only, tiled by ``training.prepare_shared_data``;
-there is therefore no independent IHC test part."""
 
 
 def _relative(root: Path, paths) -> list[str]:
@@ -175,10 +272,7 @@ def fullres_split(root: Path) -> dict[str, dict[str, list[str]]]:
     put("dermoscopy", _relative(root, [p for p in derm if side.get(p.stem) == "train"]) + extra_train,
         _relative(root, [p for p in derm if side.get(p.stem) == "test"]) + extra_test)
     # pathology: Kather 2016 tiles by source slide, CRC-VAL-HE tiles by tile (two are stored twice), regions train only
-    with open(root / "pathology/kather2016_texture_tiles_examples/labels.csv", newline="") as handle:
-        slide = {row["file"]: row["source_slide"] for row in csv.DictReader(handle)}
-    kather_root = root / "pathology/kather2016_texture_tiles_examples"
-    kather = by_group(image_files(kather_root), lambda p: slide[str(p.relative_to(kather_root))], 0.6, 0)
+    kather = by_group(image_files(root / KATHER_2016), lambda p: group_of(root, p), 0.6, 0)
     crc = by_group(image_files(root / "pathology/crc_val_he_7k_examples"), lambda p: p.stem, 0.6, 0)
     regions = [f for folder in PATHOLOGY_REGIONS for f in _relative(root, image_files(root / folder))]
     put("pathology", kather[0] + crc[0] + regions, kather[1] + crc[1])

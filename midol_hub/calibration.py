@@ -8,13 +8,17 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
 - **Out-of-scope detector** (used by :mod:`midol_hub.detection`): class means of the
   ``stage_pooled`` features, their shared (tied) covariance as a probabilistic PCA (its
   ``components`` leading directions and variances, one variance for the rest), and per
-  modality the threshold that ``quantile`` of its held-out training images stay under. The
-  scores of held-out images (two-fold: each half scored by a detector fitted on the other) also
-  give each modality's in-scope score distribution behind the confidence. (Measured on
-  midol-micro v3: one threshold for all called a quarter of the 72 held-out OCT images unknown,
-  since the modalities with 500 images set it; per-modality thresholds call 2.6-2.8% of each.)
+  modality the threshold that ``quantile`` of its held-out training images stay under. Held
+  out means two-fold, each half scored by a detector fitted on the other, repeated over
+  ``repeats`` random splits (a threshold read from one split of a small modality moves with the
+  split), and never splitting a ``group``: views of one patient, lesion, slide or file are held
+  out together, or the held-out scores come out too good and the threshold too tight for new
+  patients. The held-out scores also give each modality's in-scope score distribution behind
+  the confidence. (Measured on midol-micro v3: one threshold for all called a quarter of the 72
+  held-out OCT images unknown, since the modalities with 500 images set it.)
 - **Confidence of the answer.** Platt scaling of the nearest modality's margin over the second
-  nearest against "the nearest modality is the image's", on the same held-out scores.
+  nearest against "the nearest modality is the image's", on the same held-out scores, and the
+  ``outside_weight`` that turns a modality's in-scope score distribution into P(in scope).
 """
 
 from __future__ import annotations
@@ -30,9 +34,18 @@ from .modalities import SHARED, UNASSIGNED, canonical_modality
 from .modeling_midol import MIDoLModel
 
 SCORE_QUANTILES = 100  # stored points of the in-scope score distribution (levels 0, 0.01, ..., 0.99)
+QUANTILE, COMPONENTS, REPEATS, OUTSIDE_WEIGHT = 0.95, 32, 5, 1e-3
+"""Defaults of :func:`calibrate`: the share of held-out training images a threshold keeps in
+scope, the covariance's principal directions and the held-out splits. Chosen on midol-micro v3
+(``python -m benchmarks.ood``, training images and the out-of-scope set only) as the setting
+whose worst of held-out full-resolution H&E and dermoscopy files named right and out-of-scope
+images caught was highest (0.875), with held-out whole images called unknown under 0.05; and the
+confidence's ``outside_weight`` (see :mod:`midol_hub.detection`) as the one of ``1 - QUANTILE``
+(probability 1/2 at the threshold, the first rule), 1e-2, 3e-3, 1e-3 and 1e-4 with the lowest
+expected calibration error on held-out whole training images and the out-of-scope set together."""
 
 
-def fit_detector(features: torch.Tensor, labels: Sequence[str], components: int = 64) -> dict:
+def fit_detector(features: torch.Tensor, labels: Sequence[str], components: int = COMPONENTS) -> dict:
     """Class means of ``features`` (N, D) grouped by ``labels`` and their tied covariance as a
     probabilistic PCA: the ``components`` leading principal directions of the within-class scatter
     with their variances, and the mean of the remaining variances for every other direction."""
@@ -56,14 +69,26 @@ def _rounded(tensor: torch.Tensor) -> list:
     return np.vectorize(lambda v: float(f"{v:.7g}"))(tensor.numpy()).tolist()
 
 
-def held_out_distances(features: torch.Tensor, labels: Sequence[str], components: int, seed: int = 0) -> torch.Tensor:
+def two_fold(groups: Sequence, seed: int = 0) -> np.ndarray:
+    """(N,) 0 or 1 per item: a random half of the groups each, so a group is never split."""
+    names = list(dict.fromkeys(groups))
+    side = dict(zip(names, np.random.default_rng(seed).permutation(len(names)) % 2))
+    return np.array([side[g] for g in groups])
+
+
+def held_out_distances(features: torch.Tensor, labels: Sequence[str], components: int,
+                       groups: Sequence | None = None, seed: int = 0) -> torch.Tensor:
     """(N, M) each image's distances to the modality means (in first-seen label order) under a
-    detector fitted on the other half of the images."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    halves = [np.sort(order[::2]), np.sort(order[1::2])]
+    detector fitted on the other half of the images; a group (``groups``: one id per image) is
+    never split between the halves."""
+    groups = list(groups) if groups is not None else list(range(len(labels)))
+    if len(groups) != len(labels):
+        raise ValueError(f"groups has {len(groups)} entries for {len(labels)} images; give one group per image")
+    sides = two_fold(groups, seed)
     names = list(dict.fromkeys(labels))
     distances = torch.empty(len(labels), len(names), dtype=torch.float64)
-    for fit_on, score_on in (halves, halves[::-1]):
+    for half in (0, 1):
+        fit_on, score_on = np.flatnonzero(sides == half), np.flatnonzero(sides != half)
         detector = fit_detector(features[fit_on], [labels[i] for i in fit_on], components)
         columns = [names.index(m) for m in detector["modalities"]]
         distances[np.ix_(score_on, columns)] = modality_distances(detector, features[score_on])
@@ -90,25 +115,37 @@ def platt(score: np.ndarray, right: np.ndarray) -> dict:
     return {"scale": float(fit.coef_[0, 0]), "bias": float(fit.intercept_[0])}
 
 
-def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float = 0.975, components: int = 64,
-              batch_size: int = 64) -> dict:
+def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str, Sequence[str]] | None = None,
+              quantile: float = QUANTILE, components: int = COMPONENTS, repeats: int = REPEATS,
+              outside_weight: float = OUTSIDE_WEIGHT, batch_size: int = 64) -> dict:
     """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}),
     fit the out-of-scope detector and the confidence of ``auto``'s answers.
 
-    Updates ``model.config.expert_modalities`` and ``model.config.modality_calibration`` in
-    place and returns the calibration: per-modality routing ``accuracy`` and its mean
-    ``macro_accuracy``, the modality x expert ``confusion`` counts, ``nmi``, the
-    ``out_of_scope`` detector and ``nearest_confidence``. Use training images only: evaluate on
-    held-out ones.
+    ``groups`` ({modality: one id per image}, optional) names what must be held out together:
+    the patient, lesion or slide of each image, or the file that several crops were cut from.
+    Without it every image is its own group. Updates ``model.config.expert_modalities`` and
+    ``model.config.modality_calibration`` in place and returns the calibration: per-modality
+    routing ``accuracy`` and its mean ``macro_accuracy``, the modality x expert ``confusion``
+    counts, ``nmi``, the ``out_of_scope`` detector and ``nearest_confidence``. Use training
+    images only: evaluate on held-out ones.
     """
     config = model.config
     if config.expert_modalities == [SHARED]:
         raise ValueError("a one-expert (plain DINO) model has no experts to calibrate")
     if not 0 < quantile < 1:
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    if not outside_weight > 0:
+        raise ValueError(f"outside_weight must be positive, got {outside_weight}")
+    for modality, ids in (groups or {}).items():
+        if modality not in images or len(ids) != len(images[modality]):
+            given = len(images[modality]) if modality in images else "no"
+            raise ValueError(f"groups[{modality!r}] has {len(ids)} ids for {given} images; give one group per image "
+                             "of the same modality")
     previous, config.modality_calibration = config.modality_calibration, None  # route without the old detector
     try:
-        calibration = _fit(model, images, quantile, components, batch_size)
+        calibration = _fit(model, images, groups or {}, quantile, components, repeats, outside_weight, batch_size)
     except BaseException:
         config.modality_calibration = previous
         raise
@@ -116,15 +153,33 @@ def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float
     return calibration
 
 
-def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, components: int, batch_size: int) -> dict:
+def fit_out_of_scope(features: torch.Tensor, labels: Sequence[str], groups: Sequence | None = None,
+                     quantile: float = QUANTILE, components: int = COMPONENTS, repeats: int = REPEATS,
+                     outside_weight: float = OUTSIDE_WEIGHT) -> dict:
+    """The ``out_of_scope`` detector and the ``nearest_confidence`` Platt scaling from labelled
+    ``stage_pooled`` features (what :func:`calibrate` stores; usable without a model)."""
+    detector = fit_detector(features, labels, components)
+    distances = torch.cat([held_out_distances(features, labels, components, groups, seed)
+                           for seed in range(repeats)])  # every image scored once per split
+    scores, nearest = (values.numpy() for values in distances.min(dim=1))
+    label_array = np.array(list(labels) * repeats)
+    detector.update(quantile=quantile, components=len(detector["variances"]), repeats=repeats, outside_weight=outside_weight,
+                    in_scope={m: in_scope_scores(scores[label_array == m], quantile) for m in detector["modalities"]})
+    right = np.array(list(dict.fromkeys(labels)))[nearest] == label_array
+    return {"out_of_scope": detector, "nearest_confidence": platt(np.log1p(nearest_margin(distances).numpy()), right)}
+
+
+def _fit(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str, Sequence[str]], quantile: float,
+         components: int, repeats: int, outside_weight: float, batch_size: int) -> dict:
     config = model.config
-    labels, experts, features = [], [], []
+    labels, image_groups, experts, features = [], [], [], []
     for modality, items in images.items():
         key = canonical_modality(modality)
         if key in labels:
             raise ValueError(f"modality {key!r} is given twice; pass each modality's images once")
         encoding = model.encode(list(items), modality="auto", output="stage_pooled", batch_size=batch_size)
         labels += [key] * len(encoding)
+        image_groups += [(key, g) for g in groups.get(modality, range(len(encoding)))]
         experts.append(encoding.expert_index)
         features.append(encoding.stage_pooled)
     expert_index = torch.cat(experts).numpy()
@@ -134,21 +189,13 @@ def _fit(model: MIDoLModel, images: Mapping[str, Sequence], quantile: float, com
         if expert is not None:
             expert_modalities[expert] = modality
     served = [i for i, label in enumerate(labels) if report["assignment"][label] is not None]
-    features_all = torch.cat(features)
-    served_labels = [labels[i] for i in served]
-    detector = fit_detector(features_all[served], served_labels, components)
-    distances = held_out_distances(features_all[served], served_labels, components)
-    scores, nearest = (values.numpy() for values in distances.min(dim=1))
-    label_array = np.array(served_labels)
-    detector.update(quantile=quantile, components=len(detector["variances"]),
-                    in_scope={m: in_scope_scores(scores[label_array == m], quantile) for m in detector["modalities"]})
-    right = np.array(list(dict.fromkeys(served_labels)))[nearest] == label_array
+    fitted = fit_out_of_scope(torch.cat(features)[served], [labels[i] for i in served], [image_groups[i] for i in served],
+                              quantile, components, repeats, outside_weight)
     calibration = {
         "method": "Hungarian assignment on argmax-routing counts of labelled training images",
         **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
         "images_per_modality": {m: labels.count(m) for m in report["modalities_order"]},
-        "out_of_scope": detector,
-        "nearest_confidence": platt(np.log1p(nearest_margin(distances).numpy()), right),
+        **fitted,
     }
     config.expert_modalities = expert_modalities
     return calibration

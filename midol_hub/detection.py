@@ -19,11 +19,16 @@ This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf
   full-resolution dermoscopy 0.83 -> 0.99, pathology 0.89 -> 0.93); the embedding is then in
   that modality's expert subspace, and ``Encoding.routing`` keeps the router's own view.
 - **Confidence.** The probability that the answer is right, from two calibrated parts: the
-  probability that the image is in scope given its score (in-scope scores follow the
-  distribution of that modality's training images; out-of-scope scores are taken as flat,
-  with the prior set so that the probability is 1/2 exactly at the threshold, where the answer
-  flips), and, for an answered image, the probability that the nearest modality is the right
-  one given its margin over the second nearest (Platt scaling on held-out training images).
+  probability that the image is in scope given its score, ``S / (S + w)`` with ``S`` the share
+  of that modality's held-out training images scoring at least as high (the empirical survival
+  function, continued by an exponential tail) and ``w`` the detector's ``outside_weight`` (how
+  common and how spread out-of-scope images are taken to be; chosen on held-out training images
+  and the out-of-scope development set, ``benchmarks.ood``), and, for an answered image, the
+  probability that the nearest modality is the right one given its margin over the second
+  nearest (Platt scaling on held-out training images). The threshold that decides ``"unknown"``
+  is a separate, more cautious choice: an image just above it is called unknown with a
+  confidence under 1/2, meaning "probably in scope, but unlike the training images of its
+  nearest modality".
 """
 
 from __future__ import annotations
@@ -100,12 +105,12 @@ def in_scope_tail(scores: dict, score: torch.Tensor) -> torch.Tensor:
     return torch.where(score > quantiles[-1], tail, torch.where(score < quantiles[0], torch.ones_like(score), inside))
 
 
-def in_scope_probability(scores: dict, score: torch.Tensor) -> torch.Tensor:
-    """P(in scope | score) for one modality: 1/2 at its threshold, towards 1 for typical scores,
-    towards 0 far above."""
-    at_threshold = in_scope_tail(scores, torch.tensor(scores["threshold"], dtype=score.dtype, device=score.device))
+def in_scope_probability(scores: dict, score: torch.Tensor, outside_weight: float) -> torch.Tensor:
+    """P(in scope | score) for one modality: ``S / (S + outside_weight)``, ``S`` the share of its
+    held-out training images scoring at least ``score``; towards 1 for typical scores, towards 0
+    far above all of them."""
     tail = in_scope_tail(scores, score)
-    return tail / (tail + at_threshold)
+    return tail / (tail + outside_weight)
 
 
 def nearest_right_probability(calibration: dict, margin: torch.Tensor) -> torch.Tensor:
@@ -143,24 +148,43 @@ def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, feature
         modality = [UNKNOWN if n == UNASSIGNED else n for n in names]
         reason = ["routed to an expert that serves no modality" if n == UNASSIGNED else None for n in names]
         return Decisions(modality, top_p, [ROUTER] * rows, reason, [-1] * rows)
-    if "basis" not in detector or "nearest_confidence" not in config.modality_calibration:
+    if "outside_weight" not in detector or "nearest_confidence" not in config.modality_calibration:
         raise ValueError("this model's out-of-scope detector was fitted by an older midol-hub; recalibrate it with "
                          "midol_hub.calibrate(model, images) to use modality='auto'")
-    distances = modality_distances(detector, features).cpu()
+    answers = answer_by_distance(config.modality_calibration, modality_distances(detector, features).cpu())
+    reason = [f"unlike every modality it was calibrated on, even the nearest, {name} (out-of-scope score "
+              f"{float(s):.0f} > {float(t):.0f})" if out else None
+              for name, out, s, t in zip(answers.nearest, answers.outside.tolist(), answers.score, answers.threshold)]
+    expert = [-1 if out else config.expert_for(name) for name, out in zip(answers.nearest, answers.outside.tolist())]
+    return Decisions(answers.modality, answers.confidence.float(), [ROUTER] * rows, reason, expert)
+
+
+@dataclass
+class DistanceAnswers:
+    """Per row: the nearest modality, its score and threshold, whether it is beyond it, the
+    answer (``"unknown"`` beyond) and the probability that the answer is right."""
+
+    nearest: list[str]
+    score: torch.Tensor
+    threshold: torch.Tensor
+    outside: torch.Tensor
+    modality: list[str]
+    confidence: torch.Tensor
+
+
+def answer_by_distance(calibration: dict, distances: torch.Tensor) -> DistanceAnswers:
+    """``auto``'s answers from (B, M) detector distances (columns in the detector's modality order)."""
+    detector = calibration["out_of_scope"]
     score, nearest = distances.min(dim=1)
-    right = nearest_right_probability(config.modality_calibration, nearest_margin(distances))
+    right = nearest_right_probability(calibration, nearest_margin(distances))
     names = [detector["modalities"][i] for i in nearest.tolist()]
-    in_scope = torch.empty(rows, dtype=torch.float64)
-    threshold = torch.empty(rows, dtype=torch.float64)
+    in_scope = torch.empty(len(names), dtype=torch.float64)
+    threshold = torch.empty(len(names), dtype=torch.float64)
     for name in set(names):  # one vectorised pass per modality, not per image
         mine = torch.tensor([i for i, n in enumerate(names) if n == name])
-        in_scope[mine] = in_scope_probability(detector["in_scope"][name], score[mine])
+        in_scope[mine] = in_scope_probability(detector["in_scope"][name], score[mine], detector["outside_weight"])
         threshold[mine] = detector["in_scope"][name]["threshold"]
     outside = score > threshold
     modality = [UNKNOWN if out else name for name, out in zip(names, outside.tolist())]
-    reason = [f"unlike every modality it was calibrated on, even the nearest, {name} (out-of-scope score "
-              f"{float(s):.0f} > {float(t):.0f})" if out else None
-              for name, out, s, t in zip(names, outside.tolist(), score, threshold)]
     confidence = torch.where(outside, 1 - in_scope, in_scope * right)
-    expert = [-1 if out else config.expert_for(name) for name, out in zip(names, outside.tolist())]
-    return Decisions(modality, confidence.float(), [ROUTER] * rows, reason, expert)
+    return DistanceAnswers(names, score, threshold, outside, modality, confidence)

@@ -203,6 +203,9 @@ CASES = [
                                                             {"oct": [np.zeros((8, 8))]}), ValueError, "no experts to calibrate"),
     ("calibrate an unknown modality", lambda e, m: calibrate(make_micro(), {"ultrasound": [np.zeros((8, 8))]}), ValueError,
      "unknown modality 'ultrasound'"),
+    ("calibrate with a group per image missing", lambda e, m: calibrate(make_micro(), {"oct": [np.zeros((8, 8))] * 3},
+                                                                       {"oct": ["patient 1", "patient 1"]}), ValueError,
+     r"groups\['oct'\] has 2 ids for 3 images; give one group per image"),
     # CLI (one-line errors, exit 1)
     ("CLI folder with no images", lambda e, m: cli(["encode", str(e["tmp"]), "--out", str(e["tmp"] / "x.npz")]),
      CLIFailed, r"exit 1: midol: error: .*folder holds no images"),

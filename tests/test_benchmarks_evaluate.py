@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import evaluate, shared_data
+from benchmarks import evaluate, ood, shared_data
 from midol_hub import calibrate, load_model
+from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
 from midol_hub.evaluation import calibration_error
 from midol_hub.model_card import evaluation_table
 
@@ -96,3 +97,28 @@ def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):
     names = {Path(p).name for p in paths}
     assert {"CT_small.dcm", "MR_small.dcm", "chelsea.png", "examples_palette.dcm", "JPEG2000.dcm"} <= names
     assert "ihc.png" not in names and "retina.jpg" not in names and "cell.png" not in names
+
+
+def test_calibration_rules_pick_the_worst_case_best_setting_and_the_best_calibrated_weight():
+    def row(crops, pathology, dermoscopy, outside, unknown):
+        return {"crops": crops, "components": 32, "quantile": 0.95, "held_out_called_unknown": unknown,
+                "full_resolution_named_right": {"pathology": pathology, "dermoscopy": dermoscopy},
+                "out_of_scope_called_unknown": outside}
+    rows = [row("a", 0.99, 0.99, 0.70, 0.02), row("b", 0.88, 0.92, 0.87, 0.04), row("c", 0.99, 0.99, 0.99, 0.08)]
+    assert ood.chosen_view(rows)["crops"] == "b"  # "c" calls too many held-out images unknown
+    assert ood.chosen_weight([{"outside_weight": 0.05, "ece": 0.09}, {"outside_weight": 1e-3, "ece": 0.01}]) == 1e-3
+
+
+def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(data_root):
+    detectors, naming, views, confidence = ood.compare(load_model("midol-micro"), data_root)
+    view = ood.chosen_view(views)
+    assert (view["crops"], view["components"], view["quantile"]) == (True, COMPONENTS, QUANTILE)
+    assert ood.chosen_weight(confidence) == OUTSIDE_WEIGHT
+    assert detectors[-1]["out_of_scope_images"] == len(shared_data.out_of_scope_set(data_root))
+    by_weight = {r["outside_weight"]: r for r in confidence}
+    assert by_weight[OUTSIDE_WEIGHT]["ece"] < by_weight[1 - QUANTILE]["ece"] - 0.03  # 1/2 at the threshold: too unsure
+    # crops of the full-resolution files help the held-out full-resolution files at the same settings
+    plain = next(r for r in views if not r["crops"] and r["components"] == COMPONENTS and r["quantile"] == QUANTILE)
+    assert view["full_resolution_named_right"]["pathology"] > plain["full_resolution_named_right"]["pathology"]
+    assert {r["modality"] for r in naming if r["images"] == "full-resolution"} == {"xray", "fundus", "pathology",
+                                                                                    "dermoscopy", "oct"}

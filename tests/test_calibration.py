@@ -3,13 +3,15 @@ out-of-scope detector behind ``modality="auto"`` answering ``"unknown"``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from benchmarks import shared_data
 from midol_hub import calibrate, routing_report
-from midol_hub.calibration import fit_detector, in_scope_scores, platt
+from midol_hub.calibration import fit_detector, held_out_distances, in_scope_scores, platt, two_fold
 from midol_hub.detection import (
     detect_modalities,
     in_scope_probability,
@@ -48,6 +50,7 @@ def synthetic_detector(dim: int = 4) -> tuple[dict, torch.Tensor]:
     detector = fit_detector(features, ["xray"] * 100 + ["oct"] * 100, components=2)
     scores = out_of_scope_score(detector, features).numpy()
     detector["in_scope"] = {"xray": in_scope_scores(scores[:100], 0.975), "oct": in_scope_scores(scores[100:], 0.975)}
+    detector["outside_weight"] = 1e-3
     return detector, features
 
 
@@ -64,14 +67,19 @@ def test_out_of_scope_score_is_the_whitened_distance_to_the_nearest_mean():
     assert float(out_of_scope_score(detector, features).mean()) == pytest.approx(4.0, rel=0.1)
 
 
-def test_in_scope_probability_is_one_half_at_the_threshold_and_falls_with_the_score():
+def test_in_scope_probability_is_one_half_where_the_in_scope_share_meets_the_outside_weight():
     detector, _ = synthetic_detector()
     xray = detector["in_scope"]["xray"]
     threshold = xray["threshold"]
     scores = torch.tensor([0.0, threshold / 2, threshold, 2 * threshold, 10 * threshold], dtype=torch.float64)
-    probability = in_scope_probability(xray, scores)
+    at_threshold = float(in_scope_tail(xray, torch.tensor([threshold], dtype=torch.float64)))
+    assert at_threshold == pytest.approx(0.025, abs=0.011)  # the 0.975 quantile of 100 held-out scores
+    probability = in_scope_probability(xray, scores, outside_weight=at_threshold)
     assert float(probability[2]) == pytest.approx(0.5)
     assert torch.all(probability[:-1] >= probability[1:]) and probability[0] > 0.95 and probability[-1] < 1e-6
+    # a rarer out-of-scope world (a smaller weight): surer of typical scores, 1/2 further out
+    rare = in_scope_probability(xray, scores, outside_weight=1e-3)
+    assert torch.all(rare >= probability) and float(rare[2]) == pytest.approx(at_threshold / (at_threshold + 1e-3))
     tail = in_scope_tail(xray, torch.tensor(xray["score_quantiles"], dtype=torch.float64))
     torch.testing.assert_close(tail, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
 
@@ -89,7 +97,7 @@ def test_detection_names_the_nearest_modality_or_unknown_with_its_reason():
     assert decided.expert == [0, -1, 2]  # the nearest modality's expert, whatever the router's argmax
     assert decided.reason[0] is None and "even the nearest" in decided.reason[1] and decided.reason[2] is None
     distances = modality_distances(detector, near_xray[None].double())
-    in_scope = in_scope_probability(detector["in_scope"]["xray"], distances.min(dim=1).values)
+    in_scope = in_scope_probability(detector["in_scope"]["xray"], distances.min(dim=1).values, 1e-3)
     right = torch.sigmoid(torch.log1p(nearest_margin(distances)))  # Platt scale 1, bias 0
     assert float(decided.confidence[0]) == pytest.approx(float(in_scope * right), rel=1e-5)
     assert decided.confidence[1] > 0.5  # far beyond the threshold: surely out of scope
@@ -149,3 +157,39 @@ def test_calibration_on_real_training_images(training_images):
     assert 0 <= encoding.confidence.min() and encoding.confidence.max() <= 1
     with pytest.raises(ValueError, match="given twice"):
         calibrate(model, {"oct": training_images["oct"][:2], "OCT": training_images["oct"][:2]})
+
+
+def test_held_out_scoring_never_splits_a_group():
+    # 100 pairs of identical images (a file and its copy): held out by image, the copy sits in the
+    # fitting half and the score comes out near zero; held out by pair, it is an honest distance
+    generator = torch.Generator().manual_seed(0)
+    pairs = torch.randn(100, 6, generator=generator, dtype=torch.float64).repeat_interleave(2, dim=0)
+    labels, pair_ids = ["xray"] * 200, [i // 2 for i in range(200)]
+    sides = two_fold(pair_ids, seed=3)
+    assert (sides[0::2] == sides[1::2]).all() and 80 < sides.sum() < 120
+    by_pair = held_out_distances(pairs, labels, components=3, groups=pair_ids).squeeze(1)
+    by_image = held_out_distances(pairs, labels, components=3).squeeze(1)
+    # with 6 dimensions and unit variances, an honest squared distance averages about 6 * (1 + 2/100)
+    assert by_pair.mean() == pytest.approx(6, rel=0.25) and by_pair.mean() > by_image.mean()
+
+
+def test_calibration_set_keeps_every_lesion_slide_patient_and_region_on_one_side(data_root):
+    calibration = shared_data.calibration_set(data_root)
+    whole = {m: [f for f in files if not any(r in f for r in shared_data.PATHOLOGY_REGIONS)]
+             for m, files in shared_data.fullres_parts(data_root, "train").items()}
+    for modality, images in calibration.images.items():
+        groups, kinds = calibration.groups[modality], calibration.kinds[modality]
+        assert len(groups) == len(kinds) == len(images)
+        assert kinds.count("crop") == shared_data.CALIBRATION_CROPS * len(whole[modality])
+    # a lesion's full-resolution file and its small copy are one group (held out together)
+    derm = list(zip(calibration.images["dermoscopy"], calibration.groups["dermoscopy"], calibration.kinds["dermoscopy"]))
+    small = {g for _, g, k in derm if k == "labelled"}
+    full = {g for image, g, k in derm if k == "file" and g == Path(image).stem}
+    assert len(full) == len(whole["dermoscopy"]) and len(full & small) >= 50
+    tiles = [g for g, k in zip(calibration.groups["pathology"], calibration.kinds["pathology"]) if k == "tile"]
+    assert len(tiles) == 55 and set(tiles) == {f"region {r}" for r in shared_data.PATHOLOGY_REGIONS}
+    slides = {g for g in calibration.groups["pathology"] if g.startswith("slide ")}
+    assert 3 <= len(slides) <= 8  # Kather 2016 tiles grouped by their source slide
+    assert all(g.startswith("oct patient ") for g in calibration.groups["oct"])
+    assert not (set(calibration.groups["oct"]) & {shared_data.group_of(data_root, p)
+                                                  for p in shared_data.fullres_parts(data_root, "test")["oct"]})

@@ -30,9 +30,9 @@ from .helpers import REPO
 # Floors sit below what was measured on these samples when the weights were made (the card has
 # the full numbers); a random router names about 0.2 of each modality.
 SPLIT_MACRO_FLOOR = 0.93  # measured 0.988 (50 test images per modality)
-FULLRES_MACRO_FLOOR = 0.85  # measured 0.911 on the full-resolution test parts
-OUT_OF_SCOPE_FLOOR = 0.85  # measured 0.906 of the out-of-scope set called unknown
-AUROC_FLOOR, ECE_CEILING = 0.70, 0.08  # measured 0.793 and 0.042 on these 382 images
+FULLRES_MACRO_FLOOR = 0.68  # measured 0.734 on the full-resolution test parts (the one chest X-ray is called unknown)
+OUT_OF_SCOPE_FLOOR = 0.84  # measured 0.875 of the out-of-scope set called unknown
+AUROC_FLOOR, ECE_CEILING = 0.90, 0.06  # measured 0.953 and 0.042 on these 382 images
 PNEUMONIA_PROBE_FLOOR = 0.75  # measured 0.803
 
 
@@ -63,7 +63,8 @@ def test_experts_detector_and_confidence_are_calibrated(shipped):
     assert set(calibration["accuracy"]) == set(MODALITIES) == set(calibration["out_of_scope"]["modalities"])
     assert calibration["macro_accuracy"] == pytest.approx(np.mean(list(calibration["accuracy"].values())))
     detector = calibration["out_of_scope"]
-    assert detector["quantile"] == 0.975 and np.array(detector["basis"]).shape == (15 * 32, 64)
+    assert detector["quantile"] == 0.95 and detector["repeats"] == 5 and detector["outside_weight"] == 1e-3
+    assert np.array(detector["basis"]).shape == (15 * 32, 32)
     for scores in detector["in_scope"].values():  # a threshold per modality, above its median training score
         assert len(scores["score_quantiles"]) == 100 and scores["threshold"] > scores["score_quantiles"][50]
     assert calibration["nearest_confidence"]["scale"] > 0  # a larger margin, a surer answer

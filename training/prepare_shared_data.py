@@ -7,8 +7,8 @@ quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
 - The MedMNIST files are used as they are (their ``train`` split).
 - Full-resolution files are resized once (shortest side ``CACHE_SIDE``) into ``OUT_DIR/fullres``,
   so decoding a 3,400 px fundus photograph does not slow every step; multi-scale crops are then
-  cut from that copy. The large pathology regions are first cut into tiles of ``TILE_MICRONS``
-  (and twice that, overlapping by half) at their recorded micrometres per pixel.
+  cut from that copy. The large pathology regions are first cut into tiles
+  (``benchmarks.shared_data.region_tiles``: 112 um and twice that, overlapping by half).
 - Each modality's full-resolution list repeats its files so that they make up about
   ``FULLRES_SHARE`` of that modality's draws (at most ``MAX_REPEATS`` copies): a few dozen real
   images are otherwise lost among thousands of 28 px ones.
@@ -17,7 +17,6 @@ quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
@@ -31,10 +30,10 @@ from benchmarks.shared_data import (
     fullres_parts,
     isic_splits,
     pathmnist_splits,
+    region_tiles,
 )
 
 CACHE_SIDE = 256
-TILE_MICRONS = 112  # the field of view of a 224 px CRC-VAL-HE tile at 0.5 um/px
 FULLRES_SHARE = 1 / 3
 MAX_REPEATS = 40
 
@@ -48,19 +47,6 @@ def _cached(image: Image.Image, out: Path) -> str:
     return str(out)
 
 
-def region_tiles(path: Path, microns_per_pixel: float) -> list[Image.Image]:
-    """Tiles of ``TILE_MICRONS`` (non-overlapping) and of twice that (stride half) from one region."""
-    region = Image.open(path).convert("RGB")
-    tiles = []
-    for microns in (TILE_MICRONS, 2 * TILE_MICRONS):
-        side = round(microns / microns_per_pixel)
-        stride = side if microns == TILE_MICRONS else side // 2
-        for top in range(0, region.height - side + 1, stride):
-            for left in range(0, region.width - side + 1, stride):
-                tiles.append(region.crop((left, top, left + side, top + side)))
-    return tiles
-
-
 def cache_fullres(root: Path, out_dir: Path) -> dict[str, list[str]]:
     """The full-resolution training side, resized (and regions tiled) into ``out_dir``: {modality: paths}."""
     cached: dict[str, list[str]] = {}
@@ -70,10 +56,8 @@ def cache_fullres(root: Path, out_dir: Path) -> dict[str, list[str]]:
         for path in map(Path, paths):
             target = out_dir / modality / path.relative_to(root).with_suffix(".png")
             if str(path.parent) in regions:
-                with open(path.parent / "labels.csv", newline="") as handle:
-                    scale = {row["file"]: float(row["um_per_px"]) for row in csv.DictReader(handle)}[path.name]
                 files += [_cached(tile, target.with_name(f"{target.stem}-tile{i:03d}.png"))
-                          for i, tile in enumerate(region_tiles(path, scale))]
+                          for i, tile in enumerate(region_tiles(path))]
             elif str(target) not in files:  # a tile stored twice (as .tif and .jpg) is listed once
                 files.append(_cached(Image.open(path), target))
     return cached

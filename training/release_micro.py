@@ -9,8 +9,9 @@
 3. Exports it, calibrated on the training sides only (experts, out-of-scope detector,
    confidence; fp16 storage), into ``--install`` (default: the package's weights folder).
 4. Evaluates v3, v2 (recalibrated the same way, so only the weights differ) and random
-   initialisation with ``benchmarks.evaluate``, plus few-shot probes over three seeds, and
-   writes the model card from those numbers.
+   initialisation with ``benchmarks.evaluate``, plus few-shot probes over three seeds, compares
+   out-of-scope detectors and calibration settings (``benchmarks.ood``), and writes the model
+   card from those numbers.
 
 Every step resumes or is skipped when its output exists, so the command can be rerun after an
 interruption. v2 is copied to ``WORK/v2`` from the package on the first run; once the package
@@ -29,9 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import ood
 from benchmarks.evaluate import evaluate, modality_separation
-from benchmarks.shared_data import BENCHMARKS, calibration_images, data_root
+from benchmarks.shared_data import BENCHMARKS, calibration_set, data_root
 from midol_hub import calibrate, extract_features, few_shot, load_model
+from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
 from midol_hub.model_card import SEPARATION, separation_table
 
 from . import export, pretrain
@@ -57,10 +60,16 @@ CHANGES = [
     "- **Out-of-scope detector.** v2's diagonal Gaussian on the pooled feature called 0.71-0.75 of a user's "
     "out-of-scope images unknown (issue 17's trial); v3 uses a tied-covariance Mahalanobis distance on all four "
     "stages with a threshold per modality (comparison below, on training images and the out-of-scope set only).",
+    "- **What the detector is calibrated on.** The labelled training images, every full-resolution training file "
+    "whole, four multi-scale crops of each, and the large pathology regions as the tiles pretraining saw "
+    "(`benchmarks.shared_data.calibration_set`); thresholds are held-out quantiles by patient, lesion, slide or file "
+    "over five two-fold splits. A first calibration held out single images, so a lesion's full-size file was scored "
+    "with its small copy in the fitting half: its thresholds were too tight for new lesions, and its out-of-scope "
+    "rate (0.906) came from one lucky split (0.750 for the same form and settings over five grouped splits). Settings chosen on "
+    "held-out training images and the out-of-scope set (table below).",
     "- **Who names the modality.** `auto` now names the nearest modality under the detector's distance (a Gaussian "
     "classifier on the four stages, calibrated on training images) and embeds in its expert's subspace: on held-out "
-    "training images it was right more often than the router's argmax (full-resolution dermoscopy 0.99 against "
-    "0.83, pathology 0.93 against 0.89; two-fold; table below).",
+    "training images it was right more often than the router's argmax (table below).",
     "- **Confidence.** v2's confidence was the router's probability (0.22-0.38 for every image; AUROC 0.37 as a "
     "score for a right answer). v3's is a calibrated probability that the answer is right (see the evaluation).",
 ]
@@ -152,8 +161,35 @@ def verdict(separation: dict) -> list[str]:
     return lines
 
 
-def comparison_notes(results: dict, choice: list[str], minutes: float, config_text: str) -> str:
-    """The card's comparison, modality detection, start choice and training sections."""
+def detector_notes(compared: tuple) -> list[str]:
+    """The detector, calibration-set and confidence tables of ``benchmarks.ood.compare``; refuses
+    when the shipped settings are not what their stated rules choose from these tables."""
+    detectors, naming, views, confidence = compared
+    view, weight = ood.chosen_view(views), ood.chosen_weight(confidence)
+    if (view["crops"], view["components"], view["quantile"], weight) != (True, COMPONENTS, QUANTILE, OUTSIDE_WEIGHT):
+        raise SystemExit(f"the calibration rules choose crops={view['crops']}, components={view['components']}, "
+                         f"quantile={view['quantile']}, outside_weight={weight:g}; midol_hub.calibration ships "
+                         f"{COMPONENTS}, {QUANTILE}, {OUTSIDE_WEIGHT:g} with crops: update one or the other")
+    return ["### Out-of-scope detector, what it is calibrated on, and the confidence", "",
+            "Fitted on the calibration set only (training sides: labelled images, full-resolution files whole, four "
+            "crops of each, the large pathology regions as tiles), held out two-fold by patient, lesion, slide or file; "
+            "tested on the out-of-scope set: real images that are none of the five modalities (scikit-image's "
+            "photographs, textures, documents and CT phantom; `$MIDOL_DATA/other`; pydicom's CT, MR, ultrasound, "
+            "nuclear-medicine, segmentation and secondary-capture test files). No test image entered these choices; "
+            "`python -m benchmarks.ood --model midol-micro` reproduces every table here.", "",
+            ood.markdown(detectors), "", ood.naming_markdown(naming), "",
+            f"Shipped: the tied-covariance Mahalanobis distance on all four stages, {COMPONENTS} components, a "
+            f"threshold per modality at the {QUANTILE} quantile, calibrated with the crops: of the settings below, "
+            "the one whose worst of held-out full-resolution pathology and dermoscopy files named right and "
+            "out-of-scope images caught is highest, with held-out whole images called unknown at most 0.05 "
+            "(`benchmarks.ood.chosen_view`).",            "", ood.views_markdown(views), "",
+            f"Confidence: `outside_weight` {OUTSIDE_WEIGHT:g}, the lowest expected calibration error over held-out "
+            "whole training images and the out-of-scope set (see `midol_hub.detection`):", "",
+            ood.confidence_markdown(confidence)]
+
+
+def comparison_notes(results: dict, choice: list[str], minutes: float, config_text: str, compared: tuple) -> str:
+    """The card's comparison, modality detection, detector, start choice and training sections."""
     labels = {"random": "random init", "v2": "midol-micro v2", "v3": "midol-micro v3 (this model)"}
     lines = ["### v3 against v2 and random initialisation (test splits)", "",
              "| dataset | protocol | " + " | ".join(labels.values()) + " |", "|---|---|---|---|---|"]
@@ -169,7 +205,7 @@ def comparison_notes(results: dict, choice: list[str], minutes: float, config_te
     lines += ["", *verdict(results["v3"][SEPARATION]), "",
               "### `modality=\"auto\"` of v2, recalibrated the same way (v3's is in the evaluation above)", "",
               separation_table(results["v2"][SEPARATION]), ""]
-    lines += ["### What changed from v2, and why", "", *CHANGES, ""]
+    lines += ["### What changed from v2, and why", "", *CHANGES, "", *detector_notes(compared), ""]
     lines += ["### Where v3 starts: v2 or random initialisation, decided by measurement", "",
               f"Same data, recipe and seed; the run from random initialisation stopped at step {CHOICE_STEPS} (CPU "
               "budget). Routing accuracy is the teacher's on 100 fixed tagged *training* images per modality "
@@ -190,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", default=str(PACKAGE_WEIGHTS), help="where the released model directory goes")
     parser.add_argument("--init", default=None, help="midol-micro v2's model directory (default: WORK/v2, copied from "
                                                      "the package on the first run)")
-    parser.add_argument("--notes", default=None, help="markdown file of further card sections (e.g. the detector comparison)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
     v2 = Path(args.init) if args.init else work / "v2"
@@ -209,23 +244,23 @@ def main(argv: list[str] | None = None) -> int:
     if chosen.name != "from-v2":
         train(chosen, data)  # finish the run from random initialisation before releasing it
     root = data_root()
-    images = calibration_images(root)
-    export.export(chosen, args.install, calibrate=images, storage="fp16")
+    calibration = calibration_set(root)
+    export.export(chosen, args.install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)  # a reproducible random-initialisation baseline
         v2_model = load_model(v2)
-        calibrate(v2_model, images)
+        calibrate(v2_model, calibration.images, calibration.groups)
         models = {"random": load_model("midol-micro", pretrained=False), "v2": v2_model, "v3": load_model(args.install)}
     results = evaluate_all(work, models)
     minutes = sum(32 / r["images_per_s"] for r in read_log(chosen)) / 60
+    compared = ood.compare(load_model(args.install), root)
     notes = comparison_notes(results, choice_rows({"midol-micro v2 (released)": work / "from-v2",
                                                    "random initialisation": work / "from-random"}),
-                             minutes, CONFIG.read_text())
-    if args.notes:
-        notes += "\n\n" + Path(args.notes).read_text()
+                             minutes, CONFIG.read_text(), compared)
     card = {key: value for key, value in results["v3"].items() if key != "few-shot"}
-    exported = export.export(chosen, args.install, calibrate=images, storage="fp16", results=card, card_notes=notes)
+    exported = export.export(chosen, args.install, calibrate=calibration.images, groups=calibration.groups,
+                             storage="fp16", results=card, card_notes=notes)
     print(notes)
     print(f"installed {args.install}; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}")
     return 0
