@@ -1,12 +1,14 @@
-"""Class heatmaps, measured by deletion: ``python -m benchmarks.heatmaps``.
+"""Class heatmaps, measured by deletion: ``python -m benchmarks.heatmaps [--model NAME]``.
 
-A linear-probe classifier on midol-micro (fitted on up to 800 training images of a labelled
+A linear-probe classifier on midol-micro (or ``--model``) (fitted on up to 800 training images of a labelled
 set); for each test image, blurring the hottest 20% of the input should lower the explained
 class's probability more than blurring random 20% (as blocks of an 8 x 8 grid, as compact as
 hot regions). Prints, per set and method, both drops side by side and their ratio.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 import torch
@@ -27,11 +29,12 @@ from .shared_data import BENCHMARKS, data_root
 SETS = ("BloodMNIST", "PathMNIST (subset)", "ISIC nevus vs melanoma", "Kermany OCT", "PneumoniaMNIST")
 
 
-def probe_classifier(name: str, train_images: int = 800, seed: int = 0):
-    """(classifier, test set): midol-micro with a linear probe fitted on ``train_images`` of set ``name``."""
+def probe_classifier(name: str, train_images: int = 800, seed: int = 0, encoder_name: str = "midol-micro"):
+    """(classifier, probe, encoder, test set): the encoder with a linear probe fitted on
+    ``train_images`` of set ``name``."""
     modality, load = BENCHMARKS[name]
     train, test = load(data_root())
-    encoder = load_model("midol-micro")
+    encoder = load_model(encoder_name)
     picks = np.random.default_rng(seed).permutation(len(train))[:train_images]
     features = extract_features(encoder, [train.images[i] for i in picks], modality)
     probe = fit_linear_probe(features, train.labels[picks], cs=(0.1,))
@@ -61,10 +64,14 @@ def deletion_drops(model: MIDoLForImageClassification, maps: ClassHeatmaps, frac
     return drop(top), torch.stack(drops).mean(0)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.heatmaps", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    args = parser.parse_args(argv)
     print(f"{'set':<24} {'method':<10} {'hot 20%':>8} {'random 20%':>11} {'ratio':>6} {'hot wins':>9}")
     for name in SETS:
-        model, _, _, test = probe_classifier(name)
+        model, _, _, test = probe_classifier(name, encoder_name=args.model)
         for method in CAM_METHODS if name == "BloodMNIST" else ("gradcam",):
             hot, random = deletion_drops(model, class_heatmap(model, test.images[:200], method=method))
             print(f"{name:<24} {method:<10} {float(hot.mean()):>8.3f} {float(random.mean()):>11.3f} "
