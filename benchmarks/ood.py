@@ -123,11 +123,15 @@ def compare(model, root: Path) -> tuple[list[dict], list[dict], list[dict], list
     for name, function in (("router energy", _energy), ("router maximum probability", _max_probability)):
         rows.append(_row(name, function(train["logits"]), function(outside["logits"])))
     shipped = _shipped(train, groups)
-    rows.append(_shipped_row(shipped, train, outside, groups))
+    first_split = answer_by_distance(shipped, _held_out(train, groups, COMPONENTS, 0))
+    rows.append(_shipped_row(shipped, first_split, train, outside))
     views = [_views_row(train, outside, groups, kinds, crops, components, quantile)
              for crops in (False, True) for components in (COMPONENTS, 2 * COMPONENTS) for quantile in (0.95, 0.975)]
-    confidence = [_confidence_row(train, outside, groups, kinds, weight) for weight in (1 - QUANTILE, 1e-2, 3e-3, 1e-3, 1e-4)]
-    return rows, naming_rows(model, train, groups, shipped, kinds == "file"), views, confidence
+    fresh_split = _held_out(train, groups, COMPONENTS, 99)
+    outside_distances = modality_distances(shipped["out_of_scope"], torch.from_numpy(outside["stage_pooled"]))
+    confidence = [_confidence_row(shipped, weight, train, kinds, fresh_split, outside_distances)
+                  for weight in (1 - QUANTILE, 1e-2, 3e-3, 1e-3, 1e-4)]
+    return rows, naming_rows(model, train, first_split, kinds == "file"), views, confidence
 
 
 def _shipped(train: dict, groups: list, components: int = COMPONENTS, quantile: float = QUANTILE,
@@ -146,11 +150,11 @@ def _outside(calibration: dict, outside: dict) -> DistanceAnswers:
     return answer_by_distance(calibration, distances)
 
 
-def naming_rows(model, train: dict, groups: list, shipped: dict, fullres: np.ndarray) -> list[dict]:
+def naming_rows(model, train: dict, held_out: DistanceAnswers, fullres: np.ndarray) -> list[dict]:
     """Per modality, the share of held-out training images named right by the router's argmax and by
-    the nearest modality under the detector's distance (fitted on the other half), on all of them
-    and on the whole full-resolution files alone."""
-    nearest = np.array(answer_by_distance(shipped, _held_out(train, groups, COMPONENTS, 0)).nearest)
+    the nearest modality under the detector's distance (``held_out``: fitted on the other half), on
+    all of them and on the whole full-resolution files alone."""
+    nearest = np.array(held_out.nearest)
     router = np.array([model.config.expert_modalities[i] for i in train["logits"].argmax(1)])
     rows = []
     for subset, mask in (("all", np.ones(len(router), dtype=bool)), ("full-resolution", fullres)):
@@ -162,10 +166,9 @@ def naming_rows(model, train: dict, groups: list, shipped: dict, fullres: np.nda
     return rows
 
 
-def _shipped_row(shipped: dict, train: dict, outside: dict, groups: list) -> dict:
+def _shipped_row(shipped: dict, held_out: DistanceAnswers, train: dict, outside: dict) -> dict:
     """The shipped form, exactly as calibrated: tied Mahalanobis on stage_pooled, each modality's own
     threshold from its held-out scores, applied by the nearest modality."""
-    held_out = answer_by_distance(shipped, _held_out(train, groups, COMPONENTS, 0))
     wrong = {m: float(held_out.outside.numpy()[train["labels"] == m].mean()) for m in shipped["out_of_scope"]["modalities"]}
     return {"detector": f"Mahalanobis, tied covariance, {COMPONENTS} components on stage_pooled, a threshold per "
                         f"modality at the {QUANTILE} quantile of {REPEATS} held-out splits (shipped)",
@@ -193,14 +196,16 @@ def _views_row(train: dict, outside: dict, groups: list, kinds: np.ndarray, crop
             "out_of_scope_called_unknown": float(_outside(calibration, outside).outside.double().mean())}
 
 
-def _confidence_row(train: dict, outside: dict, groups: list, kinds: np.ndarray, outside_weight: float) -> dict:
-    """Expected calibration error and AUROC (right vs wrong) of the confidence with ``outside_weight``,
-    over held-out whole training images (a fresh split, seed 99) and the out-of-scope set."""
-    calibration = _shipped(train, groups, outside_weight=outside_weight)
-    held_out, out = answer_by_distance(calibration, _held_out(train, groups, COMPONENTS, 99)), _outside(calibration, outside)
+def _confidence_row(shipped: dict, outside_weight: float, train: dict, kinds: np.ndarray, held_out: torch.Tensor,
+                    outside: torch.Tensor) -> dict:
+    """Expected calibration error and AUROC (right vs wrong) of the shipped detector's confidence with
+    ``outside_weight`` instead (it enters nothing else), over held-out whole training images
+    (``held_out`` distances, a fresh split) and the out-of-scope set (``outside`` distances)."""
+    calibration = {**shipped, "out_of_scope": {**shipped["out_of_scope"], "outside_weight": outside_weight}}
+    held, out = answer_by_distance(calibration, held_out), answer_by_distance(calibration, outside)
     whole = np.isin(kinds, ("labelled", "file"))
-    right = np.r_[np.array(held_out.modality)[whole] == train["labels"][whole], np.array(out.modality) == "unknown"]
-    confidence = np.r_[held_out.confidence.numpy()[whole], out.confidence.numpy()]
+    right = np.r_[np.array(held.modality)[whole] == train["labels"][whole], np.array(out.modality) == "unknown"]
+    confidence = np.r_[held.confidence.numpy()[whole], out.confidence.numpy()]
     return {"outside_weight": outside_weight, "ece": calibration_error(confidence, right),
             "auroc": float(roc_auc_score(right, confidence)), "right": float(right.mean()),
             "mean_confidence": float(confidence.mean()), "images": len(right)}
@@ -210,7 +215,7 @@ def confidence_markdown(rows: list[dict]) -> str:
     lines = ["| outside_weight | expected calibration error | AUROC right vs wrong | answers right | mean confidence |",
              "|---|---|---|---|---|"]
     for r in rows:
-        weight = f"{r['outside_weight']:.0e}" + (" (1/2 at the threshold)" if r["outside_weight"] == 1 - QUANTILE else "")
+        weight = f"{r['outside_weight']:.0e}" + (" (about 1/2 at the threshold, the first rule)" if r["outside_weight"] == 1 - QUANTILE else "")
         lines.append(f"| {weight} | {r['ece']:.3f} | {r['auroc']:.3f} | {r['right']:.3f} | {r['mean_confidence']:.3f} |")
     return "\n".join(lines)
 

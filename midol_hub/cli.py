@@ -23,6 +23,7 @@ from .modalities import AUTO, MODALITIES, UNKNOWN
 from .utils import (
     READABLE_SUFFIXES,
     atomic_write,
+    from_rank_zero,
     image_files,
     join_torchrun,
     run_command,
@@ -578,12 +579,7 @@ def run_index_build(args: argparse.Namespace) -> None:
                                   milvus_index=args.milvus_index).close()
         except (CLIError, ValueError) as error:
             problem = str(error)
-    if world > 1:
-        import torch
-
-        shared = [problem]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        problem = shared[0]
+    problem = from_rank_zero(problem, world)
     if problem is not None:
         raise CLIError(problem)
     _fill_index(args, ImageIndex(directory), model, rank, world)

@@ -36,7 +36,7 @@ import numpy as np
 from .errors import IndexDamagedError, IndexMismatchError
 from .modalities import AUTO, UNKNOWN, canonical_modality
 from .modeling_midol import MIDoLModel
-from .utils import atomic_write, file_sha256, state_sha256
+from .utils import atomic_write, file_sha256, from_rank_zero, state_sha256
 
 INDEX_FORMAT = "midol-index"
 INDEX_VERSION = 1
@@ -517,10 +517,7 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
 
     index.check_model(model)
     pending, out = index.directory / "pending.json", index.directory / "pending.npz"
-    interrupted = [pending.is_file()]
-    if world > 1:  # rank 0's view, taken before anyone writes pending.json (a rank that looked later would see it)
-        dist.broadcast_object_list(interrupted, src=0)
-    interrupted = interrupted[0]
+    interrupted = from_rank_zero(pending.is_file(), world)  # taken before rank 0 writes pending.json
     if interrupted and not resume:
         raise FileExistsError(f"{index.directory}: an earlier build was interrupted; pass --resume to finish it first, "
                               f"or delete {pending.name} and {out.name}.parts to drop what it encoded")

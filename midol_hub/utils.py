@@ -10,7 +10,7 @@ import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -66,6 +66,16 @@ def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
         return dist.get_rank(), dist.get_world_size(), device or local
     dist.init_process_group("gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def from_rank_zero(value: Any, world: int) -> Any:
+    """Rank 0's ``value`` on every rank (``world`` > 1: a broadcast, so call it on all ranks);
+    for a decision only rank 0 may take, before any rank acts on the files it is about."""
+    if world <= 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def run_command(prog: str, command: Callable[[], object], expected: tuple[type[BaseException], ...],
