@@ -13,6 +13,7 @@ from midol_hub import calibrate, load_model
 from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
 from midol_hub.evaluation import calibration_error
 from midol_hub.model_card import evaluation_table
+from training import release_micro
 
 from .helpers import make_micro
 
@@ -106,6 +107,10 @@ def test_calibration_rules_pick_the_worst_case_best_setting_and_the_best_calibra
                 "out_of_scope_called_unknown": outside}
     rows = [row("a", 0.99, 0.99, 0.70, 0.02), row("b", 0.88, 0.92, 0.87, 0.04), row("c", 0.99, 0.99, 0.99, 0.08)]
     assert ood.chosen_view(rows)["crops"] == "b"  # "c" calls too many held-out images unknown
+    assert ood.worst(rows[1]) == 0.87 and ood.worst(rows[0]) == 0.70
+    # a training round is released by its chosen row's worst figure, the earlier one on a tie
+    rounds = [(None, None, rows[:1]), (None, None, rows[:2]), (None, None, rows)]
+    assert release_micro.best_round(rounds) == 1 and release_micro.best_round(rounds[:1]) == 0
     assert ood.chosen_weight([{"outside_weight": 0.05, "ece": 0.09}, {"outside_weight": 1e-3, "ece": 0.01}]) == 1e-3
 
 

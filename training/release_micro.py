@@ -5,10 +5,15 @@
 2. Trains M-IDoL with ``configs/midol_micro_v3.yaml`` from midol-micro v2 (``WORK/from-v2``;
    our analogue of the official pretrained start) and, to decide by measurement, from random
    initialisation (``WORK/from-random``, stopped after ``CHOICE_STEPS`` steps). The start whose
-   teacher routes the tagged *training* images better at that step is released.
-3. Exports it, calibrated on the training sides only (experts, out-of-scope detector,
+   teacher routes the tagged *training* images better at that step goes on.
+3. Trains ``ROUNDS`` one-epoch rounds in all: round k starts from round k-1's teacher
+   (``WORK/midol-micro-v3-round-K``, exported without the prototype layer), the recipe and seed unchanged.
+   Every round's teacher is measured on the development side (``benchmarks.ood.compare``:
+   training images held out by group and the out-of-scope set, no test image); the round with
+   the best worst figure at its chosen calibration settings is released.
+4. Exports it, calibrated on the training sides only (experts, out-of-scope detector,
    confidence; fp16 storage), into ``--install`` (default: the package's weights folder).
-4. Evaluates v3, v2 (recalibrated the same way, so only the weights differ) and random
+5. Evaluates v3, v2 (recalibrated the same way, so only the weights differ) and random
    initialisation with ``benchmarks.evaluate``, plus few-shot probes over three seeds, compares
    out-of-scope detectors and calibration settings (``benchmarks.ood``), and writes the model
    card from those numbers.
@@ -21,6 +26,7 @@ holds v3, pass v2's directory with ``--init`` (git commit baf3306 holds it).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -35,6 +41,7 @@ from benchmarks.evaluate import evaluate, modality_separation
 from benchmarks.shared_data import BENCHMARKS, calibration_set, data_root
 from midol_hub import calibrate, extract_features, few_shot, load_model
 from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
+from midol_hub.features import weights_fingerprint
 from midol_hub.model_card import SEPARATION, separation_table
 
 from . import export, pretrain
@@ -45,6 +52,7 @@ from .prepare_shared_data import prepare
 CONFIG = Path(__file__).parent / "configs" / "midol_micro_v3.yaml"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "midol_hub" / "weights" / "midol-micro"
 CHOICE_STEPS = 300
+ROUNDS = 3
 SHOTS, SEEDS = 10, (0, 1, 2)
 CHANGES = [
     "- **Data.** v2 saw almost only 28 px MedMNIST-type images, so on real full-resolution files `auto` failed "
@@ -55,8 +63,9 @@ CHANGES = [
     "- **Stain jitter.** Pathology images get haematoxylin-eosin-DAB jitter and, half of the time, IHC re-staining "
     "(eosin removed, DAB laid on the haematoxylin of random patches; `training.augment.StainJitter`), so that the "
     "pathology expert sees H&E and IHC as one modality.",
-    "- **Start.** Continued from v2 (one more epoch), chosen over random initialisation by the routing accuracy of "
-    "the training images at equal steps (table below).",
+    "- **Start.** Continued from v2, chosen over random initialisation by the routing accuracy of the training "
+    "images at equal steps, then trained in one-epoch rounds, each from the previous round's teacher; the round "
+    "released is the one best on the development side (tables below).",
     "- **Out-of-scope detector.** v2's diagonal Gaussian on the pooled feature called 0.71-0.75 of a user's "
     "out-of-scope images unknown (issue 17's trial); v3 uses a tied-covariance Mahalanobis distance on all four "
     "stages with a threshold per modality (comparison below, on training images and the out-of-scope set only).",
@@ -106,6 +115,60 @@ def choice_rows(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
+def teacher(work: Path, run: Path, k: int) -> Path:
+    """Round ``k``'s teacher, exported uncalibrated without the prototype layer (the next round's init;
+    its folder name is what the next round's card records as ``init``)."""
+    path = work / f"midol-micro-v3-round-{k}"
+    if not path.is_dir() or path.stat().st_mtime < list_checkpoints(run)[-1].stat().st_mtime:
+        export.export(run, path)
+    return path
+
+
+def train_rounds(work: Path, first: Path, data: list[str]) -> list[Path]:
+    """``ROUNDS`` one-epoch runs: ``first`` and then ``WORK/round-K``, each from the previous teacher."""
+    runs = [first]
+    for k in range(2, ROUNDS + 1):
+        train(work / f"round-{k}", data, "--set", f"model.init={teacher(work, runs[-1], k - 1)}")
+        runs.append(work / f"round-{k}")
+    return runs
+
+
+def measure_rounds(work: Path, runs: list[Path], root: Path) -> list[tuple]:
+    """``benchmarks.ood.compare`` of every round's teacher (development side only), kept in
+    ``WORK/ood-round-K-KEY.json`` (KEY: :func:`results_key`)."""
+    measured = []
+    for k, run in enumerate(runs, 1):
+        model = load_model(teacher(work, run, k))
+        path = work / f"ood-round-{k}-{results_key(model)}.json"
+        if not path.exists():
+            path.write_text(json.dumps(ood.compare(model, root)))
+        measured.append(tuple(json.loads(path.read_text())))
+    return measured
+
+
+def best_round(measured: list[tuple]) -> int:
+    """The round to release (0-based): the highest worst figure at its chosen calibration settings,
+    the earlier round on a tie."""
+    return max(range(len(measured)), key=lambda k: ood.worst(ood.chosen_view(measured[k][2])))
+
+
+def round_rows(runs: list[Path], measured: list[tuple], released: int) -> list[str]:
+    """The rounds table: routing of the tagged training images and, at each round's chosen
+    calibration settings, the development figures whose worst decides the release."""
+    lines = ["| round | teacher routing accuracy, tagged training images (last step) | settings chosen "
+             "(crops, components, quantile) | held-out full-res pathology / dermoscopy named right | out-of-scope "
+             "images called unknown | held-out whole images called unknown | worst of the three |",
+             "|---|---|---|---|---|---|---|"]
+    for k, (run, compared) in enumerate(zip(runs, measured), 1):
+        curve, view = routing_curve(run), ood.chosen_view(compared[2])
+        named = view["full_resolution_named_right"]
+        lines.append(f"| {k}{' (released)' if k == released else ''} | {curve[max(curve)]:.3f} | "
+                     f"{'with' if view['crops'] else 'without'} crops, {view['components']}, {view['quantile']} | "
+                     f"{named['pathology']:.3f} / {named['dermoscopy']:.3f} | {view['out_of_scope_called_unknown']:.3f} | "
+                     f"{view['held_out_called_unknown']:.3f} | {ood.worst(view):.3f} |")
+    return lines
+
+
 def few_shot_results(model, root: Path, cache: Path) -> dict:
     """``SHOTS`` training images per class, linear probe, over ``SEEDS``: mean and spread per set."""
     results = {}
@@ -117,10 +180,18 @@ def few_shot_results(model, root: Path, cache: Path) -> dict:
     return results
 
 
+def results_key(model) -> str:
+    """What a kept measurement of ``model`` depends on: its weights and its calibration."""
+    calibration = json.dumps(model.config.modality_calibration, sort_keys=True)
+    return hashlib.sha256((weights_fingerprint(model) + calibration).encode()).hexdigest()[:12]
+
+
 def evaluate_all(work: Path, models: dict) -> dict:
+    """``benchmarks.evaluate`` with the separation and few-shot figures of every model, kept in
+    ``WORK/results-LABEL-KEY.json`` (so a rerun after the weights or calibration changed re-measures)."""
     results = {}
     for label, model in models.items():
-        path = work / f"results-{label}.json"
+        path = work / f"results-{label}-{results_key(model)}.json"
         if not path.exists():
             root = data_root()
             result = evaluate(model, root, cache_dir=str(work / "feature_cache"), progress=True)
@@ -188,7 +259,8 @@ def detector_notes(compared: tuple) -> list[str]:
             ood.confidence_markdown(confidence)]
 
 
-def comparison_notes(results: dict, choice: list[str], minutes: float, config_text: str, compared: tuple) -> str:
+def comparison_notes(results: dict, choice: list[str], rounds: list[str], minutes: float, config_text: str,
+                     compared: tuple) -> str:
     """The card's comparison, modality detection, detector, start choice and training sections."""
     labels = {"random": "random init", "v2": "midol-micro v2", "v3": "midol-micro v3 (this model)"}
     lines = ["### v3 against v2 and random initialisation (test splits)", "",
@@ -209,7 +281,11 @@ def comparison_notes(results: dict, choice: list[str], minutes: float, config_te
     lines += ["### Where v3 starts: v2 or random initialisation, decided by measurement", "",
               f"Same data, recipe and seed; the run from random initialisation stopped at step {CHOICE_STEPS} (CPU "
               "budget). Routing accuracy is the teacher's on 100 fixed tagged *training* images per modality "
-              "(Hungarian-matched argmax experts); no test image entered the choice.", "", *choice, ""]
+              "(Hungarian-matched argmax experts); no test image entered the choice.", "", *choice, "",
+              f"Then {ROUNDS} one-epoch rounds in all, each started from the previous round's teacher with a fresh "
+              "prototype layer (same recipe and seed). Each round's teacher is measured on the development side "
+              "only (`benchmarks.ood.compare`, fp32 export; the calibration settings are chosen per round by "
+              "`benchmarks.ood.chosen_view`); the round with the highest worst figure is released:", "", *rounds, ""]
     lines += ["### Training", "",
               f"On a 2-core CPU (AMD EPYC), one thread: {minutes:.0f} min, in fp32, as v2 (whose AVX2 machine ran bf16 "
               "6-9x slower than fp32). Configuration (`training/configs/midol_micro_v3.yaml` over `defaults.yaml`):", "",
@@ -231,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     v2 = Path(args.init) if args.init else work / "v2"
     if not v2.is_dir():
         shipped = json.loads((PACKAGE_WEIGHTS / "config.json").read_text()).get("pretraining") or {}
-        if shipped.get("init") == "midol-micro":  # the package already holds v3 (started from midol-micro v2)
+        if (shipped.get("init") or "").startswith("midol-micro"):  # the package holds v3 (from v2 or its rounds)
             raise SystemExit("the package holds midol-micro v3; pass --init with v2's model directory, e.g. "
                              "`git archive baf3306 midol_hub/weights/midol-micro | tar -x -C /tmp` and "
                              "--init /tmp/midol_hub/weights/midol-micro")
@@ -242,10 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     start = {label: routing_curve(work / label).get(CHOICE_STEPS, 0.0) for label in ("from-v2", "from-random")}
     chosen = work / max(start, key=start.get)
     if chosen.name != "from-v2":
-        train(chosen, data)  # finish the run from random initialisation before releasing it
+        train(chosen, data)  # finish the run from random initialisation before going on with it
     root = data_root()
+    runs = train_rounds(work, chosen, data)
+    measured = measure_rounds(work, runs, root)
+    best = best_round(measured)
+    released = runs[best]
     calibration = calibration_set(root)
-    export.export(chosen, args.install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
+    export.export(released, args.install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)  # a reproducible random-initialisation baseline
@@ -253,13 +333,13 @@ def main(argv: list[str] | None = None) -> int:
         calibrate(v2_model, calibration.images, calibration.groups)
         models = {"random": load_model("midol-micro", pretrained=False), "v2": v2_model, "v3": load_model(args.install)}
     results = evaluate_all(work, models)
-    minutes = sum(32 / r["images_per_s"] for r in read_log(chosen)) / 60
+    minutes = sum(32 / r["images_per_s"] for run in runs[:best + 1] for r in read_log(run)) / 60
     compared = ood.compare(load_model(args.install), root)
     notes = comparison_notes(results, choice_rows({"midol-micro v2 (released)": work / "from-v2",
                                                    "random initialisation": work / "from-random"}),
-                             minutes, CONFIG.read_text(), compared)
+                             round_rows(runs, measured, best + 1), minutes, CONFIG.read_text(), compared)
     card = {key: value for key, value in results["v3"].items() if key != "few-shot"}
-    exported = export.export(chosen, args.install, calibrate=calibration.images, groups=calibration.groups,
+    exported = export.export(released, args.install, calibrate=calibration.images, groups=calibration.groups,
                              storage="fp16", results=card, card_notes=notes)
     print(notes)
     print(f"installed {args.install}; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}")
