@@ -1,7 +1,7 @@
 """Class heatmaps, measured by deletion: ``python -m benchmarks.heatmaps [--model NAME]``.
 
-A linear-probe classifier on midol-micro (or ``--model``) (fitted on up to 800 training images of a labelled
-set); for each test image, blurring the hottest 20% of the input should lower the explained
+A linear-probe classifier on midol-micro or ``--model``, fitted on up to 800 training images of a
+labelled set; for each test image, blurring the hottest 20% of the input should lower the explained
 class's probability more than blurring random 20% (as blocks of an 8 x 8 grid, as compact as
 hot regions). Prints, per set and method, both drops side by side and their ratio.
 """

@@ -48,8 +48,8 @@ from .shared_data import calibration_set, data_root, out_of_scope_set
 def features(model, images: dict[str, list]) -> dict[str, np.ndarray]:
     """pooled, stage_pooled (both L2-normalised), router logits and labels of every image."""
     out: dict[str, list] = {"pooled": [], "stage_pooled": [], "logits": [], "labels": []}
-    for label, images in images.items():
-        enc = model.encode(images, modality="auto", output=("pooled", "stage_pooled"), batch_size=32)
+    for label, items in images.items():
+        enc = model.encode(items, modality="auto", output=("pooled", "stage_pooled"), batch_size=32)
         out["pooled"].append(torch.nn.functional.normalize(enc.pooled, dim=-1).numpy())
         out["stage_pooled"].append(enc.stage_pooled.numpy())
         with torch.no_grad():
