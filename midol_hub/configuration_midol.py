@@ -55,7 +55,8 @@ class MIDoLConfig(PreTrainedConfig):
     Provenance of the weights:
         pretraining: how the weights were pretrained, recorded by ``training.export``: the
             objective and every option that differs between the official code and ours
-            (routing form, top-k, gate noise, clipping, initialisation, steps).
+            (routing form, top-k, gate noise, clipping, initialisation, steps), and the record
+            of the model it started from (``init_pretraining``), so the whole lineage.
         backbone_only: the head was not converted (its experts are untrained): ``encode``
             returns pooled features and refuses expert embeddings.
     Preprocessing:

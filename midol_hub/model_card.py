@@ -114,10 +114,18 @@ def _pretraining_summary(config: MIDoLConfig) -> str:
         text += f", {record['routing']} routing"
     text += f", top-{record['top_k']} gates, {record['steps']} steps of batch {record['batch_size']}"
     if record.get("init"):
-        text += f", started from {Path(record['init']).name}"
+        text += f", started from {Path(record['init']).name}" + _lineage(record.get("init_pretraining"))
     deviations = record.get("deviations_from_official") or {}
     text += "; deviations from the official code: " + (", ".join(f"{k}={v}" for k, v in deviations.items()) or "none")
     return text
+
+
+def _lineage(record: dict | None) -> str:
+    """How the init was itself trained, as far as recorded: " (N steps from A (M steps from B))"."""
+    if not record:
+        return ""
+    text = f"{record['steps']} steps" + (f" from {record['init']}" if record.get("init") else " from random initialisation")
+    return f" ({text}{_lineage(record.get('init_pretraining'))})"
 
 
 def input_spec(config: MIDoLConfig) -> dict[str, dict[str, Any]]:

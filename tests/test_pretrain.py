@@ -109,6 +109,11 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     code, _ = train(tmp_path, "from_export", [retina], "--batch-size", "8", "--max-steps", "1",
                     "--set", f"model.init={tmp_path / 'model'}")
     assert code == 0
+    continued = export.export(tmp_path / "from_export", tmp_path / "model3").model.config.pretraining
+    assert continued["init"] == "model" and continued["steps"] == 1
+    assert continued["init_pretraining"] == loaded.config.pretraining  # the init's own record: the lineage
+    card = (tmp_path / "model3" / "README.md").read_text()
+    assert "1 steps of batch 8, started from model (2 steps from random initialisation)" in card
 
 
 def test_dino_objective_in_bf16_with_accumulation_and_knn_monitoring(tmp_path, data_root, retina):

@@ -155,6 +155,31 @@ def test_stain_jitter_round_trips_and_restains_real_he_tiles_as_ihc(data_root):
     assert max(eosin) < 0.3  # the pink counterstain is mostly gone
 
 
+def test_ihc_restaining_lays_dab_on_nuclei_or_cytoplasm_as_asked(data_root):
+    tile = np.asarray(Image.open(data_root / "pathology/crc_val_he_7k_examples/TUM-TCGA-AAHIDTWA.jpg").convert("RGB"))
+    image = torch.from_numpy(tile.astype(np.float32) / 255).permute(2, 0, 1)
+    unmixed = (-torch.log(image.clamp_min(1e-6)).permute(1, 2, 0) @ HED_FROM_RGB).clamp_min(0)
+    def dab_follows(pattern: str) -> tuple[float, float]:
+        """Mean correlation over re-stainings of the added DAB with the tile's haematoxylin and eosin,
+        on the pixels that turned brown."""
+        torch.manual_seed(0)
+        with_h, with_e = [], []
+        for _ in range(20):
+            restained = StainJitter(sigma=0.0, restain_p=1.0, patterns=(pattern,))(image)
+            dab = (-torch.log(restained.clamp_min(1e-6)).permute(1, 2, 0) @ HED_FROM_RGB)[..., 2]
+            brown = dab > 0.05
+            if brown.sum() > 100:
+                with_h.append(float(np.corrcoef(dab[brown], unmixed[..., 0][brown])[0, 1]))
+                with_e.append(float(np.corrcoef(dab[brown], unmixed[..., 1][brown])[0, 1]))
+        assert len(with_h) >= 10, f"{pattern}: too few re-stainings turned any part brown"
+        return float(np.mean(with_h)), float(np.mean(with_e))
+    nuclear, cytoplasmic = dab_follows("nuclear"), dab_follows("cytoplasmic")
+    assert nuclear[0] > 0.99 and nuclear[1] < 0.9  # DAB where the nuclei were (H and E overlap in this tumour tile)
+    assert cytoplasmic[1] > 0.99 and cytoplasmic[0] < 0.9  # DAB where the eosin was
+    with pytest.raises(ValueError, match="patterns must be a non-empty subset"):
+        StainJitter(patterns=("membrane",))
+
+
 def test_only_tagged_sources_get_stain_jitter(data_root):
     image = torch.rand(3, 80, 80)
     plain, stained = MultiCrop(64), MultiCrop(64, stain_tags=("pathology",), stain_p=1.0)

@@ -20,22 +20,31 @@ class StainJitter:
 
     The image is unmixed into H, E and DAB optical densities. Each stain's density is scaled by
     ``1 + U(-sigma, sigma)`` and shifted by ``U(-sigma, sigma)``. With probability ``restain_p``
-    the tile is also re-stained as an immunohistochemistry tile: eosin mostly removed and DAB
-    laid onto the haematoxylin of random patches (brown, marker-positive nuclei), the rest a light
-    haematoxylin counterstain, so that the
-    pathology expert learns H&E and IHC as one modality from H&E and the few IHC regions we have.
+    the tile is also re-stained as an immunohistochemistry tile: eosin mostly removed, a light
+    haematoxylin counterstain, and brown DAB laid on random patches where the marker sits, one of
+    ``patterns`` drawn per tile: ``"nuclear"`` (on the haematoxylin: Ki67, ER, p53) or
+    ``"cytoplasmic"`` (on the eosin, which marks cytoplasm and membranes: cytokeratins, HER2).
+    So the pathology expert learns H&E and IHC as one modality from H&E and the few IHC regions
+    we have (nuclear Ki67 only).
     """
 
-    def __init__(self, sigma: float = 0.05, restain_p: float = 0.5) -> None:
-        self.sigma, self.restain_p = sigma, restain_p
+    PATTERNS = ("nuclear", "cytoplasmic")
+
+    def __init__(self, sigma: float = 0.05, restain_p: float = 0.5, patterns: tuple[str, ...] = ("nuclear",)) -> None:
+        unknown = set(patterns) - set(self.PATTERNS)
+        if not patterns or unknown:
+            raise ValueError(f"patterns must be a non-empty subset of {self.PATTERNS}, got {tuple(patterns)}")
+        self.sigma, self.restain_p, self.patterns = sigma, restain_p, tuple(patterns)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         density = -torch.log(image.clamp_min(_OD_FLOOR)).permute(1, 2, 0) @ HED_FROM_RGB
         if torch.rand(()) < self.restain_p:
             h, e, _ = density.clamp_min(0).unbind(-1)
+            # one pattern needs no draw, so the released (nuclear-only) recipe's random stream is unchanged
+            pattern = self.patterns[int(torch.randint(len(self.patterns), ()))] if len(self.patterns) > 1 else self.patterns[0]
             cells = torch.rand(1, 1, max(1, h.shape[0] // 12), max(1, h.shape[1] // 12))
             marked = F.interpolate(cells, size=h.shape, mode="bilinear")[0, 0] > 0.4 + 0.5 * torch.rand(())
-            dab = h * marked * (0.5 + torch.rand(()))
+            dab = (h if pattern == "nuclear" else e) * marked * (0.5 + torch.rand(()))
             density = torch.stack([h * (0.3 + 0.4 * torch.rand(())), e * 0.2 * torch.rand(()), dab], dim=-1)
         alpha = 1 + (torch.rand(3) * 2 - 1) * self.sigma
         beta = (torch.rand(3) * 2 - 1) * self.sigma
@@ -64,6 +73,8 @@ class MultiCrop:
         std: tuple[float, ...] = IMAGENET_STD,
         stain_tags: tuple[str, ...] = (),
         stain_p: float = 0.8,
+        stain_sigma: float = 0.05,
+        ihc_patterns: tuple[str, ...] = ("nuclear",),
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),
@@ -82,7 +93,7 @@ class MultiCrop:
             local.append(v2.Resize(size, antialias=True))
         self.local = v2.Compose([*local, *flip_and_color, v2.RandomApply([blur], p=0.5), *normalize])
         self.local_number = local_number
-        self.stain_tags, self.stain = set(stain_tags), v2.RandomApply([StainJitter()], p=stain_p)
+        self.stain_tags, self.stain = set(stain_tags), v2.RandomApply([StainJitter(stain_sigma, patterns=ihc_patterns)], p=stain_p)
 
     def __call__(self, image: torch.Tensor, tag: str | None = None) -> list[torch.Tensor]:
         if tag in self.stain_tags:

@@ -93,7 +93,9 @@ def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
 
 
 def pretraining_record(state: dict) -> dict:
-    """What trained these weights: the objective and its options, as the run's config.yaml has them."""
+    """What trained these weights: the objective and its options, as the run's config.yaml has them,
+    and, for a run started from a model, that model's own record (``init_pretraining``; nested, the
+    whole lineage)."""
     config = state["config"]
     objective, optim = config["objective"], config["optim"]
     record = {"objective": objective["name"], **objective_options(config), "clip_grad": optim["clip_grad"],
@@ -101,6 +103,8 @@ def pretraining_record(state: dict) -> dict:
     if objective["name"] != "midol":
         record["routing"] = None
     record["deviations_from_official"] = deviations_from_official(config) if objective["name"] == "midol" else {}
+    if record["init"]:
+        record["init_pretraining"] = state["model_config"].get("pretraining")
     return record
 
 

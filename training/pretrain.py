@@ -124,9 +124,12 @@ def open_training_data(specs: list[str], config: dict[str, Any], augment: MultiC
 def init_from(student: MIDoLModel, source: str) -> None:
     """Start from a midol_hub model: its whole backbone, and the head tensors whose shapes
     match (a one-expert DINO head does not fit five experts: the head then starts fresh,
-    as the official run starts a fresh head on an ImageNet backbone)."""
+    as the official run starts a fresh head on an ImageNet backbone). The student's config takes
+    the init's pretraining record, so every checkpoint carries the lineage of its weights."""
     own = student.state_dict()
-    init = load_model(source).state_dict()
+    loaded = load_model(source)
+    student.config.pretraining = loaded.config.pretraining
+    init = loaded.state_dict()
     backbone_missing = [k for k in own if k.startswith("backbone.") and (k not in init or init[k].shape != own[k].shape)]
     if backbone_missing:
         raise TrainingError(f"model.init {source} does not match model.arch: backbone tensors {backbone_missing[:3]} differ")
@@ -178,7 +181,8 @@ def run(args: argparse.Namespace) -> None:
     image_size = student.config.img_size
     augment = MultiCrop(image_size, config["crops"]["global_scale"], config["crops"]["local_scale"],
                         config["crops"]["local_number"], config["crops"]["local_size"],
-                        stain_tags=tuple(config["crops"]["stain_tags"]), stain_p=config["crops"]["stain_p"])
+                        stain_tags=tuple(config["crops"]["stain_tags"]), stain_p=config["crops"]["stain_p"],
+                        stain_sigma=config["crops"]["stain_sigma"], ihc_patterns=tuple(config["crops"]["ihc_patterns"]))
     global_batch = optim_cfg["batch_size"]
     data = open_training_data(args.data, config, augment, per_rank, rank, world)
     steps_per_epoch = data.steps_per_epoch
