@@ -176,8 +176,9 @@ def test_ihc_restaining_lays_dab_on_nuclei_or_cytoplasm_as_asked(data_root):
     nuclear, cytoplasmic = dab_follows("nuclear"), dab_follows("cytoplasmic")
     assert nuclear[0] > 0.99 and nuclear[1] < 0.9  # DAB where the nuclei were (H and E overlap in this tumour tile)
     assert cytoplasmic[1] > 0.99 and cytoplasmic[0] < 0.9  # DAB where the eosin was
-    with pytest.raises(ValueError, match="patterns must be a non-empty subset"):
+    with pytest.raises(ValueError, match="patterns .ihc_patterns. must be a non-empty subset"):
         StainJitter(patterns=("membrane",))
+    assert StainJitter(patterns="cytoplasmic").patterns == ("cytoplasmic",)  # one name, not its letters
 
 
 def test_only_tagged_sources_get_stain_jitter(data_root):

@@ -30,11 +30,13 @@ class StainJitter:
 
     PATTERNS = ("nuclear", "cytoplasmic")
 
-    def __init__(self, sigma: float = 0.05, restain_p: float = 0.5, patterns: tuple[str, ...] = ("nuclear",)) -> None:
+    def __init__(self, sigma: float = 0.05, restain_p: float = 0.5, patterns: str | tuple[str, ...] = ("nuclear",)) -> None:
+        patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)  # "nuclear" means ("nuclear",)
         unknown = set(patterns) - set(self.PATTERNS)
         if not patterns or unknown:
-            raise ValueError(f"patterns must be a non-empty subset of {self.PATTERNS}, got {tuple(patterns)}")
-        self.sigma, self.restain_p, self.patterns = sigma, restain_p, tuple(patterns)
+            raise ValueError(f"IHC re-staining patterns (ihc_patterns) must be a non-empty subset of {self.PATTERNS}, "
+                             f"got {tuple(patterns)}")
+        self.sigma, self.restain_p, self.patterns = sigma, restain_p, patterns
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         density = -torch.log(image.clamp_min(_OD_FLOOR)).permute(1, 2, 0) @ HED_FROM_RGB
@@ -74,7 +76,7 @@ class MultiCrop:
         stain_tags: tuple[str, ...] = (),
         stain_p: float = 0.8,
         stain_sigma: float = 0.05,
-        ihc_patterns: tuple[str, ...] = ("nuclear",),
+        ihc_patterns: str | tuple[str, ...] = ("nuclear",),
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),

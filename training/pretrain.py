@@ -179,10 +179,13 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(run_cfg["seed"])
     student, teacher = build_models(config, device)
     image_size = student.config.img_size
-    augment = MultiCrop(image_size, config["crops"]["global_scale"], config["crops"]["local_scale"],
-                        config["crops"]["local_number"], config["crops"]["local_size"],
-                        stain_tags=tuple(config["crops"]["stain_tags"]), stain_p=config["crops"]["stain_p"],
-                        stain_sigma=config["crops"]["stain_sigma"], ihc_patterns=tuple(config["crops"]["ihc_patterns"]))
+    crops = config["crops"]
+    try:
+        augment = MultiCrop(image_size, crops["global_scale"], crops["local_scale"], crops["local_number"],
+                            crops["local_size"], stain_tags=tuple(crops["stain_tags"]), stain_p=crops["stain_p"],
+                            stain_sigma=crops["stain_sigma"], ihc_patterns=crops["ihc_patterns"])
+    except ValueError as error:
+        raise ConfigError(f"crops: {error}") from None
     global_batch = optim_cfg["batch_size"]
     data = open_training_data(args.data, config, augment, per_rank, rank, world)
     steps_per_epoch = data.steps_per_epoch
