@@ -96,6 +96,15 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def training_minutes(runs: list[Path]) -> float:
+    """Minutes the steps of ``runs`` took: each logged step's batch (the run's own) over its images/s."""
+    total = 0.0
+    for run in runs:
+        batch = load_checkpoint(list_checkpoints(run)[-1])["config"]["optim"]["batch_size"]
+        total += sum(batch / r["images_per_s"] for r in read_log(run))
+    return total / 60
+
+
 def routing_curve(run: Path) -> dict[int, float]:
     return {r["step"]: r["routing"]["macro_accuracy"] for r in read_log(run) if "routing" in r}
 
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         calibrate(v2_model, calibration.images, calibration.groups)
         models = {"random": load_model("midol-micro", pretrained=False), "v2": v2_model, "v3": load_model(args.install)}
     results = evaluate_all(work, models)
-    minutes = sum(32 / r["images_per_s"] for run in runs[:best + 1] for r in read_log(run)) / 60
+    minutes = training_minutes(runs[:best + 1])
     compared = ood.compare(load_model(args.install), root)
     notes = comparison_notes(results, choice_rows({"midol-micro v2 (released)": work / "from-v2",
                                                    "random initialisation": work / "from-random"}),
