@@ -1,18 +1,23 @@
 """Encode speed: overhead over the raw forward, CPU efficiency, bf16 speed-up and accuracy,
-and end-to-end folder encoding against the forward pass alone."""
+and end-to-end folder encoding against the forward pass alone; for midol-lite (a CNN backbone),
+encode against timm's own forward of the same backbone and ``midol encode`` of the
+full-resolution test files against that forward, with midol-micro's speed beside it."""
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+from training.shared_data import data_root, fullres_parts
 
 from .common import interleaved_medians
-from .shared_data import data_root, fullres_parts
 
 
 def real_image_paths(limit: int) -> list[str]:
@@ -74,4 +79,47 @@ def measure(arch: str = "midol-swin-base", batch: int = 8, repeats: int = 5) -> 
         "bf16_cos_min": float(F.cosine_similarity(reference, low).min()),
         "folder_vs_forward_ratio": forward_per_image * len(paths) / folder["folder"],
         "encode_images_per_s": batch / seconds["encode"],
+    }
+
+
+def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, files: int = 64) -> dict[str, float]:
+    """``name`` (its shipped weights where it has them) against timm's forward of the same backbone:
+    ``model.encode`` of preprocessed batches, and ``midol encode``'s path (``midol_hub.bulk``: decode
+    in workers, JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files."""
+    from midol_hub.bulk import encode_files, remove_parts
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entry = get_entry(name)
+        model = load_model(name, pretrained=entry.has_weights)
+        micro = load_model("midol-micro")
+    backbone = timm.create_model(model.config.backbone, pretrained=False, num_classes=0).eval()
+    backbone.load_state_dict(model.backbone.state_dict())
+    size = model.config.img_size
+    pixels, micro_pixels = torch.randn(batch, 3, size, size), torch.randn(batch, 3, micro.config.img_size, micro.config.img_size)
+    paths = real_image_paths(files)
+
+    def timm_forward():
+        with torch.inference_mode():
+            backbone(pixels)
+
+    def bulk():
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "features.npz"
+            encode_files(model, paths, out, modality="auto", outputs=("embedding",), batch_size=batch, progress=False)
+            remove_parts(out)
+
+    seconds = interleaved_medians({
+        "timm": timm_forward,
+        "encode": lambda: model.encode(pixels, modality="oct", preprocessed=True, batch_size=batch),
+        "micro": lambda: micro.encode(micro_pixels, modality="oct", preprocessed=True, batch_size=batch),
+    }, repeats=repeats)
+    folder = interleaved_medians({"bulk": bulk}, repeats=max(1, repeats // 2))["bulk"]
+    forward_images_per_s = batch / seconds["timm"]
+    return {
+        "lite_encode_vs_timm_ratio": seconds["timm"] / seconds["encode"],
+        "lite_encode_images_per_s": batch / seconds["encode"],
+        "micro_encode_images_per_s": batch / seconds["micro"],
+        "midol_encode_fullres_vs_forward_ratio": len(paths) / folder / forward_images_per_s,
+        "midol_encode_fullres_images_per_s": len(paths) / folder,
     }

@@ -1,7 +1,7 @@
 """The evaluation table: ``python -m benchmarks.evaluate --model NAME --out results.json``.
 
 Linear probe and kNN on every labelled set in ``$MIDOL_DATA`` (splits from
-``benchmarks.shared_data``), and with ``--separation`` how ``modality="auto"`` answers: on the
+``training.shared_data``), and with ``--separation`` how ``modality="auto"`` answers: on the
 test splits, on the full-resolution test parts, on the out-of-scope set, and how well its
 ``confidence`` is calibrated. Prints the model card's markdown tables; the JSON feeds the card.
 (This was ``python -m midol_hub.evaluate``: the command lives beside the data layout it reads.)
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from midol_hub import (
     DatasetError,
@@ -36,7 +37,8 @@ from midol_hub.modalities import UNKNOWN
 from midol_hub.model_card import SEPARATION, evaluation_table
 from midol_hub.utils import run_command
 
-from .shared_data import (
+from training.imagenet import IMAGENET_WEIGHTS, ImageNetWeightsError, load_imagenet_backbone
+from training.shared_data import (
     BENCHMARKS,
     data_root,
     fullres_parts,
@@ -51,6 +53,23 @@ def _cap(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImag
     return data.subset(sorted(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
 
 
+FEATURES = ("embedding", "pooled", "combined")
+"""What the tables can be measured on: the expert ``embedding``, the backbone's ``pooled`` feature, and
+``combined``, the two L2-normalised and concatenated."""
+
+
+def features_of(model, images: list, modality: str, feature: str, cache_dir: str | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """``feature`` (one of :data:`FEATURES`) of ``images``; embedding and pooled come from one cached pass."""
+    if feature not in FEATURES:
+        raise ValueError(f"feature must be one of {', '.join(FEATURES)}, got {feature!r}")
+    outputs = ["pooled"] if model.config.backbone_only else ["embedding", "pooled"]
+    found = extract_features(model, images, modality, outputs, cache_dir, progress=progress)
+    if feature != "combined":
+        return found[feature]
+    return torch.cat([F.normalize(found["embedding"], dim=-1), F.normalize(found["pooled"], dim=-1)], dim=-1)
+
+
 def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "embedding", max_train: int | None = 3000,
              max_test: int | None = 2000, cache_dir: str | None = None, progress: bool = False) -> dict:
     """``{dataset: {"linear probe": metrics, "kNN": metrics, "retrieval": precision@10 and mAP@10,
@@ -62,8 +81,8 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
         modality, load = BENCHMARKS[name]
         train, test = load(root)
         train, test = _cap(train, max_train), _cap(test, max_test)
-        train_x = extract_features(model, train.images, modality, feature, cache_dir, progress=progress)
-        test_x = extract_features(model, test.images, modality, feature, cache_dir, progress=progress)
+        train_x = features_of(model, train.images, modality, feature, cache_dir, progress)
+        test_x = features_of(model, test.images, modality, feature, cache_dir, progress)
         probe = linear_probe(train_x, train.labels, test_x)
         knn = knn_classify(train_x, train.labels, test_x, num_classes=len(train.class_names))
         results[name] = {
@@ -150,17 +169,70 @@ def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
     return result
 
 
+INITS = ("trained", "random", "imagenet")
+COMPARED = (("linear probe", "accuracy"), ("kNN", "accuracy"), ("retrieval", "precision@10"))
+"""The figures a side-by-side comparison shows per set: probe accuracy / kNN accuracy / precision@10."""
+
+
+def measured_sets(result: dict) -> list[str]:
+    """The labelled sets an :func:`evaluate` result holds, in :data:`BENCHMARKS` order."""
+    return [name for name in BENCHMARKS if name in result]
+
+
+def figure(result: dict, dataset: str, protocol: str, metric: str) -> float:
+    """One figure of an :func:`evaluate` result; ``dataset="mean"`` averages it over the sets measured."""
+    if dataset == "mean":
+        return float(np.mean([result[d][protocol][metric] for d in measured_sets(result)]))
+    return result[dataset][protocol][metric]
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """Markdown: one column per ``{heading: evaluate() result}`` (of the same sets), one row per set and
+    their mean, each cell linear probe accuracy / kNN accuracy / precision@10."""
+    names = measured_sets(next(iter(results.values())))
+    lines = ["| set (linear probe / kNN / precision@10) | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for dataset in [*names, "mean"]:
+        cells = [" / ".join(f"{figure(result, dataset, p, m):.3f}" for p, m in COMPARED) for result in results.values()]
+        name = f"**mean over the {len(names)}**" if dataset == "mean" else dataset
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def model_at(name: str, init: str = "trained"):
+    """The model ``name`` with its trained weights, or a baseline of its architecture: seeded random
+    initialisation (the same in every run, as the release's), or the backbone's ImageNet weights
+    before M-IDoL (:mod:`training.imagenet`; its head is random, so measure ``pooled``)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "trained":
+        return load_model(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = load_model(name, pretrained=False)
+    if init == "imagenet":
+        load_imagenet_backbone(model)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="registry name, model directory or Hub id")
     parser.add_argument("--out", required=True, help="results JSON (the model card's evaluation table reads it)")
     parser.add_argument("--datasets", nargs="+", default=None, help=f"subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--feature", choices=("embedding", "pooled"), default="embedding")
+    parser.add_argument("--feature", choices=FEATURES, default="embedding",
+                        help="embedding (the expert's), pooled (the backbone's) or combined (both, normalised, concatenated)")
     parser.add_argument("--max-train", type=int, default=3000, help="subsample larger training splits (CPU time)")
     parser.add_argument("--max-test", type=int, default=2000)
     parser.add_argument("--cache-dir", default=None, help="feature cache folder")
-    parser.add_argument("--random-weights", action="store_true", help="evaluate a registry architecture with random weights")
+    parser.add_argument("--init", choices=INITS, default="trained",
+                        help="trained: the model's weights; the baselines: random (seeded) or imagenet (the backbone's "
+                             "installed ImageNet weights before M-IDoL, with --feature pooled)")
+    parser.add_argument("--random-weights", action="store_true", help="the same as --init random")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also measure the ImageNet start (pooled, where the backbone has installable ImageNet "
+                             "weights) and random initialisation (pooled), and print them side by side")
     parser.add_argument("--separation", action="store_true",
                         help="also measure how modality='auto' answers (test splits, full-resolution test parts, "
                              "out-of-scope set, confidence calibration)")
@@ -168,19 +240,24 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         root = data_root()
-        with warnings.catch_warnings():
-            if args.random_weights:
-                warnings.simplefilter("ignore")
-                torch.manual_seed(0)  # the random-initialisation baseline is the same in every run (as the release's)
-            model = load_model(args.model, pretrained=not args.random_weights)
+        model = model_at(args.model, "random" if args.random_weights else args.init)
         results = evaluate(model, root, args.datasets, args.feature, args.max_train, args.max_test, args.cache_dir,
                            progress=True)
         if args.separation:
             results[SEPARATION] = modality_separation(model, root)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(evaluation_table(results))
+        if args.baselines:
+            columns = {f"{args.model} `{args.feature}`": results}
+            inits = ["imagenet"] if model.config.backbone in IMAGENET_WEIGHTS else []
+            for init in [*inits, "random"]:
+                baseline = evaluate(model_at(args.model, init), root, args.datasets, "pooled", args.max_train,
+                                    args.max_test, args.cache_dir, progress=True)
+                columns[f"{init} initialisation `pooled`"] = baseline
+            print(comparison_table(columns))
 
-    return run_command("benchmarks.evaluate", body, (DatasetError, ModelNotFoundError, WeightsNotAvailableError, ValueError))
+    return run_command("benchmarks.evaluate", body, (DatasetError, ModelNotFoundError, WeightsNotAvailableError, ImageNetWeightsError,
+                                                        ValueError))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from midol_hub import (
     load_model,
 )
 
-from .shared_data import BENCHMARKS, data_root
+from training.shared_data import BENCHMARKS, data_root
 
 SETS = ("BloodMNIST", "PathMNIST (subset)", "ISIC nevus vs melanoma", "Kermany OCT", "PneumoniaMNIST")
 

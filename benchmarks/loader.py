@@ -24,9 +24,9 @@ from training.learner import Learner
 from training.prepare_shared_data import prepare
 from training.pretrain import build_models
 from training.shards import StreamData, open_shards, write_shards
+from training.shared_data import FILE_FOLDERS, data_root
 
 from .common import interleaved_medians
-from .shared_data import FILE_FOLDERS, data_root
 
 BATCH = 32
 

@@ -5,7 +5,7 @@ midol-micro is calibrated on), two-fold by group (patient, lesion, slide, source
 half is scored by a detector fitted on the other half. Its threshold is the ``QUANTILE`` of those
 held-out in-scope scores, so every detector wrongly rejects the same share of held-out training
 images; the comparison is the share of the out-of-scope set
-(``benchmarks.shared_data.out_of_scope_set``) it calls out of scope at that threshold, and the
+(``training.shared_data.out_of_scope_set``) it calls out of scope at that threshold, and the
 AUROC between held-out in-scope and out-of-scope scores. No test image enters the choice (the
 shipped detector's false-unknown rate on the test parts is in ``benchmarks.evaluate``). Candidates: kNN distance on L2-normalised
 features (Sun et al., ICML 2022), class-conditional Mahalanobis with a tied covariance (Lee et
@@ -42,7 +42,7 @@ from midol_hub.calibration import (
 from midol_hub.detection import DistanceAnswers, answer_by_distance, modality_distances, out_of_scope_score
 from midol_hub.evaluation import calibration_error
 
-from .shared_data import calibration_set, data_root, out_of_scope_set
+from training.shared_data import calibration_set, data_root, out_of_scope_set
 
 
 def features(model, images: dict[str, list]) -> dict[str, np.ndarray]:

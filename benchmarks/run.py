@@ -19,6 +19,8 @@ from . import encode, loader, loading, onnx_runtime, search_scale, train_step
 
 TARGETS = {
     "encode_overhead_ratio": (">=", 0.97),
+    "lite_encode_vs_timm_ratio": (">=", 0.97),
+    "midol_encode_fullres_vs_forward_ratio": (">=", 0.85),
     "cpu_efficiency_ratio": (">=", 0.75),
     "bf16_speedup_ratio": (">=", 1.8),
     "bf16_cos_min": (">=", 0.999),
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = 3 if args.quick else 7
     results: dict[str, float] = {}
     results.update(encode.measure(repeats=repeats))
+    results.update(encode.measure_cnn(repeats=repeats, files=32 if args.quick else 96))
     results.update(loading.measure(repeats=1 if args.quick else 3))
     results.update(train_step.measure(repeats=repeats, batch=8 if args.quick else 16))
     results.update(loader.measure(batches=4 if args.quick else 12))

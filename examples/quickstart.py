@@ -4,7 +4,7 @@
     python examples/quickstart.py IMG [IMG ...]   # your own files
     python examples/quickstart.py --model DIR_OR_HUB_ID --modality oct IMG ...
 
-The default model is ``midol-micro``, trained here on the training splits of the shared
+The default model (``midol_hub.DEFAULT_MODEL``: ``midol-micro``) is trained here on the training splits of the shared
 medical images and shipped inside the package (no download). With ``--modality auto`` it
 names each image's modality (or ``unknown``) with the probability that this answer is right.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import warnings
 
-from midol_hub import WeightsNotAvailableError, load_model
+from midol_hub import DEFAULT_MODEL, WeightsNotAvailableError, load_model
 
 
 def bundled_images() -> tuple[list, list[str]]:
@@ -29,7 +29,7 @@ def bundled_images() -> tuple[list, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="*", help="image files (PNG, JPEG, TIFF, BMP, GIF, DICOM)")
-    parser.add_argument("--model", default="midol-micro", help="registry name, directory or Hub id")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="registry name, directory or Hub id")
     parser.add_argument("--modality", default="auto", help="auto, xray, fundus, oct, dermoscopy or pathology")
     args = parser.parse_args()
 

@@ -55,7 +55,7 @@ from .loading import load_model
 from .modalities import MODALITIES, ModalityProfile, canonical_modality
 from .modeling_midol import MIDoLModel, MIDoLOutput, MoEProjector
 from .preprocessing import ModalityTransform, get_transform
-from .registry import get_entry, list_models
+from .registry import DEFAULT_MODEL, get_entry, list_models
 from .search import Hit, ImageIndex
 from .tasks import (
     ClassificationModel,
@@ -70,6 +70,7 @@ __version__ = "0.1.0"
 
 
 __all__: list[Any] = [
+    "DEFAULT_MODEL",
     "MODALITIES",
     "CheckpointError",
     "ClassificationModel",

@@ -27,6 +27,8 @@ TASK_FILE = "midol_task.json"
 HEAD_FILE = "midol_head.safetensors"
 ATTENTION_LAYERS = ("qkv", "proj")
 """The Swin attention projections LoRA adapts by default."""
+POINTWISE_CONVS = ("conv_pw", "conv_pwl")
+"""A CNN's (EfficientNet's) 1x1 expansion and projection convolutions, LoRA's default there."""
 HEAD = ("norm", "classifier")
 """The task head, trained and saved in full beside the adapter. Not peft's ``modules_to_save``:
 that matches names by suffix, and ``norm`` would take every LayerNorm of the backbone with it."""
@@ -40,8 +42,15 @@ def _peft() -> Any:
     return peft
 
 
-def _target_pattern(targets: Sequence[str]) -> str:
-    """Only the attention layers' projections, never e.g. the patch embedding's ``proj`` convolution."""
+def _target_pattern(targets: Sequence[str] | None, swin: bool = True) -> str:
+    """Only the attention layers' projections, never e.g. the patch embedding's ``proj`` convolution;
+    in a CNN the blocks' pointwise convolutions (``targets`` None: each backbone's default)."""
+    if not swin:
+        targets = POINTWISE_CONVS if targets is None else targets
+        if not targets or set(targets) - set(POINTWISE_CONVS):
+            raise ValueError(f"LoRA targets of a CNN backbone must be among {', '.join(POINTWISE_CONVS)}, got {list(targets)}")
+        return rf"midol\.backbone\.blocks\.\d+\.\d+\.({'|'.join(targets)})"
+    targets = ATTENTION_LAYERS if targets is None else targets
     unknown = [t for t in targets if t not in ATTENTION_LAYERS + ("fc1", "fc2")]
     if unknown or not targets:
         raise ValueError(f"LoRA targets must be among qkv, proj (attention) and fc1, fc2 (MLP), got {list(targets)}")
@@ -58,14 +67,15 @@ def _base_sha256(encoder: MIDoLModel) -> str | None:
 
 def lora_classifier(encoder: MIDoLModel, class_names: list[str], modality: str, multilabel: bool = False,
                     feature: str = "embedding", rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                    targets: Sequence[str] = ATTENTION_LAYERS) -> Any:
+                    targets: Sequence[str] | None = None) -> Any:
     """A classifier on ``encoder`` whose encoder is frozen except for rank-``rank`` LoRA matrices
-    on ``targets`` in every Swin block; the task head trains in full. Returns a peft model."""
+    on ``targets`` in every block (default: a Swin's attention projections, a CNN's pointwise
+    convolutions); the task head trains in full. Returns a peft model."""
     peft = _peft()
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     model = MIDoLForImageClassification.from_encoder(encoder, class_names, modality, multilabel, feature)
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=_target_pattern(targets))
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=_target_pattern(targets, encoder.config.is_swin))
     wrapped = peft.get_peft_model(model, config)
     for name in HEAD:  # peft froze everything but the LoRA matrices
         getattr(model, name).requires_grad_(True)

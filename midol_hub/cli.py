@@ -20,6 +20,7 @@ import numpy as np
 
 from .dtypes import parse_dtype, supported_precisions
 from .modalities import AUTO, MODALITIES, UNKNOWN
+from .registry import DEFAULT_MODEL
 from .utils import (
     READABLE_SUFFIXES,
     atomic_write,
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = commands.add_parser("encode", help="embed image files or folders into an array file")
     encode.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    encode.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    encode.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     encode.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)} (aliases work)")
     encode.add_argument("--out", required=True, help="output file: .npy (embeddings only), .npz or .safetensors")
     encode.add_argument("--batch-size", type=int, default=32)
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="routing maps (why modality='auto' chose its expert), or class heatmaps of a classifier")
     explain.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    explain.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    explain.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     explain.add_argument("--out", required=True, help="folder for one PNG per image (per frame)")
     explain.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX",
                          help="multi-frame files: as for midol encode")
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     index_commands = index.add_subparsers(title="index commands", metavar="ACTION")
     build = index_commands.add_parser("build", help="encode images and index them, one sub-index per modality")
     build.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    build.add_argument("--model", default="midol-micro", help="registry name, model directory or Hub id")
+    build.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     build.add_argument("--index", required=True, help="the index folder (created)")
     build.add_argument("--exact-limit", type=int, default=None,
                        help="rows of one modality up to which search is exact (default 50000; above: IVF tuned to recall 0.95)")
@@ -333,11 +334,8 @@ def describe_model(spec: str) -> dict[str, Any]:
         "name": spec,
         "architecture": {
             "backbone": config.backbone,
-            "embed_dim": config.embed_dim,
-            "depths": config.depths,
-            "num_heads": config.num_heads,
-            "window_size": config.window_size,
-            "patch_size": config.patch_size,
+            **({"embed_dim": config.embed_dim, "depths": config.depths, "num_heads": config.num_heads,
+                "window_size": config.window_size, "patch_size": config.patch_size} if config.is_swin else {}),
             "img_size": config.img_size,
             "embedding_dim": config.num_features,
         },
@@ -358,10 +356,9 @@ def run_info(args: argparse.Namespace) -> None:
         return
     arch, params = info["architecture"], info["parameters"]
     print(f"{info['name']}")
-    print(
-        f"  backbone     {arch['backbone']}: embed {arch['embed_dim']}, depths {arch['depths']}, heads "
-        f"{arch['num_heads']}, window {arch['window_size']}, patch {arch['patch_size']}, {arch['img_size']} px"
-    )
+    swin = (f"embed {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}, window "
+            f"{arch['window_size']}, patch {arch['patch_size']}, ") if "depths" in arch else ""
+    print(f"  backbone     {arch['backbone']}: {swin}{arch['img_size']} px")
     print(f"  parameters   {params['total'] / 1e6:.2f} M (backbone {params['backbone'] / 1e6:.2f} M, head {params['head'] / 1e6:.2f} M)")
     print(f"  embedding    {arch['embedding_dim']}-d")
     print(f"  experts      {', '.join(f'{i}: {m}' for i, m in info['experts'].items())} (top-k {info['top_k']})")

@@ -24,10 +24,15 @@ from .modalities import (
 class MIDoLConfig(PreTrainedConfig):
     r"""Everything needed to rebuild an M-IDoL model and feed it correctly.
 
-    Backbone (a timm Swin Transformer):
-        backbone: timm architecture name, e.g. ``"swin_base_patch4_window7_224"``.
-        embed_dim, depths, num_heads, window_size, img_size, patch_size: overrides of the
-            timm defaults; the paper's Swin-B is 128 / (2, 2, 18, 2) / (4, 8, 16, 32) / 7 / 224 / 4.
+    Backbone (any timm model with pooled features and ``forward_intermediates``):
+        backbone: timm architecture name, e.g. ``"swin_base_patch4_window7_224"`` (the paper's)
+            or ``"tf_efficientnet_lite0"`` (midol-lite's).
+        embed_dim, depths, num_heads, window_size, patch_size: overrides of the timm defaults
+            for a Swin backbone (``swin_*``), ignored by others; the paper's Swin-B is
+            128 / (2, 2, 18, 2) / (4, 8, 16, 32) / 7 / 4.
+        img_size: the input side (a Swin is built for it; a CNN takes it as its input size).
+        feature_dim: width of a non-Swin backbone's pooled feature (a Swin's follows from
+            ``embed_dim`` and ``depths``).
         fused_attention: window attention through ``scaled_dot_product_attention`` (same
             result within float rounding, about 20% faster on CPU; timm leaves it off for Swin).
     MoE projection head:
@@ -78,6 +83,7 @@ class MIDoLConfig(PreTrainedConfig):
     window_size: int = 7
     img_size: int = 224
     patch_size: int = 4
+    feature_dim: int | None = None
     drop_path_rate: float = 0.0
     fused_attention: bool = True
     num_experts: int = 5
@@ -109,6 +115,8 @@ class MIDoLConfig(PreTrainedConfig):
 
     def validate_midol(self) -> None:
         """Check the values that would otherwise fail deep inside the model."""
+        if not self.is_swin and not self.feature_dim:
+            raise ValueError(f"backbone {self.backbone!r} is not a Swin: set feature_dim to the width of its pooled feature")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} need the same length")
         if not 1 <= self.top_k <= self.num_experts:
@@ -132,9 +140,14 @@ class MIDoLConfig(PreTrainedConfig):
             raise ValueError("preprocessing needs an 'auto' profile for modality='auto'")
 
     @property
+    def is_swin(self) -> bool:
+        """Whether the backbone is a timm Swin Transformer (built from embed_dim, depths, ...)."""
+        return self.backbone.startswith("swin")
+
+    @property
     def num_features(self) -> int:
         """Width of the pooled backbone feature (and of each expert embedding)."""
-        return self.embed_dim * 2 ** (len(self.depths) - 1)
+        return self.embed_dim * 2 ** (len(self.depths) - 1) if self.is_swin else int(self.feature_dim)
 
     def profile(self, modality: str) -> ModalityProfile:
         """The preprocessing profile of ``modality`` (a name, alias or ``"auto"``)."""

@@ -112,9 +112,17 @@ def _nchw(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.permute(0, 3, 1, 2)  # timm's Swin stages are (B, H, W, C)
 
 
+def _last_stage(backbone: nn.Module) -> tuple[nn.Module, Any]:
+    """The layer whose activations a CAM weighs, and how to make them NCHW: a Swin's last stage, a
+    CNN's final feature map (after its head convolution and norm)."""
+    if hasattr(backbone, "layers"):
+        return backbone.layers[-1], _nchw
+    return (backbone.bn2 if hasattr(backbone, "bn2") else backbone.blocks[-1]), None
+
+
 def class_heatmap(model: MIDoLForImageClassification, images: Any, target: int | Sequence[int] | None = None,
                   method: str = "gradcam", batch_size: int = 16) -> ClassHeatmaps:
-    """Class-activation maps of a fine-tuned classifier on its last Swin stage.
+    """Class-activation maps of a fine-tuned classifier on its backbone's last stage.
 
     Args:
         images: as :meth:`MIDoLModel.encode` takes them, preprocessed with the model's task modality.
@@ -154,7 +162,8 @@ def class_heatmap(model: MIDoLForImageClassification, images: Any, target: int |
     model.eval()
     heat, probability, explained = [], [], []
     try:
-        with methods[method](_Logits(model), target_layers=[model.midol.backbone.layers[-1]], reshape_transform=_nchw) as cam:
+        layer, reshape = _last_stage(model.midol.backbone)
+        with methods[method](_Logits(model), target_layers=[layer], reshape_transform=reshape) as cam:
             for start in range(0, len(pixels), batch_size):
                 chunk = pixels[start : start + batch_size]
                 # without a target, grad-cam explains each image's top class from the same forward pass

@@ -42,28 +42,34 @@ def extract_features(
     model: MIDoLModel,
     images: Sequence[Any],
     modality: str,
-    output: str = "embedding",
+    output: str | Sequence[str] = "embedding",
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 64,
     progress: bool = False,
-) -> torch.Tensor:
-    """Features (N, D) of ``images`` (``output`` is ``"embedding"`` or ``"pooled"``), cached on disk."""
-    def compute() -> torch.Tensor:
-        return getattr(model.encode(list(images), modality=modality, output=(output,), batch_size=batch_size,
-                                    progress=progress), output)
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Features (N, D) of ``images`` (``output`` is ``"embedding"`` or ``"pooled"``), cached on disk;
+    for several outputs (a list), ``{output: features}`` from one pass over the images."""
+    outputs = (output,) if isinstance(output, str) else tuple(output)
+
+    def compute() -> dict[str, torch.Tensor]:
+        encoding = model.encode(list(images), modality=modality, output=outputs, batch_size=batch_size, progress=progress)
+        return {name: getattr(encoding, name).contiguous() for name in outputs}
+
+    def answer(features: dict[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        return features[output] if isinstance(output, str) else {name: features[name] for name in outputs}
 
     if cache_dir is None:
-        return compute()
+        return answer(compute())
     directory = Path(cache_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{cache_key(model, images, modality, output)}.safetensors"
+    path = directory / f"{cache_key(model, images, modality, ','.join(outputs))}.safetensors"
     if path.is_file():  # written whole and renamed into place: never partial
-        return load_file(path)["features"]
+        return answer(load_file(path))
     # one process computes a key; others wait for it and read its file
     with FileLock(str(path) + ".lock"):
         if path.is_file():
-            return load_file(path)["features"]
+            return answer(load_file(path))
         features = compute()
         with atomic_write(path) as tmp:
-            save_file({"features": features.contiguous()}, tmp)
-    return features
+            save_file(features, tmp)
+    return answer(features)

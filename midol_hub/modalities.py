@@ -158,19 +158,22 @@ class ModalityProfile:
         return cls(**values)
 
 
-def default_profiles(size: int) -> dict[str, ModalityProfile]:
+def default_profiles(size: int, mean: tuple[float, float, float] = IMAGENET_MEAN,
+                     std: tuple[float, float, float] = IMAGENET_STD) -> dict[str, ModalityProfile]:
     """The profiles used by the registry models, plus the generic ``auto`` profile.
 
-    All modalities share ImageNet statistics because M-IDoL's official pretraining
-    normalises every image that way (grayscale scans are replicated to RGB first).
+    All modalities share one normalisation, the backbone's: ImageNet statistics for the Swin
+    models, because M-IDoL's official pretraining normalises every image that way, and
+    ``mean``/``std`` for a backbone whose ImageNet weights expect others (grayscale scans are
+    replicated to RGB first).
     ``auto`` is what ``modality="auto"`` uses before the router has picked an expert:
     the whole field of view in colour, which matches every grayscale profile exactly.
     """
     return {
-        "xray": ModalityProfile(size=size, resize="whole", channels="gray"),
-        "fundus": ModalityProfile(size=size, resize="crop", channels="rgb", crop_border=True),
-        "oct": ModalityProfile(size=size, resize="whole", channels="gray"),
-        "dermoscopy": ModalityProfile(size=size, resize="crop", channels="rgb"),
-        "pathology": ModalityProfile(size=size, resize="crop", channels="rgb"),
-        AUTO: ModalityProfile(size=size, resize="whole", channels="rgb"),
+        "xray": ModalityProfile(size=size, resize="whole", channels="gray", mean=mean, std=std),
+        "fundus": ModalityProfile(size=size, resize="crop", channels="rgb", crop_border=True, mean=mean, std=std),
+        "oct": ModalityProfile(size=size, resize="whole", channels="gray", mean=mean, std=std),
+        "dermoscopy": ModalityProfile(size=size, resize="crop", channels="rgb", mean=mean, std=std),
+        "pathology": ModalityProfile(size=size, resize="crop", channels="rgb", mean=mean, std=std),
+        AUTO: ModalityProfile(size=size, resize="whole", channels="rgb", mean=mean, std=std),
     }

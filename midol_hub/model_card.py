@@ -74,12 +74,7 @@ def render_model_card(
         name=name or "M-IDoL model",
         load_name=name or "path/to/this/model",
         num_experts=config.num_experts,
-        backbone=config.backbone,
-        embed_dim=config.embed_dim,
-        depths="-".join(map(str, config.depths)),
-        num_heads="-".join(map(str, config.num_heads)),
-        window_size=config.window_size,
-        patch_size=config.patch_size,
+        backbone_description=_backbone_description(config),
         img_size=config.img_size,
         num_features=config.num_features,
         experts=", ".join(f"{i}: {m}" for i, m in enumerate(config.expert_modalities)),
@@ -93,6 +88,13 @@ def render_model_card(
     )
     values["common"] = _read("common").substitute(values)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_read(template).substitute(values)}")
+
+
+def _backbone_description(config: MIDoLConfig) -> str:
+    if not config.is_swin:
+        return f"`{config.backbone}` (timm's architecture)"
+    return (f"`{config.backbone}` (embed {config.embed_dim}, depths {'-'.join(map(str, config.depths))}, heads "
+            f"{'-'.join(map(str, config.num_heads))}, window {config.window_size}, patch {config.patch_size})")
 
 
 def _calibration_summary(config: MIDoLConfig) -> str:
@@ -121,9 +123,12 @@ def _pretraining_summary(config: MIDoLConfig) -> str:
 
 
 def _lineage(record: dict | None) -> str:
-    """How the init was itself trained, as far as recorded: " (N steps from A (M steps from B))"."""
+    """How the init was itself trained, as far as recorded: " (N steps from A (M steps from B))", ending
+    in the published weights a run started from (" (ImageNet-1k ...)")."""
     if not record:
         return ""
+    if "weights" in record:  # published weights, not a run of ours (the ImageNet start)
+        return f" ({record['weights']})"
     text = f"{record['steps']} steps" + (f" from {record['init']}" if record.get("init") else " from random initialisation")
     return f" ({text}{_lineage(record.get('init_pretraining'))})"
 

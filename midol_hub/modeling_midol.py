@@ -1,4 +1,5 @@
-"""M-IDoL network: a timm Swin backbone and the mixture-of-experts projection head.
+"""M-IDoL network: a timm backbone (the paper's Swin, or any with pooled features and a feature
+pyramid) and the mixture-of-experts projection head.
 
 Reads top to bottom: the MoE head, the model output, the model (forward, encode, save),
 and the Auto-class registration.
@@ -115,7 +116,7 @@ class MIDoLOutput(ModelOutput):
         expert_index: (B,) the expert that produced ``embedding``.
         prototype_logits: (B, K) prototype logits when the model keeps prototypes.
         patch_tokens: (B, D, h, w) final-stage tokens after the last norm, NCHW.
-        pyramid: the four Swin stage outputs, NCHW, from high to low resolution.
+        pyramid: the backbone's feature levels (a Swin's four stages), NCHW, from high to low resolution.
         pooler_output: ``pooled`` under transformers' name (what ``pipeline(..., pool=True)`` reads).
     """
 
@@ -130,7 +131,7 @@ class MIDoLOutput(ModelOutput):
 
 
 class MIDoLModel(PreTrainedModel):
-    """M-IDoL encoder: Swin backbone + MoE projector, with modality-aware ``encode``.
+    """M-IDoL encoder: timm backbone + MoE projector, with modality-aware ``encode``.
 
     Load one with :func:`midol_hub.load_model`, which also attaches provenance.
     """
@@ -143,18 +144,11 @@ class MIDoLModel(PreTrainedModel):
 
     def __init__(self, config: MIDoLConfig) -> None:
         super().__init__(config)
-        self.backbone = timm.create_model(
-            config.backbone,
-            pretrained=False,
-            num_classes=0,
-            img_size=config.img_size,
-            patch_size=config.patch_size,
-            window_size=config.window_size,
-            embed_dim=config.embed_dim,
-            depths=tuple(config.depths),
-            num_heads=tuple(config.num_heads),
-            drop_path_rate=config.drop_path_rate,
-        )
+        self.backbone = timm.create_model(config.backbone, pretrained=False, num_classes=0,
+                                          drop_path_rate=config.drop_path_rate, **_swin_arguments(config))
+        if self.backbone.num_features != config.num_features:
+            raise ValueError(f"backbone {config.backbone} gives {self.backbone.num_features}-d pooled features, "
+                             f"the config says {config.num_features}: fix feature_dim")
         for module in self.backbone.modules():
             if hasattr(module, "fused_attn"):
                 module.fused_attn = config.fused_attention
@@ -272,7 +266,7 @@ class MIDoLModel(PreTrainedModel):
             routing_logits=routing_logits,
             expert_index=expert_index,
             prototype_logits=prototype_logits,
-            patch_tokens=final.permute(0, 3, 1, 2) if output_patch_tokens else None,
+            patch_tokens=to_nchw(self.backbone, final) if output_patch_tokens else None,
             pyramid=pyramid,
             pooler_output=pooled,
         )
@@ -306,6 +300,19 @@ class MIDoLModel(PreTrainedModel):
         name = getattr(self.config, "name_or_path", None) or None
         card = render_model_card(self.config, name=name, results=results, base_model=base_model, notes=card_notes)
         card.save(Path(save_directory) / "README.md")
+
+
+def _swin_arguments(config: MIDoLConfig) -> dict[str, Any]:
+    """The architecture overrides a Swin backbone is built with (other backbones take timm's own)."""
+    if not config.is_swin:
+        return {}
+    return dict(img_size=config.img_size, patch_size=config.patch_size, window_size=config.window_size,
+                embed_dim=config.embed_dim, depths=tuple(config.depths), num_heads=tuple(config.num_heads))
+
+
+def to_nchw(backbone: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """A backbone's final feature map as (B, C, h, w): timm's Swin gives (B, h, w, C), CNNs NCHW already."""
+    return features.permute(0, 3, 1, 2) if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else features
 
 
 def check_weights_file(config: MIDoLConfig, weights_path: Path) -> None:

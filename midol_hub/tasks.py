@@ -130,12 +130,12 @@ class MIDoLForImageClassification(_TaskModel):
 
 
 class MIDoLForSemanticSegmentation(_TaskModel):
-    """The four Swin stages fused top-down (FPN / U-Net style) into per-pixel logits."""
+    """The backbone's feature levels (a Swin's four stages) fused top-down (FPN / U-Net style) into per-pixel logits."""
 
     def __init__(self, config: MIDoLConfig) -> None:
         super().__init__(config)
         self.midol = MIDoLModel(config)
-        channels = [config.embed_dim * 2**i for i in range(len(config.depths))]
+        channels = [level["num_chs"] for level in self.midol.backbone.feature_info]
         dim = config.decoder_dim
         self.lateral = nn.ModuleList(nn.Conv2d(c, dim, kernel_size=1) for c in channels)
         self.fuse = nn.ModuleList(
@@ -179,6 +179,8 @@ def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay
     layer, so every backbone scale is one decay step higher than RETFound's (and it leaves the
     task head out); tests/test_downstream.py checks that difference.
     """
+    if not model.config.is_swin:
+        return _cnn_layer_groups(model, lr, decay, weight_decay)
     depths = model.config.depths
     num_layers = sum(depths)
     starts = [sum(depths[:i]) for i in range(len(depths))]
@@ -194,6 +196,28 @@ def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay
             return starts[stage] + 1  # downsample runs before the stage's first block
         return num_layers + 1
 
+    return _decayed_groups(model, layer_id, num_layers, lr, decay, weight_decay)
+
+
+def _cnn_layer_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
+    """The same for a CNN backbone (EfficientNet): the stem is layer 0, the blocks 1..N in order,
+    the head convolution N + 1, the task head ``lr``."""
+    places = [(s, b) for s, stage in enumerate(model.midol.backbone.blocks) for b in range(len(stage))]
+    num_layers = len(places) + 1
+
+    def layer_id(name: str) -> int:
+        parts = name.split(".")
+        if name.startswith("midol.backbone.blocks."):
+            return places.index((int(parts[3]), int(parts[4]))) + 1
+        if name.startswith("midol.backbone.") and parts[2] in ("conv_stem", "bn1"):
+            return 0
+        return num_layers if name.startswith("midol.backbone.") else num_layers + 1
+
+    return _decayed_groups(model, layer_id, num_layers, lr, decay, weight_decay)
+
+
+def _decayed_groups(model: _TaskModel, layer_id: Any, num_layers: int, lr: float, decay: float,
+                    weight_decay: float) -> list[dict[str, Any]]:
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

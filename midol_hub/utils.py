@@ -111,5 +111,5 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in state.items():
         digest.update(f"{name}:{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too (BN counters)
     return digest.hexdigest()

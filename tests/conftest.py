@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import shared_data
 from midol_hub import DatasetError, MIDoLModel
+from training import shared_data
 
 from .helpers import K, make_micro, microsoft_backbone, prefixed, tutel_state
 
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The real medical images (``benchmarks.shared_data.data_root``); missing data is a failure, never a skip."""
+    """The real medical images (``training.shared_data.data_root``); missing data is a failure, never a skip."""
     try:
         return shared_data.data_root()
     except DatasetError as error:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import shared_data
 from midol_hub import calibrate, routing_report
 from midol_hub.calibration import fit_detector, held_out_distances, in_scope_scores, platt, two_fold
 from midol_hub.detection import (
@@ -20,6 +19,7 @@ from midol_hub.detection import (
     nearest_margin,
     out_of_scope_score,
 )
+from training import shared_data
 
 from .helpers import make_micro
 

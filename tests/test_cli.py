@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from benchmarks import shared_data
 from midol_hub import load_model
 from midol_hub.cli import main
+from training import shared_data
 
 from .helpers import COMMIT_NEW, add_snapshot
 
@@ -50,8 +50,9 @@ def test_every_subcommand_has_help(capsys):
 
 def test_list_and_info(capsys):
     code, out, _ = cli(capsys, "list")
-    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["midol-swin-base", "midol-swin-tiny", "midol-micro"]
-    assert "in the package" in out.splitlines()[2]
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["midol-swin-base", "midol-swin-tiny",
+                                                                            "midol-lite", "midol-micro"]
+    assert "in the package" in out.splitlines()[3]
     code, out, _ = cli(capsys, "info", "midol-swin-base", "--json")
     info = json.loads(out)
     assert info["architecture"]["depths"] == [2, 2, 18, 2] and info["architecture"]["embedding_dim"] == 1024
@@ -59,6 +60,8 @@ def test_list_and_info(capsys):
     assert info["experts"] == {"0": "xray", "1": "fundus", "2": "oct", "3": "dermoscopy", "4": "pathology"}
     code, out, _ = cli(capsys, "info", "midol-micro")
     assert code == 0 and "4.39 M" in out and "oct          gray, whole, 64 px" in out
+    code, out, _ = cli(capsys, "info", "midol-lite")  # a CNN backbone: no Swin fields
+    assert code == 0 and "backbone     tf_efficientnet_lite0: 224 px" in out and "9.94 M" in out
 
 
 def test_encode_folders_to_npz_with_a_manifest(capsys, tmp_path, image_dirs):

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from benchmarks import shared_data
 from midol_hub import (
     ImageReadError,
     ModalityMismatchError,
@@ -20,6 +19,7 @@ from midol_hub import (
     load_model,
     routing_map,
 )
+from training import shared_data
 
 from .helpers import make_micro
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from midol_hub import get_entry
+from midol_hub import get_entry, list_models
 from midol_hub.model_card import (
     card_templates,
     input_spec,
@@ -28,7 +28,7 @@ def split_card(card) -> tuple[dict, str]:
     return yaml.safe_load(match.group(1)), match.group(2)
 
 
-@pytest.mark.parametrize("template", ["midol-swin-base", "midol-swin-tiny", "midol-micro", None])
+@pytest.mark.parametrize("template", ["midol-swin-base", "midol-swin-tiny", "midol-micro", "midol-lite", None])
 def test_every_template_renders_valid_yaml_that_matches_the_config(template):
     entry = get_entry(template) if template else None
     config = entry.make_config() if entry else make_micro().config
@@ -58,7 +58,8 @@ def test_every_template_renders_valid_yaml_that_matches_the_config(template):
 
 
 def test_all_registry_models_have_a_template():
-    assert card_templates() == ["midol", "midol-micro", "midol-swin-base", "midol-swin-tiny"]
+    assert card_templates() == sorted(["midol", *list_models()])
+    assert "midol-lite" in card_templates()
 
 
 def test_save_pretrained_fills_the_evaluation_table_from_a_json_file(tmp_path):

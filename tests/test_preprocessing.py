@@ -184,3 +184,4 @@ def test_bad_files_are_named(micro, tmp_path):
 def test_empty_list_is_rejected(micro):
     with pytest.raises(ValueError, match="empty list of images; pass at least one image"):
         micro.preprocess([], "oct")
+

@@ -103,6 +103,10 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
 
     with safe_open(tmp_path / "model_fp16" / "model.safetensors", "pt") as stored:
         assert stored.get_tensor("head.fc1_weight").dtype == torch.float16
+        # the first stages and 1-D tensors stay fp32 (rounding them moves midol-lite's embeddings by 0.1)
+        assert stored.get_tensor("backbone.patch_embed.proj.weight").dtype == torch.float32
+        assert stored.get_tensor("backbone.layers.2.blocks.0.norm1.weight").dtype == torch.float32
+        assert stored.get_tensor("backbone.layers.2.blocks.0.attn.qkv.weight").dtype == torch.float16
     assert load_model(tmp_path / "model_fp16").head.fc1_weight.dtype == torch.float32  # computed in fp32
     kept = export.export(tmp_path / "run", tmp_path / "model2", keep_prototypes=True).model
     assert kept.head.prototypes.weight.shape == (4096, 256)

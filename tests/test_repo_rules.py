@@ -27,6 +27,13 @@ def test_inference_package_never_imports_training_or_benchmarks():
     assert offenders == []
 
 
+def test_training_never_imports_benchmarks():
+    pattern = re.compile(r"^\s*(from|import)\s+benchmarks\b", re.MULTILINE)
+    offenders = [p.name for p in (REPO / "training").rglob("*.py") if pattern.search(p.read_text())]
+    assert (REPO / "training" / "prepare_shared_data.py").is_file()  # the folder is really read
+    assert offenders == []
+
+
 def test_examples_use_only_the_public_api():
     import midol_hub
 
@@ -80,7 +87,7 @@ def test_no_import_cycle_inside_midol_hub():
 
 
 def test_the_data_layout_lives_in_one_module():
-    """Only benchmarks/shared_data.py names the folders of $MIDOL_DATA (tests may read files)."""
+    """Only training/shared_data.py names the folders of $MIDOL_DATA (tests may read files)."""
     folders = re.compile(r"pneumoniamnist_balanced_subset|kermany_oct2017|isic_uda1_|idrid_segmentation|bloodmnist/")
     offenders = [str(p.relative_to(REPO)) for p in PY_FILES if folders.search(p.read_text(encoding="utf-8"))
                  and p.parts[len(REPO.parts)] not in ("tests",) and p.name != "shared_data.py"]

@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from benchmarks import shared_data
 from benchmarks.evaluate import modality_separation
 from midol_hub import (
     MODALITIES,
@@ -25,6 +24,7 @@ from midol_hub import (
 )
 from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT
 from training.config import deviations_from_official
+from training import shared_data
 
 from .helpers import REPO
 

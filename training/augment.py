@@ -55,11 +55,13 @@ class StainJitter:
 
 
 class MultiCrop:
-    """Two global crops and ``local_number`` local crops, all returned at ``size`` pixels.
+    """Two global crops at ``size`` pixels and ``local_number`` local crops.
 
     The paper resizes every crop to the global size. ``local_size`` (smaller than ``size``)
-    renders local crops at that resolution first, then upsamples them, keeping one input size
-    for the network (a dynamic-size Swin differs from the inference network). Images whose tag
+    renders local crops at that resolution first; with ``local_upsample`` they are then
+    upsampled to ``size``, keeping one input size for the network (a dynamic-size Swin differs
+    from the inference network), without it they stay small, as DINO's 96 px local crops for a
+    CNN, which takes any size (and costs a fifth as much on them). Images whose tag
     is in ``stain_tags`` get :class:`StainJitter` (drawn once per image, shared by its crops,
     with probability ``stain_p``) before cropping.
     """
@@ -77,6 +79,7 @@ class MultiCrop:
         stain_p: float = 0.8,
         stain_sigma: float = 0.05,
         ihc_patterns: str | tuple[str, ...] = ("nuclear",),
+        local_upsample: bool = True,
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),
@@ -91,7 +94,7 @@ class MultiCrop:
             [crop(global_scale, size), *flip_and_color, v2.RandomApply([blur], p=0.1), v2.RandomSolarize(0.5, p=0.2), *normalize]
         )
         local = [crop(local_scale, local_size or size)]
-        if local_size and local_size != size:
+        if local_size and local_size != size and local_upsample:
             local.append(v2.Resize(size, antialias=True))
         self.local = v2.Compose([*local, *flip_and_color, v2.RandomApply([blur], p=0.5), *normalize])
         self.local_number = local_number

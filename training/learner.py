@@ -19,6 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from midol_hub import MIDoLModel
+from midol_hub.dtypes import native_bf16
 
 from .distributed import is_distributed
 from .losses import MIDoLLoss
@@ -45,6 +46,11 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
 
 
+def stages(backbone: torch.nn.Module) -> torch.nn.ModuleList:
+    """A timm backbone's stages: a Swin's ``layers``, a CNN's ``blocks`` (FSDP's units)."""
+    return backbone.layers if hasattr(backbone, "layers") else backbone.blocks
+
+
 @torch.no_grad()
 def clip_each_parameter(parameters, max_norm: float) -> None:
     """Scale each parameter's gradient to norm ``max_norm`` at most, separately (official
@@ -53,6 +59,27 @@ def clip_each_parameter(parameters, max_norm: float) -> None:
         if param.grad is not None:
             scale = max_norm / (param.grad.norm(2) + 1e-6)
             param.grad.mul_(scale.clamp(max=1.0))
+
+
+class MultiCropForward(torch.nn.Module):
+    """The student on every crop: one forward per crop size (global and small local crops of a
+    CNN), outputs concatenated in crop order; one forward when all crops share a size. A module,
+    so that DDP wraps the whole multi-crop forward as one call."""
+
+    def __init__(self, student: MIDoLModel) -> None:
+        super().__init__()
+        self.student = student
+
+    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prototype logits, routing logits) of all crops, in crop order."""
+        groups: list[list[torch.Tensor]] = []
+        for crop in crops:
+            if groups and groups[-1][0].shape[-2:] == crop.shape[-2:]:
+                groups[-1].append(crop)
+            else:
+                groups.append([crop])
+        outputs = [self.student(torch.cat(group)) for group in groups]
+        return (torch.cat([out.prototype_logits for out in outputs]), torch.cat([out.routing_logits for out in outputs]))
 
 
 @dataclass
@@ -73,15 +100,16 @@ class Learner:
         if self.strategy not in STRATEGIES:
             raise TrainingError(f"dist.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         self.sharded = is_distributed() and self.strategy == "fsdp"
-        if self.sharded:  # each Swin stage and the head are units: gathered for their forward, freed after
+        if self.sharded:  # each backbone stage and the head are units: gathered for their forward, freed after
             for model in (student, teacher):
-                for stage in model.backbone.layers:
+                for stage in stages(model.backbone):
                     fully_shard(stage)
                 fully_shard(model.head)
                 fully_shard(model)
-            self.model = student
+            self.model = MultiCropForward(student)
         else:
-            self.model = DistributedDataParallel(student) if is_distributed() else student
+            forward = MultiCropForward(student)
+            self.model = DistributedDataParallel(forward) if is_distributed() else forward
         self.loss = MIDoLLoss(
             student.config.num_prototypes, 2 + config["crops"]["local_number"], obj["teacher_temp"], obj["student_temp"],
             obj["route_student_temp"], obj["center_momentum"], obj["sinkhorn_eps"], obj["sinkhorn_iters"],
@@ -93,8 +121,10 @@ class Learner:
             raise TrainingError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
         self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
         precision = optim["precision"]
+        if precision == "auto":  # bf16 where the device computes it natively (2x fp32 there), else fp32 (6x faster than emulated bf16)
+            precision = "bf16" if native_bf16(device) else "fp32"
         if precision not in ("fp32", "bf16", "fp16"):
-            raise TrainingError(f"optim.precision must be fp32, bf16 or fp16, got {precision!r}")
+            raise TrainingError(f"optim.precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         if precision == "fp16" and device.type != "cuda":
             raise TrainingError("optim.precision fp16 needs CUDA (with a GradScaler); use bf16 on CPU")
         self.precision = precision
@@ -122,9 +152,9 @@ class Learner:
             with self.autocast():
                 with torch.no_grad():
                     teacher_out = self.teacher(torch.cat(crops[:2]))
-                student_out = self.model(torch.cat(crops))
-                loss, route, distill = self.loss(student_out.prototype_logits, teacher_out.prototype_logits,
-                                                 student_out.routing_logits, teacher_out.routing_logits, teacher_temp)
+                student_prototypes, student_routing = self.model(crops)
+                loss, route, distill = self.loss(student_prototypes, teacher_out.prototype_logits,
+                                                 student_routing, teacher_out.routing_logits, teacher_temp)
             value, route_value, distill_value = torch.stack([loss, route, distill]).tolist()  # one device sync
             if not math.isfinite(value):
                 raise TrainingError(f"the loss is {value}; lower optim.lr or train in fp32")

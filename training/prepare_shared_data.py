@@ -1,6 +1,6 @@
 """Write the training data of the shared medical images: ``python -m training.prepare_shared_data OUT_DIR``.
 
-Uses exactly the training sides of ``benchmarks.shared_data`` (the labelled sets' splits and the
+Uses exactly the training sides of ``training.shared_data`` (the labelled sets' splits and the
 written-down full-resolution split), so pretraining never sees a test image, nor the two
 quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
 
@@ -8,7 +8,7 @@ quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
 - Full-resolution files are resized once (shortest side ``CACHE_SIDE``) into ``OUT_DIR/fullres``,
   so decoding a 3,400 px fundus photograph does not slow every step; multi-scale crops are then
   cut from that copy. The large pathology regions are first cut into tiles
-  (``benchmarks.shared_data.region_tiles``: 112 um and twice that, overlapping by half).
+  (``training.shared_data.region_tiles``: 112 um and twice that, overlapping by half).
 - Each modality's full-resolution list repeats its files so that they make up about
   ``FULLRES_SHARE`` of that modality's draws (at most ``MAX_REPEATS`` copies): a few dozen real
   images are otherwise lost among thousands of 28 px ones.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.shared_data import (
+from .shared_data import (
     PATHOLOGY_REGIONS,
     TRAINING_ARRAYS,
     data_root,

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .config import RENAMED_VALUES, ConfigError, load_config, save_config
 from .data import BALANCE_MODES, MapData, open_source
 from .distributed import is_distributed
+from .imagenet import IMAGENET, IMAGENET_SOURCE, load_imagenet_backbone
 from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, RoutingMonitor, routing_stats
 from .schedules import cosine, linear_then_constant
@@ -122,10 +123,15 @@ def open_training_data(specs: list[str], config: dict[str, Any], augment: MultiC
 
 
 def init_from(student: MIDoLModel, source: str) -> None:
-    """Start from a midol_hub model: its whole backbone, and the head tensors whose shapes
+    """Start from ``"imagenet"`` (the backbone's installed ImageNet weights, :mod:`training.imagenet`;
+    a fresh head) or from a midol_hub model: its whole backbone, and the head tensors whose shapes
     match (a one-expert DINO head does not fit five experts: the head then starts fresh,
     as the official run starts a fresh head on an ImageNet backbone). The student's config takes
     the init's pretraining record, so every checkpoint carries the lineage of its weights."""
+    if source == IMAGENET:
+        load_imagenet_backbone(student)
+        student.config.pretraining = {"weights": IMAGENET_SOURCE}
+        return
     own = student.state_dict()
     loaded = load_model(source)
     student.config.pretraining = loaded.config.pretraining
@@ -180,10 +186,16 @@ def run(args: argparse.Namespace) -> None:
     student, teacher = build_models(config, device)
     image_size = student.config.img_size
     crops = config["crops"]
+    if crops["global_size"] and crops["global_size"] != image_size:
+        if student.config.is_swin:
+            raise ConfigError(f"crops.global_size {crops['global_size']}: a Swin backbone trains at its input size {image_size}")
+        image_size = crops["global_size"]
     try:
+        normalisation = student.config.profile("auto")
         augment = MultiCrop(image_size, crops["global_scale"], crops["local_scale"], crops["local_number"],
-                            crops["local_size"], stain_tags=tuple(crops["stain_tags"]), stain_p=crops["stain_p"],
-                            stain_sigma=crops["stain_sigma"], ihc_patterns=crops["ihc_patterns"])
+                            crops["local_size"], normalisation.mean, normalisation.std, stain_tags=tuple(crops["stain_tags"]),
+                            stain_p=crops["stain_p"], stain_sigma=crops["stain_sigma"], ihc_patterns=crops["ihc_patterns"],
+                            local_upsample=crops["local_upsample"])
     except ValueError as error:
         raise ConfigError(f"crops: {error}") from None
     global_batch = optim_cfg["batch_size"]

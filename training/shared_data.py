@@ -8,7 +8,7 @@ the benchmarks and the tests all read it through these functions. The inference 
 Splits never leak a patient, lesion or slide: MedMNIST files keep their official splits, OCT
 is split by patient id, ISIC by lesion id (the same lesion at every resolution stays on one
 side), the Kather 2016 tiles by source slide. The full-resolution train/test parts are written
-down in ``fullres_split.json`` beside this file (``python -m benchmarks.shared_data`` rewrites
+down in ``fullres_split.json`` beside this file (``python -m training.shared_data`` rewrites
 it from the rules in :func:`fullres_split`). Test parts are for reporting only, never for a
 choice. The two quickstart images stay out of every split, calibration and choice.
 """
@@ -104,6 +104,22 @@ def oct_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
     return train, test
 
 
+HANNOVER_CXR = "xray/hannover_covid19_cxr"
+
+
+def hannover_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
+    """AP vs PA projection of the Hannover chest radiographs (243 images of 71 patients), split by patient."""
+    images, labels, groups = [], [], []
+    with open(root / HANNOVER_CXR / "data.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            images.append(str(root / HANNOVER_CXR / "png" / f"{row['image_id']}.png"))
+            labels.append(["ap", "pa"].index(row["projection"].lower()))
+            groups.append(row["patient_id"])
+    data = LabelledImages(images, np.array(labels), ["AP", "PA"], groups, "hannover")
+    train, test = group_split(data, [0.7, 0.3], seed=0)
+    return train, test
+
+
 BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, LabelledImages]]]] = {
     "PneumoniaMNIST": ("xray", _npz("xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz", ["normal", "pneumonia"])),
     "RetinaMNIST": ("fundus", _npz("fundus/retinamnist/retinamnist.npz", [f"grade {i}" for i in range(5)])),
@@ -113,6 +129,7 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, Labelled
     "PathMNIST (subset)": ("pathology", pathmnist_splits),
     "ISIC nevus vs melanoma": ("dermoscopy", isic_splits),
     "Kermany OCT": ("oct", oct_splits),
+    "Hannover CXR AP vs PA": ("xray", hannover_splits),
 }
 """Labelled sets: name -> (modality, root -> (train, test))."""
 
@@ -196,7 +213,7 @@ def random_crops(image: Image.Image, count: int, rng: np.random.Generator) -> li
 
 
 def group_of(root: Path, path: str | Path) -> str:
-    """What a file must stay together with: its patient (OCT), source slide (Kather 2016), tissue
+    """What a file must stay together with: its patient (OCT, the Hannover radiographs), source slide (Kather 2016), tissue
     region (the OpenSlide crops: both Ki67 files show one region), else the file name's stem (an
     ISIC lesion id, shared by its copies at every size)."""
     path = Path(path)
@@ -207,7 +224,16 @@ def group_of(root: Path, path: str | Path) -> str:
         return f"region {relative.parent}"
     if relative.is_relative_to(KATHER_2016):
         return f"slide {kather_slides(root)[str(relative.relative_to(KATHER_2016))]}"
+    if relative.is_relative_to(HANNOVER_CXR):
+        return f"cxr patient {hannover_patients(root)[path.stem]}"
     return path.stem
+
+
+@functools.cache
+def hannover_patients(root: Path) -> dict[str, str]:
+    """Hannover radiograph image id -> its patient id (from the folder's data.csv)."""
+    with open(root / HANNOVER_CXR / "data.csv", newline="") as handle:
+        return {row["image_id"]: row["patient_id"] for row in csv.DictReader(handle)}
 
 
 @functools.cache
@@ -252,9 +278,10 @@ def fullres_split(root: Path) -> dict[str, dict[str, list[str]]]:
         train, test = group_split(data, [fraction, 1 - fraction], seed=seed)
         return _relative(root, train.images), _relative(root, test.images)
 
-    # chest X-ray: the only two full-resolution files, one each side
+    # chest X-ray: the two NIH files one each side; the Hannover radiographs on their probe's sides (by patient)
     xray = _relative(root, image_files(root / "xray/nih_chestxray14_examples"))
-    put("xray", xray[:1], xray[1:])
+    cxr_train, cxr_test = hannover_splits(root)
+    put("xray", xray[:1] + _relative(root, cxr_train.images), xray[1:] + _relative(root, cxr_test.images))
     # fundus: IDRiD has no patient ids in its names; split by file
     put("fundus", *by_group(image_files(root / "fundus/idrid_segmentation_train_cropped"), lambda p: p.stem, 0.7, 0))
     # OCT: the labelled split's own sides (by patient)

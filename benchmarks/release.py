@@ -1,4 +1,10 @@
-"""Reproduce the shipped midol-micro (v3): ``python -m training.release_micro WORK_DIR [--init V2_DIR]``.
+"""Reproduce a shipped model: ``python -m benchmarks.release WORK_DIR [--model midol-lite | midol-micro]``.
+
+midol-lite: trains ``configs/midol_lite.yaml`` from ImageNet (``WORK/lite``), exports it calibrated
+on the training sides (fp16) into the package and writes its card from ``benchmarks.evaluate``
+of the model and its baselines side by side (:func:`release_lite`).
+
+midol-micro (v3, ``--init V2_DIR``):
 
 1. Writes the training data (``training.prepare_shared_data``): the MedMNIST-type training
    splits and the full-resolution training parts, resized once and tiled.
@@ -37,19 +43,18 @@ import numpy as np
 import torch
 
 from benchmarks import ood
-from benchmarks.evaluate import evaluate, modality_separation
-from benchmarks.shared_data import BENCHMARKS, calibration_set, data_root
+from benchmarks.evaluate import COMPARED, comparison_table, evaluate, figure, modality_separation, model_at
 from midol_hub import calibrate, extract_features, few_shot, load_model
 from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
 from midol_hub.features import weights_fingerprint
 from midol_hub.model_card import SEPARATION, separation_table
+from training import export, pretrain
+from training.checkpoint import list_checkpoints, load_checkpoint
+from training.config import deviations_from_official
+from training.prepare_shared_data import prepare
+from training.shared_data import BENCHMARKS, calibration_set, data_root
 
-from . import export, pretrain
-from .checkpoint import list_checkpoints, load_checkpoint
-from .config import deviations_from_official
-from .prepare_shared_data import prepare
-
-CONFIG = Path(__file__).parent / "configs" / "midol_micro_v3.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "midol_micro_v3.yaml"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "midol_hub" / "weights" / "midol-micro"
 CHOICE_STEPS = 300
 ROUNDS = 3
@@ -71,7 +76,7 @@ CHANGES = [
     "stages with a threshold per modality (comparison below, on training images and the out-of-scope set only).",
     "- **What the detector is calibrated on.** The labelled training images, every full-resolution training file "
     "whole, four multi-scale crops of each, and the large pathology regions as the tiles pretraining saw "
-    "(`benchmarks.shared_data.calibration_set`); thresholds are held-out quantiles by patient, lesion, slide or file "
+    "(`training.shared_data.calibration_set`); thresholds are held-out quantiles by patient, lesion, slide or file "
     "over five two-fold splits. A first calibration held out single images, so a lesion's full-size file was scored "
     "with its small copy in the fitting half: its thresholds were too tight for new lesions, and its out-of-scope "
     "rate (0.906) came from one lucky split (0.750 for the same form and settings over five grouped splits). Settings chosen on "
@@ -84,8 +89,8 @@ CHANGES = [
 ]
 
 
-def train(run: Path, data: list[str], *extra: str) -> None:
-    args = ["--config", str(CONFIG), "--data", *data, "--output-dir", str(run), *extra]
+def train(run: Path, data: list[str], *extra: str, config: Path = CONFIG) -> None:
+    args = ["--config", str(config), "--data", *data, "--output-dir", str(run), *extra]
     if list_checkpoints(run) if run.is_dir() else []:
         args.append("--resume")
     if pretrain.main(args) != 0:
@@ -300,19 +305,105 @@ def comparison_notes(results: dict, choice: list[str], rounds: list[str], minute
               "6-9x slower than fp32). Configuration (`training/configs/midol_micro_v3.yaml` over `defaults.yaml`):", "",
               "```yaml", config_text.strip(), "```", "",
               "Reproduce the numbers above: `python -m benchmarks.evaluate --model midol-micro --separation --out "
-              "results.json`. Reproduce the model: `python -m training.release_micro WORK_DIR`."]
+              "results.json`. Reproduce the model: `python -m benchmarks.release WORK_DIR`."]
+    return "\n".join(lines)
+
+
+LITE_CONFIG = CONFIG.with_name("midol_lite.yaml")
+LITE_COLUMNS = {"lite": ("midol-lite `embedding` (this model)", "embedding"),
+                "lite-pooled": ("midol-lite `pooled`", "pooled"),
+                "lite-combined": ("midol-lite `combined`", "combined"),
+                "imagenet": ("ImageNet EfficientNet-Lite0 `pooled` (the start)", "pooled"),
+                "random": ("random EfficientNet-Lite0 `pooled`", "pooled"),
+                "micro": ("midol-micro v3 `embedding`", "embedding")}
+"""The lite card's comparison columns: label -> (heading, feature measured)."""
+
+
+def release_lite(work: Path, install: Path) -> None:
+    """midol-lite: one run of ``midol_lite.yaml`` from ImageNet (``WORK/lite``), exported calibrated
+    (fp16) into ``install``, and its card from :func:`lite_results` and the targets."""
+    data = prepare(work / "data")
+    run = work / "lite"
+    train(run, data, config=LITE_CONFIG)
+    calibration = calibration_set(data_root())
+    export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
+    results = lite_results(work, load_model(install))
+    notes = lite_notes(results, training_minutes([run]), LITE_CONFIG.read_text())
+    card = {key: value for key, value in results["lite"].items() if key != "few-shot"}
+    exported = export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16",
+                             results=card, card_notes=notes)
+    print(notes)
+    print(f"installed {install}; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}")
+
+
+def lite_results(work: Path, model) -> dict:
+    """Every column of :data:`LITE_COLUMNS` measured by ``benchmarks.evaluate`` on the same splits (the
+    model's with ``modality="auto"``), kept in ``WORK/results-LABEL-KEY.json``."""
+    models = {"lite": model, "imagenet": model_at("midol-lite", "imagenet"), "random": model_at("midol-lite", "random"),
+              "micro": load_model("midol-micro")}
+    results = {}
+    for label, (_, feature) in LITE_COLUMNS.items():
+        measured = models[label.split("-")[0]]
+        path = work / f"results-{label}-{results_key(measured)}.json"
+        if not path.exists():
+            root = data_root()
+            result = evaluate(measured, root, feature=feature, cache_dir=str(work / "feature_cache"), progress=True)
+            if label == "lite":
+                result[SEPARATION] = modality_separation(measured, root)
+            path.write_text(json.dumps(result, indent=2))
+        results[label] = json.loads(path.read_text())
+    return results
+
+
+def lite_targets(results: dict) -> list[str]:
+    """The issue's feature targets: the default ``embedding`` against its own ImageNet start."""
+    lines = ["| target | wanted | measured | |", "|---|---|---|---|"]
+    for protocol, metric in COMPARED:
+        gain = figure(results["lite"], "mean", protocol, metric) - figure(results["imagenet"], "mean", protocol, metric)
+        worst = min((figure(results["lite"], d, protocol, metric) - figure(results["imagenet"], d, protocol, metric), d)
+                    for d in BENCHMARKS)
+        lines.append(f"| mean {protocol} {metric} over the ImageNet start | >= +0.02 | {gain:+.3f} | "
+                     f"{'met' if gain >= 0.02 else f'missed by {0.02 - gain:.3f}'} |")
+        lines.append(f"| worst set, {protocol} {metric} | >= -0.02 | {worst[0]:+.3f} ({worst[1]}) | "
+                     f"{'met' if worst[0] >= -0.02 else f'missed by {-0.02 - worst[0]:.3f}'} |")
+    oct_probe = results["lite"]["Kermany OCT"]["linear probe"]["accuracy"]
+    lines.append(f"| Kermany OCT linear probe | >= 0.80 | {oct_probe:.3f} | "
+                 f"{'met' if oct_probe >= 0.8 else f'missed by {0.8 - oct_probe:.3f}'} |")
+    return lines
+
+
+def lite_notes(results: dict, minutes: float, config_text: str) -> str:
+    """The lite card's comparison, targets and training sections."""
+    lines = ["### Against its ImageNet start, random initialisation and midol-micro (test splits)", "",
+             "Linear probe accuracy / kNN accuracy (k = 20) / precision@10 of test queries against the training "
+             "images, each column's own feature, the same splits (`benchmarks.evaluate`, training sets capped at 3,000 "
+             "and test sets at 2,000 images).", "",
+             comparison_table({heading: results[label] for label, (heading, _) in LITE_COLUMNS.items()}), "",
+             "**Feature targets** (the default `embedding` against the ImageNet start's pooled feature):", "",
+             *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "",
+             "### Training", "",
+             f"On a 2-core CPU (AMD EPYC with AVX-512 BF16), bf16 autocast: {minutes:.0f} min. Configuration "
+             "(`training/configs/midol_lite.yaml` over `defaults.yaml`):", "", "```yaml", config_text.strip(), "```", "",
+             "Reproduce the numbers: `python -m benchmarks.evaluate --model midol-lite --separation --out results.json` "
+             "(and `--init imagenet --feature pooled` for the start). Reproduce the model: "
+             "`python -m benchmarks.release WORK_DIR --model midol-lite`."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.release_micro", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.release", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("work_dir")
-    parser.add_argument("--install", default=str(PACKAGE_WEIGHTS), help="where the released model directory goes")
+    parser.add_argument("--model", choices=("midol-micro", "midol-lite"), default="midol-micro", help="which model to release")
+    parser.add_argument("--install", default=None, help="where the released model directory goes (default: the package's)")
     parser.add_argument("--init", default=None, help="midol-micro v2's model directory (default: WORK/v2, copied from "
                                                      "the package on the first run)")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
+    if args.model == "midol-lite":
+        release_lite(work, Path(args.install or PACKAGE_WEIGHTS.with_name("midol-lite")))
+        return 0
+    args.install = args.install or str(PACKAGE_WEIGHTS)
     v2 = Path(args.init) if args.init else work / "v2"
     if not v2.is_dir():
         shipped = json.loads((PACKAGE_WEIGHTS / "config.json").read_text()).get("pretraining") or {}

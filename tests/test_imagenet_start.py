@@ -1,0 +1,170 @@
+"""midol-lite's start: ImageNet EfficientNet-Lite0 weights from the package index, converted onto
+timm, an M-IDoL model on a non-Swin backbone, and a pretraining run that starts from them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from skimage import data as skimage_data
+
+from midol_hub import MIDoLConfig, MIDoLModel, load_model
+from training import export, pretrain
+from training.augment import MultiCrop
+from training.config import ConfigError, load_config
+from training.imagenet import (
+    IMAGENET_SOURCE,
+    ImageNetWeightsError,
+    imagenet_state_dict,
+    imagenet_weights_file,
+    load_imagenet_backbone,
+)
+from training.learner import Learner, MultiCropForward
+
+from .helpers import REPO
+
+LITE = str(REPO / "training" / "configs" / "midol_lite.yaml")
+EGYPTIAN_CAT, CAT_CLASSES = 285, range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+def test_converted_weights_load_strictly_and_see_a_cat():
+    network = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    network.load_state_dict(imagenet_state_dict("tf_efficientnet_lite0", network), strict=True)
+    photo = Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(photo)).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        probs = network(((pixels - 0.5) / 0.5)[None]).softmax(-1)[0]
+    assert int(probs.argmax()) == EGYPTIAN_CAT and float(probs[list(CAT_CLASSES)].sum()) > 0.9  # measured: 0.77 / 0.96
+
+
+def test_midol_lite_backbone_takes_every_imagenet_tensor_and_keeps_its_head():
+    model = load_model("midol-lite", pretrained=False)
+    head_before = {k: v.clone() for k, v in model.head.state_dict().items()}
+    load_imagenet_backbone(model)
+    reference = imagenet_state_dict("tf_efficientnet_lite0", model.backbone)
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    assert all(torch.equal(head_before[k], v) for k, v in model.head.state_dict().items())
+
+
+def test_an_architecture_without_installable_imagenet_weights_is_named():
+    with pytest.raises(ImageNetWeightsError, match="swin_micro_patch2_window4_64.*tf_efficientnet_lite0"):
+        imagenet_weights_file("swin_micro_patch2_window4_64")
+
+
+def test_a_non_swin_backbone_gives_pooled_features_a_pyramid_and_nchw_tokens(tmp_path):
+    model = load_model("midol-lite", pretrained=False)
+    assert model.config.num_features == 1280 and model.config.profile("xray").mean == (0.5, 0.5, 0.5)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 160, 160), output_pyramid=True, output_patch_tokens=True)
+    assert out.embedding.shape == out.pooled.shape == (2, 1280)
+    assert [tuple(level.shape[1:]) for level in out.pyramid] == [(16, 80, 80), (24, 40, 40), (40, 20, 20), (112, 10, 10),
+                                                                  (320, 5, 5)]
+    assert out.patch_tokens.shape == (2, 1280, 5, 5)
+    model.save_pretrained(tmp_path)
+    again = load_model(tmp_path)
+    batch = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch).embedding, model(batch).embedding, atol=1e-5, rtol=0)  # same weights
+
+
+def test_a_non_swin_config_needs_its_feature_width():
+    with pytest.raises(ValueError, match="feature_dim"):
+        MIDoLConfig(backbone="tf_efficientnet_lite0")
+    with pytest.raises(ValueError, match="1280-d pooled features, the config says 1024"):
+        MIDoLModel(MIDoLConfig(backbone="tf_efficientnet_lite0", feature_dim=1024, hidden_dim=32, num_prototypes=16))
+
+
+def test_small_local_crops_stay_small_and_the_student_sees_each_size_once():
+    crops = MultiCrop(96, local_number=3, local_size=40, local_upsample=False)(torch.rand(3, 120, 100))
+    assert [tuple(c.shape) for c in crops] == [(3, 96, 96)] * 2 + [(3, 40, 40)] * 3
+    assert [c.shape[-1] for c in MultiCrop(96, local_number=1, local_size=40)(torch.rand(3, 120, 100))] == [96, 96, 96]
+    config = MIDoLConfig(backbone="tf_efficientnet_lite0", feature_dim=1280, hidden_dim=32, num_prototypes=64,
+                         keep_prototypes=True)
+    student = MIDoLModel(config).eval()
+    batch = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
+    with torch.no_grad():
+        prototypes, routing = MultiCropForward(student)(batch)
+        globals_, locals_ = student(torch.cat(batch[:2])), student(torch.cat(batch[2:]))
+    assert torch.equal(prototypes, torch.cat([globals_.prototype_logits, locals_.prototype_logits]))
+    assert torch.equal(routing, torch.cat([globals_.routing_logits, locals_.routing_logits]))
+
+
+def test_precision_auto_follows_the_machine(monkeypatch):
+    config = load_config(LITE, ["model.init=null", "model.num_prototypes=64"])
+    student, teacher = pretrain.build_models(config, torch.device("cpu"))
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr("training.learner.native_bf16", lambda device, native=native: native)
+        assert Learner(config, student, teacher, torch.device("cpu")).precision == expected
+
+
+def test_a_swin_cannot_train_at_another_global_size(tmp_path, data_root):
+    retina = f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}"
+    args = ["--config", str(REPO / "training/configs/midol_micro.yaml"), "--data", retina, "--output-dir",
+            str(tmp_path / "run"), "--max-steps", "1", "--set", "crops.global_size=48"]
+    config = pretrain.resolve_config(pretrain.parse_args(args))
+    assert config["crops"]["global_size"] == 48
+    assert pretrain.main(args) != 0 and not (tmp_path / "run" / "log.jsonl").exists()
+    with pytest.raises(ConfigError, match="global_size 48: a Swin backbone trains at its input size 64"):
+        pretrain.run(pretrain.parse_args(args))
+
+
+@pytest.mark.slow
+def test_a_run_from_imagenet_records_the_start_and_exports(tmp_path, data_root):
+    data = [f"oct={data_root / 'oct/kermany_oct2017_samples_c'}",
+            f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
+    run = tmp_path / "run"
+    code = pretrain.main(["--config", LITE, "--data", *data, "--output-dir", str(run), "--batch-size", "4",
+                          "--max-steps", "2", "--set", "crops.global_size=64", "--set", "crops.local_size=32",
+                          "--set", "model.num_prototypes=256", "--set", "run.routing_every=0"])
+    assert code == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    model = export.export(run, tmp_path / "model").model
+    record = model.config.pretraining
+    assert record["init"] == "imagenet" and record["init_pretraining"] == {"weights": IMAGENET_SOURCE}
+    imagenet = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(imagenet)
+    stem = "backbone.conv_stem.weight"
+    moved = (model.state_dict()[stem] - imagenet.state_dict()[stem]).abs().max()
+    assert 0 < moved < 1e-2  # two small steps (EMA of the student) away from ImageNet, not random
+
+
+def test_lora_and_class_heatmaps_work_on_a_cnn_backbone(data_root):
+    from midol_hub import MIDoLForImageClassification, class_heatmap, lora_classifier
+
+    encoder = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(encoder)
+    wrapped = lora_classifier(encoder, ["a", "b"], "dermoscopy", rank=4)
+    adapted = {name.split(".lora_A")[0] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+    assert len(adapted) == 2 * 15 + 1 and all(name.endswith(("conv_pw", "conv_pwl")) for name in adapted)  # 16 blocks
+    trainable = {name for name, p in wrapped.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or ".norm." in name or ".classifier." in name for name in trainable)
+    images = sorted((data_root / "dermoscopy/isic_uda1_250px").glob("*.jpg"))[:2]
+    classifier = MIDoLForImageClassification.from_encoder(encoder, ["a", "b"], "dermoscopy")
+    maps = class_heatmap(classifier, [str(p) for p in images])
+    assert maps.heat.shape == (2, 224, 224) and float(maps.heat.min()) >= 0 and float(maps.heat.max()) <= 1
+    assert float(maps.heat.std()) > 0.01  # a map, not a constant
+
+
+def test_segmentation_and_layer_decay_follow_a_cnn_backbone():
+    from midol_hub import MIDoLForSemanticSegmentation
+    from midol_hub.tasks import layerwise_lr_groups
+
+    config = MIDoLConfig(**{**load_model("midol-lite", pretrained=False).config.to_dict(), "num_labels": 3})
+    model = MIDoLForSemanticSegmentation(config).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).logits.shape == (1, 3, 96, 96)
+    assert [layer.in_channels for layer in model.lateral] == [16, 24, 40, 112, 320]
+    groups = layerwise_lr_groups(model, lr=1.0, decay=0.5, weight_decay=0.05)
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    lr = {name: by_param[id(p)] for name, p in model.named_parameters()}
+    blocks = 16
+    assert lr["midol.backbone.conv_stem.weight"] == 0.5 ** (blocks + 2)  # the stem decays most
+    assert lr["midol.backbone.blocks.0.0.conv_dw.weight"] == 0.5 ** (blocks + 1)
+    assert lr["midol.backbone.blocks.6.0.conv_pwl.weight"] == 0.5 ** 2
+    assert lr["midol.backbone.conv_head.weight"] == 0.5 and lr["classifier.weight"] == 1.0
