@@ -327,7 +327,14 @@ def release_lite(work: Path, install: Path) -> None:
     train(run, data, config=LITE_CONFIG)
     calibration = calibration_set(data_root())
     export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
-    results = lite_results(work, load_model(install))
+    model = load_model(install)
+    unserved = sorted(set(calibration.images) - set(model.config.expert_modalities))
+    if unserved:  # the router did not learn the modalities: nothing to release, say why
+        accuracy = model.config.modality_calibration["accuracy"]
+        raise SystemExit(f"{run}: no expert serves {', '.join(unserved)} (routing accuracy on the calibration images: "
+                         + ", ".join(f"{m} {a:.2f}" for m, a in accuracy.items()) + "); the router did not specialise, "
+                         f"so {install} is not a release: train longer or with another recipe")
+    results = lite_results(work, model)
     notes = lite_notes(results, training_minutes([run]), LITE_CONFIG.read_text())
     card = {key: value for key, value in results["lite"].items() if key != "few-shot"}
     exported = export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16",
