@@ -310,6 +310,11 @@ def _swin_arguments(config: MIDoLConfig) -> dict[str, Any]:
                 embed_dim=config.embed_dim, depths=tuple(config.depths), num_heads=tuple(config.num_heads))
 
 
+def backbone_stages(backbone: nn.Module) -> nn.ModuleList:
+    """A timm backbone's stages in order: a Swin's ``layers``, a CNN's ``blocks`` (each a stage of blocks)."""
+    return backbone.layers if hasattr(backbone, "layers") else backbone.blocks
+
+
 def to_nchw(backbone: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """A backbone's final feature map as (B, C, h, w): timm's Swin gives (B, h, w, C), CNNs NCHW already."""
     return features.permute(0, 3, 1, 2) if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else features

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import ImageClassifierOutput, SemanticSegment
 
 from .configuration_midol import MIDoLConfig
 from .modalities import canonical_modality
-from .modeling_midol import MIDoLModel
+from .modeling_midol import MIDoLModel, backbone_stages
 
 
 class _TaskModel(PreTrainedModel):
@@ -202,7 +202,7 @@ def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay
 def _cnn_layer_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
     """The same for a CNN backbone (EfficientNet): the stem is layer 0, the blocks 1..N in order,
     the head convolution N + 1, the task head ``lr``."""
-    places = [(s, b) for s, stage in enumerate(model.midol.backbone.blocks) for b in range(len(stage))]
+    places = [(s, b) for s, stage in enumerate(backbone_stages(model.midol.backbone)) for b in range(len(stage))]
     num_layers = len(places) + 1
 
     def layer_id(name: str) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from midol_hub import MIDoLModel
+from midol_hub.modeling_midol import backbone_stages
 
 IMAGENET = "imagenet"
 """The ``model.init`` value that starts a run from the backbone's installed ImageNet weights."""
@@ -83,7 +84,7 @@ def efficientnet_lite_state_dict(state: dict[str, torch.Tensor], stage_depths: l
 def imagenet_state_dict(arch: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The installed ImageNet weights of ``arch`` in the key names of timm ``model`` (with its classifier)."""
     state = torch.load(imagenet_weights_file(arch), map_location="cpu", weights_only=True)
-    return efficientnet_lite_state_dict(state, [len(stage) for stage in model.blocks])
+    return efficientnet_lite_state_dict(state, [len(stage) for stage in backbone_stages(model)])
 
 
 def load_imagenet_backbone(model: MIDoLModel) -> None:

@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from midol_hub import MIDoLModel
 from midol_hub.dtypes import native_bf16
+from midol_hub.modeling_midol import backbone_stages
 
 from .distributed import is_distributed
 from .losses import MIDoLLoss
@@ -44,11 +45,6 @@ def param_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
-
-
-def stages(backbone: torch.nn.Module) -> torch.nn.ModuleList:
-    """A timm backbone's stages: a Swin's ``layers``, a CNN's ``blocks`` (FSDP's units)."""
-    return backbone.layers if hasattr(backbone, "layers") else backbone.blocks
 
 
 @torch.no_grad()
@@ -102,7 +98,7 @@ class Learner:
         self.sharded = is_distributed() and self.strategy == "fsdp"
         if self.sharded:  # each backbone stage and the head are units: gathered for their forward, freed after
             for model in (student, teacher):
-                for stage in stages(model.backbone):
+                for stage in backbone_stages(model.backbone):
                     fully_shard(stage)
                 fully_shard(model.head)
                 fully_shard(model)
