@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import WeightsMismatchError
 from .modeling_midol import MIDoLModel
 from .tasks import MIDoLForImageClassification
-from .utils import atomic_write
+from .utils import atomic_write, read_json_file
 
 TASK_FILE = "midol_task.json"
 HEAD_FILE = "midol_head.safetensors"
@@ -108,10 +109,13 @@ def load_lora(encoder: MIDoLModel, directory: str | os.PathLike) -> Any:
     peft = _peft()
     directory = Path(directory)
     task_file = directory / TASK_FILE
-    missing = [name for name in (TASK_FILE, HEAD_FILE, "adapter_config.json") if not (directory / name).is_file()]
+    missing = [name for name in (TASK_FILE, HEAD_FILE, "adapter_config.json", "adapter_model.safetensors")
+               if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory}: not a midol LoRA adapter (no {', '.join(missing)}); write one with save_lora")
-    task = json.loads(task_file.read_text())
+    fix = "save the adapter again with save_lora"
+    task = read_json_file(task_file, "adapter's task file", ("class_names", "modality", "multilabel", "feature"), fix)
+    read_json_file(directory / "adapter_config.json", "peft adapter config", ("peft_type", "target_modules"), fix)
     wanted, found = task.get("base_weights_sha256"), _base_sha256(encoder)
     if wanted is not None and found != wanted:
         raise WeightsMismatchError(
@@ -120,10 +124,14 @@ def load_lora(encoder: MIDoLModel, directory: str | os.PathLike) -> Any:
         )
     model = MIDoLForImageClassification.from_encoder(encoder, task["class_names"], task["modality"], task["multilabel"],
                                                      task["feature"])
-    head = load_file(directory / HEAD_FILE)
-    for name in HEAD:
-        getattr(model, name).load_state_dict({key.split(".", 1)[1]: value for key, value in head.items()
-                                              if key.startswith(f"{name}.")})
-    wrapped = peft.PeftModel.from_pretrained(model, directory)
+    try:
+        head = load_file(directory / HEAD_FILE)
+        for name in HEAD:
+            getattr(model, name).load_state_dict({key.split(".", 1)[1]: value for key, value in head.items()
+                                                  if key.startswith(f"{name}.")})
+        wrapped = peft.PeftModel.from_pretrained(model, str(directory.resolve()), local_files_only=True)
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{directory}: the adapter's files do not load ({type(error).__name__}: {first}); {fix}") from None
     wrapped.midol_task = task
     return wrapped.eval()

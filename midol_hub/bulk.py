@@ -1,68 +1,121 @@
-"""Encoding large archives: DataLoader workers decode, results are written in parts as they come,
-a killed run resumes where it stopped, and ``torchrun`` spreads the files over processes.
+"""Encoding large archives: DataLoader workers read and decode, results are written in parts as
+they come, a killed run resumes where it stopped, and ``torchrun`` spreads the files over
+processes.
 
-``midol encode`` runs this. With N ranks (``torchrun --nproc_per_node=N -m midol_hub.cli encode``)
-rank r encodes files r, r + N, ... (on its own GPU when there are GPUs) into
-``OUT.parts/rank-RRR-part-PPPPPP.npz``; rank 0 then merges every part into OUT and its manifest,
-in input order, and removes the parts.
+``midol encode`` and ``midol index`` run this. A row is a binding: a worker reads a file's bytes
+once, hashes them and decodes those same bytes (every frame of a multi-frame file in one pass),
+so a row's path, content hash and embedding always belong together. Parts record path and hash
+per row, never list positions, and only whole files. With N ranks (``torchrun
+--nproc_per_node=N -m midol_hub.cli encode``) rank r encodes files r, r + N, ... into
+``OUT.parts/rank-RRR-part-PPPPPP-TOKEN.npz``; rank 0 then merges the parts into OUT in input
+order and removes them.
+
+``OUT.parts/run.json`` records what the rows depend on (weights, preprocessing, outputs,
+modality, frames, precision). ``resume`` refuses a run that differs in any of them, naming
+it; a changed input list is continued exactly: files already encoded with the same content are
+kept, new or changed files are encoded, files no longer given are dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import re
+import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .encoding import (
-    Failure,
-    Plan,
-    concat_encodings,
-    encode_planned,
-    expand_frames,
-    plan_row,
-    preprocess_planned,
-)
-from .errors import ImageReadError, ModalityMismatchWarning
-from .image_io import read_any
+from .encoding import Plan, check_frames, encode_planned, nonfinite_rows, plan_row, preprocess_planned
+from .errors import ImageReadError, ModalityMismatchWarning, NonFiniteError
+from .image_io import file_frames
 from .modalities import AUTO, canonical_modality
 from .modeling_midol import MIDoLModel
 from .preprocessing import WarningCollector
-from .utils import atomic_write
+from .utils import atomic_write, from_rank_zero, state_sha256
 
-PART = re.compile(r"rank-(\d{3})-part-(\d{6})\.npz$")
+PART = re.compile(r"rank-(\d{3})-part-(\d{6})-([0-9a-f]{8})\.npz$")
+RUN_FILE = "run.json"
 ROW_FIELDS = ("modality", "modality_source", "unknown_reason")
+NON_FINITE = "the model's output is not finite (NaN or Inf); the weights are damaged: convert or download them again"
 
 
 def default_workers() -> int:
     """DataLoader workers for decoding: the cores the model's own thread leaves, at most 8."""
+    import os
+
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-class _Rows(torch.utils.data.Dataset):
-    """Row i (a file, or one frame of it) -> (i, normalised tensor, plan) or (i, error message),
-    read, planned and preprocessed in a worker."""
+def model_fingerprint(model: MIDoLModel) -> dict[str, str]:
+    """What stored embeddings are checked against: the weights file's sha256 (the weights' own
+    hash for weights that exist only in memory) and the preprocessing hash."""
+    provenance = model.provenance
+    weights = provenance.weights_sha256 if provenance is not None and provenance.weights_sha256 else None
+    if weights is None:
+        weights = "state:" + state_sha256(model.state_dict())
+    return {"weights_sha256": weights, "preprocessing_sha256": model.config.preprocessing_hash()}
 
-    def __init__(self, files: Sequence[str], rows: list[tuple[int, int | None]], config: Any, forced: str | None) -> None:
-        self.files, self.rows, self.config, self.forced = files, rows, config, forced
 
-    def __len__(self) -> int:
-        return len(self.rows)
+@dataclass
+class _Item:
+    """What a worker sends for a file: its rows (``kind="row"``), then one closing item:
+    ``"done"``, ``"failed"`` (with ``error``) or ``"reused"`` (encoded by an earlier run)."""
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | str, Plan | None]:
-        index, frame = self.rows[position]
+    kind: str
+    path: str
+    sha256: str = ""
+    frame: int | None = None
+    pixels: torch.Tensor | None = None
+    plan: Plan | None = None
+    error: str = ""
+
+
+class _FileRows(torch.utils.data.IterableDataset):
+    """The rows of files, each file read once, hashed and decoded from the same bytes in a
+    worker; ``done`` maps path -> content hash of files that earlier parts already hold."""
+
+    def __init__(self, files: Sequence[str], config: Any, forced: str | None, frames: str | int | None,
+                 done: dict[str, str]) -> None:
+        super().__init__()
+        self.files, self.config, self.forced, self.frames, self.done = list(files), config, forced, frames, done
+
+    def __iter__(self) -> Iterator[_Item]:
+        info = torch.utils.data.get_worker_info()
+        share = self.files if info is None else self.files[info.id :: info.num_workers]
+        for path in share:
+            yield from self._file(path)
+
+    def _file(self, path: str) -> Iterator[_Item]:
         try:
-            raw = read_any(self.files[index], index, WarningCollector(), frame)
-            plan = plan_row(self.config, self.forced, raw.dicom_modality)
-            return position, preprocess_planned(self.config, [raw], [plan], WarningCollector())[0], plan
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            yield _Item("failed", path, error="no such file (it was removed while the run went on?)")
+            return
+        except IsADirectoryError:
+            yield _Item("failed", path, error="is a directory; pass the image files inside it")
+            return
+        except OSError as error:
+            yield _Item("failed", path, error=f"cannot read the file ({error.strerror or error})")
+            return
+        sha256 = hashlib.sha256(data).hexdigest()
+        if self.done.get(path) == sha256:
+            yield _Item("reused", path, sha256)
+            return
+        try:
+            for raw in file_frames(Path(path), self.frames, data):
+                plan = plan_row(self.config, self.forced, raw.dicom_modality)
+                pixels = preprocess_planned(self.config, [raw], [plan], WarningCollector())[0]
+                yield _Item("row", path, sha256, raw.frame, pixels, plan)
         except ImageReadError as error:
-            return position, error.reason, None
+            yield _Item("failed", path, sha256, error=error.reason)
+            return
+        yield _Item("done", path, sha256)
 
 
 def _collate(items: list) -> list:
@@ -71,7 +124,8 @@ def _collate(items: list) -> list:
 
 @dataclass
 class BulkResult:
-    """The merged output: arrays by name (rows in input order), the manifest rows and the failures."""
+    """The merged output: arrays by name (rows in input order), the manifest rows (path, content
+    hash, frame, modality...) and the failures."""
 
     arrays: dict[str, np.ndarray]
     rows: list[dict[str, Any]]
@@ -82,121 +136,214 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
+def run_record(model: MIDoLModel, outputs: Sequence[str], modality: str, frames: str | int | None,
+               dtype: torch.dtype | None) -> dict[str, Any]:
+    """What the rows of a run depend on; a resume must match it."""
+    location = model.provenance.location if model.provenance is not None else None
+    return {"model": location, **model_fingerprint(model), "outputs": sorted(outputs),
+            "modality": canonical_modality(modality, allow_auto=True), "frames": frames,
+            "dtype": None if dtype is None else str(dtype).removeprefix("torch.")}
+
+
+_RUN_OPTIONS = {"weights_sha256": "--model (weights)", "preprocessing_sha256": "preprocessing", "outputs": "--output",
+                "modality": "--modality", "frames": "--frames", "dtype": "--dtype"}
+
+
+def _check_run(directory: Path, run: dict[str, Any]) -> None:
+    """Refuse to resume parts encoded under other settings, naming each difference."""
+    try:
+        recorded = json.loads((directory / RUN_FILE).read_text())
+    except FileNotFoundError:
+        raise FileExistsError(f"{directory} holds parts without a {RUN_FILE} (written by an older midol-hub); "
+                              "delete the folder and encode again") from None
+    changed = [f"{option}: {recorded.get(key)!r} then, {run[key]!r} now" for key, option in _RUN_OPTIONS.items()
+               if recorded.get(key) != run[key]]
+    if changed:
+        model = f" (model {recorded.get('model')} then, {run.get('model')} now)" if recorded.get("model") != run.get("model") else ""
+        raise ValueError(f"{directory}: cannot resume, the parts were encoded with other settings{model}: "
+                         + "; ".join(changed) + ". Resume with the settings of the first run, or delete the folder to start again")
+
+
+def _start_run(directory: Path, run: dict[str, Any], resume: bool) -> Exception | None:
+    """Check a resume against the recorded run (or that there is nothing to resume) and record
+    this run; the refusal, if any, is returned for every rank to raise."""
+    try:
+        if _part_files(directory) and not resume:
+            raise FileExistsError(f"{directory} holds parts of an earlier run; pass --resume to continue it, "
+                                  "or delete the folder to start again")
+        if resume and _part_files(directory):
+            _check_run(directory, run)
+    except (FileExistsError, ValueError) as error:
+        return error
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_write(directory / RUN_FILE) as tmp:
+        Path(tmp).write_text(json.dumps(run, indent=2))
+    return None
+
+
+def _part_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if PART.match(p.name)) if directory.is_dir() else []
+
+
+def _read_part(part: Path) -> dict[str, Any]:
+    with np.load(part) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _latest(directory: Path, names: Sequence[str] = ()) -> dict[str, tuple[str, Any]]:
+    """Per path, its newest entry in the parts: ("rows", (part arrays, row positions)) or
+    ("failed", failure); only the metadata columns plus ``names`` are read."""
+    entries: list[tuple[int, Path]] = []
+    for part in _part_files(directory):
+        with np.load(part) as data:
+            entries.append((int(data["written_ns"]), part))
+    latest: dict[str, tuple[str, Any]] = {}
+    for _, part in sorted(entries):
+        with np.load(part) as data:
+            arrays = {name: data[name] for name in ("paths", "sha256", "frames", "confidence", *ROW_FIELDS, *names)
+                      if name in data.files}
+            failed = json.loads(str(data["failures"]))
+        positions: dict[str, list[int]] = {}
+        for position, path in enumerate(arrays["paths"].tolist()):
+            positions.setdefault(path, []).append(position)
+        for path, rows in positions.items():
+            latest[path] = ("rows", (arrays, rows))
+        for failure in failed:
+            latest[failure["path"]] = ("failed", failure)
+    return latest
+
+
 def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality: str, outputs: Sequence[str],
                  batch_size: int = 32, dtype: torch.dtype | None = None, workers: int | None = None,
                  errors: str = "raise", part_size: int = 1024, resume: bool = False, rank: int = 0,
                  world: int = 1, progress: bool = True, frames: str | int | None = None) -> int:
-    """Encode this rank's share of ``files`` into part files beside ``out``; returns how many of
-    its rows earlier parts already held (0 unless ``resume``). An unreadable file stops the run
-    (naming it) unless ``errors="skip"``, which records it in the part instead. ``frames`` expands
-    multi-frame files as in :meth:`MIDoLModel.encode`."""
+    """Encode this rank's share of ``files`` (paths, each once) into part files beside ``out``;
+    returns how many of its files earlier parts already held with the same content (0 unless
+    ``resume``). An unreadable file stops the run (naming it) unless ``errors="skip"``, which
+    records it in the part instead. ``frames`` expands multi-frame files as in
+    :meth:`MIDoLModel.encode`."""
     from tqdm.auto import tqdm
 
+    check_frames(frames)
+    if len(set(files)) != len(files):
+        raise ValueError("encode_files takes each path once")
     directory = parts_dir(out)
-    directory.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in directory.iterdir() if (m := PART.match(p.name)) and int(m.group(1)) == rank)
-    if existing and not resume:
-        raise FileExistsError(f"{directory} holds parts of an earlier run; pass --resume to continue it, "
-                              "or delete the folder to start again")
-    done: set[tuple[int, int]] = set()
-    failed_before: set[int] = set()
-    for part in existing:
-        with np.load(part) as data:
-            done.update(zip(data["indices"].tolist(), data["frames"].tolist()))
-            failed_before.update(json.loads(str(data["failures"]))["indices"])
-    counting_failures: list[Failure] = []
-    mine = [i for i in range(rank, len(files), world) if i not in failed_before]
-    expanded = expand_frames([files[i] for i in mine], frames, errors, counting_failures)
-    rows = [(mine[position], frame) for _, position, frame in expanded]
-    todo = [row for row in rows if (row[0], -1 if row[1] is None else row[1]) not in done]
+    refusal = _start_run(directory, run_record(model, outputs, modality, frames, dtype), resume) if rank == 0 else None
+    refusal = from_rank_zero(refusal, world)  # rank 0 decides before any rank reads or writes the parts
+    if refusal is not None:
+        raise refusal
+    done: dict[str, str] = {}  # path -> the content hash its newest entry was made from
+    for path, (kind, entry) in _latest(directory).items():
+        sha256 = entry["sha256"] if kind == "failed" else str(entry[0]["sha256"][entry[1][0]])
+        if sha256:  # a file that could not even be read is tried again
+            done[path] = sha256
+    mine = [path for position, path in enumerate(files) if position % world == rank]
     forced = None if canonical_modality(modality, allow_auto=True) == AUTO else canonical_modality(modality)
-    loader = torch.utils.data.DataLoader(_Rows(files, todo, model.config, forced), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_FileRows(mine, model.config, forced, frames, done), batch_size=batch_size,
                                          collate_fn=_collate, num_workers=default_workers() if workers is None else workers)
     encode_outputs = [o for o in outputs if o != "routing"] or ["embedding"]
-    buffer: list = []
-    failures: dict[str, list] = {"indices": [], "paths": [], "errors": []}
-    for failure in counting_failures:
-        failures["indices"].append(mine[failure.index])
-        failures["paths"].append(failure.source)
-        failures["errors"].append(failure.error)
-    buffered, part_number = 0, len(existing)
+    writer = uuid.uuid4().hex[:8]
+    part_number = len(_part_files(directory))
+    complete: list[dict[str, Any]] = []
+    failures: list[dict[str, str]] = []
+    encoded: dict[str, list[dict[str, Any]]] = {}
     conflicts: list[tuple[str, str]] = []
+    reused = 0
+
+    def fail(path: str, sha256: str, reason: str, non_finite: bool = False) -> None:
+        encoded.pop(path, None)
+        if errors == "raise":
+            raise NonFiniteError(f"{path}: {reason}") if non_finite else ImageReadError(path, reason)
+        failures.append({"path": path, "sha256": sha256, "error": reason})
 
     def flush() -> None:
-        nonlocal buffer, failures, buffered, part_number
-        if not buffer and not failures["indices"]:
+        nonlocal complete, failures, part_number
+        if not complete and not failures:
             return
-        arrays = _concat_parts(buffer, outputs, model.config, encode_outputs, model.provenance)
-        target = directory / f"rank-{rank:03d}-part-{part_number:06d}.npz"
+        arrays: dict[str, np.ndarray] = {
+            "paths": np.array([r["path"] for r in complete], dtype=str),
+            "sha256": np.array([r["sha256"] for r in complete], dtype=str),
+            "frames": np.array([-1 if r["frame"] is None else r["frame"] for r in complete], dtype=np.int64),
+            "confidence": np.array([r["confidence"] for r in complete], dtype=np.float32),
+        }
+        for name in ROW_FIELDS:
+            arrays[name] = np.array([r[name] or "" for r in complete], dtype=str)
+        for name in outputs:
+            arrays[name] = np.stack([r[name] for r in complete]) if complete else np.zeros((0, 0), dtype=np.float32)
+        target = directory / f"rank-{rank:03d}-part-{part_number:06d}-{writer}.npz"
         with atomic_write(target) as tmp, open(tmp, "wb") as handle:  # a killed run leaves whole parts only
-            np.savez(handle, **arrays, failures=np.array(json.dumps(failures)))
-        buffer, failures, buffered, part_number = [], {"indices": [], "paths": [], "errors": []}, 0, part_number + 1
+            np.savez(handle, **arrays, failures=np.array(json.dumps(failures)), written_ns=np.array(time.time_ns()))
+        complete, failures, part_number = [], [], part_number + 1
 
-    with tqdm(total=len(todo), disable=not progress or rank != 0, unit="img", desc="encode") as bar:
+    with tqdm(total=len(mine), disable=not progress or rank != 0, unit="file", desc="encode") as bar:
         for items in loader:
-            good = [(todo[p], x, plan) for p, x, plan in items if plan is not None]
-            for position, reason, _ in (item for item in items if item[2] is None):
-                index = todo[position][0]
-                if errors == "raise":
-                    raise ImageReadError(str(files[index]), reason)
-                failures["indices"].append(index)
-                failures["paths"].append(str(files[index]))
-                failures["errors"].append(reason)
-            conflicts += [(str(files[todo[p][0]]), plan.conflict) for p, _, plan in items if plan is not None and plan.conflict]
-            if good:
-                buffer.append(encode_planned(model, torch.stack([x for _, x, _ in good]), [plan for _, _, plan in good],
-                                             encode_outputs, [row[0] for row, _, _ in good],
-                                             [row[1] for row, _, _ in good], dtype=dtype))
-                buffered += len(good)
-            bar.update(len(items))
-            if buffered >= part_size:
+            rows = [item for item in items if item.kind == "row"]
+            if rows:
+                encoding = encode_planned(model, torch.stack([r.pixels for r in rows]), [r.plan for r in rows],
+                                          encode_outputs, list(range(len(rows))), [r.frame for r in rows], dtype=dtype)
+                broken = set(nonfinite_rows(encoding, encode_outputs, model.config))
+                for position, item in enumerate(rows):
+                    record = {"path": item.path, "sha256": item.sha256, "frame": item.frame, "finite": position not in broken,
+                              "confidence": float(encoding.confidence[position]),
+                              **{name: getattr(encoding, name)[position] for name in ROW_FIELDS}}
+                    for name in outputs:
+                        record[name] = (encoding.routing if name == "routing" else getattr(encoding, name))[position].numpy()
+                    encoded.setdefault(item.path, []).append(record)
+                    if item.plan.conflict:
+                        conflicts.append((item.path, item.plan.conflict))
+            for item in items:
+                if item.kind == "row":
+                    continue
+                bar.update(1)
+                if item.kind == "reused":
+                    reused += 1
+                elif item.kind == "failed":
+                    fail(item.path, item.sha256, item.error)
+                else:
+                    records = encoded.pop(item.path, [])
+                    if all(r["finite"] for r in records):
+                        complete += records
+                    else:
+                        fail(item.path, item.sha256, NON_FINITE, non_finite=True)
+            if len(complete) >= part_size:
                 flush()
         flush()
     if conflicts:
         warnings.warn(f"{len(conflicts)} file(s) encoded as {forced!r} contradict their DICOM header, first: "
                       f"{conflicts[0][0]}: {conflicts[0][1]}; check --modality, or use --modality auto",
                       ModalityMismatchWarning, stacklevel=2)
-    return len(rows) - len(todo)
-
-
-def _concat_parts(buffer: list, outputs: Sequence[str], config: Any, encode_outputs: Sequence[str],
-                  provenance: Any) -> dict[str, np.ndarray]:
-    encoding = concat_encodings(buffer, config, encode_outputs, provenance)
-    arrays = {"indices": np.array(encoding.indices, dtype=np.int64),
-              "frames": np.array([-1 if f is None else f for f in encoding.frames], dtype=np.int64),
-              "confidence": encoding.confidence.numpy()}
-    for name in outputs:
-        arrays[name] = (encoding.routing if name == "routing" else getattr(encoding, name)).numpy()
-    for name in ROW_FIELDS:
-        arrays[name] = np.array(["" if v is None else v for v in getattr(encoding, name)], dtype=str)
-    return arrays
+    return reused
 
 
 def merge_parts(out: Path, files: Sequence[str], outputs: Sequence[str]) -> BulkResult:
-    """All ranks' parts, rows sorted into input order (file, then frame)."""
-    pieces: dict[str, list[np.ndarray]] = {name: [] for name in (*outputs, "indices", "frames", "confidence", *ROW_FIELDS)}
+    """Every rank's parts, one entry per given file (its newest), rows in input order (file,
+    then frame); files no longer given are dropped. Raises when a file has no entry (a rank
+    that did not finish)."""
+    latest = _latest(parts_dir(out), outputs)
+    missing = [path for path in files if path not in latest]
+    if missing:
+        raise RuntimeError(f"{len(missing)} of {len(files)} file(s) have no rows in {parts_dir(out)}, first: "
+                           f"{missing[0]}; run the same command with --resume to encode them")
+    pieces: dict[str, list[np.ndarray]] = {}
     failures = []
-    for part in sorted(p for p in parts_dir(out).iterdir() if PART.match(p.name)):
-        with np.load(part) as data:
-            for name in pieces:
-                if name in data.files and len(data["indices"]):
-                    pieces[name].append(data[name])
-            failed = json.loads(str(data["failures"]))
-            failures += [{"index": i, "path": p, "error": e}
-                         for i, p, e in zip(failed["indices"], failed["paths"], failed["errors"])]
-    merged = {name: np.concatenate(chunks) for name, chunks in pieces.items() if chunks}
-    if "indices" not in merged:
-        merged = {name: np.zeros(0) for name in pieces}
-    order = np.lexsort((merged["frames"], merged["indices"]))
-    merged = {name: values[order] for name, values in merged.items()}
-    rows = [{"row": row, "path": str(files[int(i)]), "frame": None if f < 0 else int(f),
-             "modality": str(m), "confidence": round(float(c), 6), "modality_source": str(s), "unknown_reason": str(r) or None}
-            for row, (i, f, m, c, s, r) in enumerate(zip(merged["indices"], merged["frames"], merged["modality"],
-                                                          merged["confidence"], merged["modality_source"],
-                                                          merged["unknown_reason"]))]
-    failures.sort(key=lambda f: f["index"])
-    arrays = {name: merged[name] for name in outputs if name in merged}
-    return BulkResult(arrays, rows, [{"path": f["path"], "error": f["error"]} for f in failures])
+    for path in files:
+        kind, entry = latest[path]
+        if kind == "failed":
+            failures.append({"path": path, "error": entry["error"]})
+            continue
+        arrays, positions = entry
+        positions = sorted(positions, key=lambda p: int(arrays["frames"][p]))
+        for name, values in arrays.items():
+            pieces.setdefault(name, []).append(values[positions])
+    merged = {name: np.concatenate(chunks) for name, chunks in pieces.items()}
+    count = len(merged.get("paths", []))
+    rows = [{"row": row, "path": str(merged["paths"][row]), "sha256": str(merged["sha256"][row]),
+             "frame": None if merged["frames"][row] < 0 else int(merged["frames"][row]),
+             "modality": str(merged["modality"][row]), "confidence": round(float(merged["confidence"][row]), 6),
+             "modality_source": str(merged["modality_source"][row]),
+             "unknown_reason": str(merged["unknown_reason"][row]) or None} for row in range(count)]
+    arrays = {name: merged.get(name, np.zeros((0, 0), dtype=np.float32)) for name in outputs}
+    return BulkResult(arrays, rows, failures)
 
 
 def remove_parts(out: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ from .utils import (
     from_rank_zero,
     image_files,
     join_torchrun,
+    lock_for_ranks,
     run_command,
 )
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     encode.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)} (aliases work)")
     encode.add_argument("--out", required=True, help="output file: .npy (embeddings only), .npz or .safetensors")
-    encode.add_argument("--batch-size", type=int, default=32)
+    encode.add_argument("--batch-size", type=_positive, default=32)
     encode.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="compute precision; auto: bf16 where this device computes it natively, else fp32")
     encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-frame DICOM, multi-page TIFF and animated images: one row per frame (all), the "
                              "middle frame, or frame INDEX; without it such files are an error")
     encode.add_argument("--random-weights", action="store_true", help="the architecture with random weights (no trained weights needed)")
-    encode.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode (default: free cores, up to 8)")
-    encode.add_argument("--part-size", type=int, default=1024, help="images per part written as the run goes")
+    encode.add_argument("--workers", type=_non_negative, default=None, help="DataLoader workers that decode (default: free cores, up to 8)")
+    encode.add_argument("--part-size", type=_positive, default=1024, help="images per part written as the run goes")
     encode.add_argument("--resume", action="store_true", help="continue a killed run: skip files its parts already hold")
     encode.set_defaults(handler=run_encode)
 
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="the most similar indexed images of each query, within its modality")
     search.add_argument("queries", nargs="+", help="query image files")
     search.add_argument("--index", required=True, help="the index folder")
-    search.add_argument("-k", type=int, default=10, help="neighbours per query")
+    search.add_argument("-k", type=_positive, default=10, help="neighbours per query")
     search.add_argument("--modality", default=None, help="force the queries' modality (default: auto)")
     search.add_argument("--model", default=None, help="default: the model the index was built with")
     search.add_argument("--include-unknown", action="store_true", help="also search images auto called unknown")
@@ -190,9 +192,30 @@ def _frames(text: str) -> str | int:
     if text in ("all", "middle"):
         return text
     try:
+        return _non_negative(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected all, middle or a frame index (0, 1, ...), got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected all, middle or a frame index, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
 def collect_images(paths: Sequence[str]) -> list[Path]:
@@ -215,9 +238,6 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 def run_encode(args: argparse.Namespace) -> None:
     import torch
 
-    from . import load_model
-    from .bulk import encode_files, merge_parts, parts_dir, remove_parts
-
     out = Path(args.out)
     check_writable(out, ENCODE_FORMATS)
     outputs = [name.strip() for name in args.output.split(",") if name.strip()]
@@ -229,15 +249,29 @@ def run_encode(args: argparse.Namespace) -> None:
     if args.skip_errors:
         warnings.warn("--skip-errors is now spelled --errors skip", FutureWarning, stacklevel=2)
         args.errors = "skip"
-    files = collect_images(args.paths)
+    files = list(dict.fromkeys(str(f) for f in collect_images(args.paths)))
     rank, world, device = join_torchrun(args.device)
+    with ExitStack() as held:
+        lock_for_ranks(held, out.with_name(out.name + ".lock"), str(out), rank, world)
+        _encode_locked(args, out, outputs, files, rank, world, device)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _encode_locked(args: argparse.Namespace, out: Path, outputs: list[str], files: list[str], rank: int, world: int,
+                   device: str | None) -> None:
+    import torch
+
+    from . import load_model
+    from .bulk import encode_files, merge_parts, parts_dir, remove_parts
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         model = load_model(args.model, pretrained=not args.random_weights, device=device)
     if args.random_weights and rank == 0:
         print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
     try:
-        resumed = encode_files(model, [str(f) for f in files], out, modality=args.modality, outputs=outputs,
+        resumed = encode_files(model, files, out, modality=args.modality, outputs=outputs,
                                batch_size=args.batch_size, dtype=parse_dtype(args.dtype, device or "cpu"),
                                workers=args.workers, errors=args.errors, part_size=args.part_size,
                                resume=args.resume, rank=rank, world=world, frames=args.frames)
@@ -245,15 +279,15 @@ def run_encode(args: argparse.Namespace) -> None:
         raise CLIError(str(error)) from None
     except Exception:
         directory = parts_dir(out)
-        if directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()  # nothing encoded yet: leave nothing behind (written parts stay, for --resume)
+        if directory.is_dir() and not any(p.name != "run.json" for p in directory.iterdir()):
+            remove_parts(out)  # nothing encoded yet: leave nothing behind (written parts stay, for --resume)
         raise
     if resumed and rank == 0:
         print(f"resumed: {resumed} file(s) were already encoded", file=sys.stderr)
     if world > 1:
         torch.distributed.barrier()  # every rank's parts are written
     if rank == 0:
-        merged = merge_parts(out, [str(f) for f in files], outputs)
+        merged = merge_parts(out, files, outputs)
         manifest = {"model": args.model, "provenance": model.provenance.to_dict() if model.provenance else {},
                     "experts": list(model.config.expert_modalities), "frames": args.frames, "rows": merged.rows,
                     "failures": merged.failures}
@@ -262,8 +296,6 @@ def run_encode(args: argparse.Namespace) -> None:
         print(f"wrote {len(merged.rows)} row(s) to {out} and {manifest_path(out)}; {len(merged.failures)} failure(s)")
         for failure in merged.failures:
             print(f"  skipped {failure['path']}: {failure['error']}", file=sys.stderr)
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 
 def manifest_path(out: Path) -> Path:
@@ -517,9 +549,9 @@ def run_export_onnx(args: argparse.Namespace) -> None:
 def _index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)}")
     parser.add_argument("--labels", default=None, help="CSV with a path column and label columns to store with each image")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode")
-    parser.add_argument("--part-size", type=int, default=1024, help="images per part written as the run goes")
+    parser.add_argument("--batch-size", type=_positive, default=32)
+    parser.add_argument("--workers", type=_non_negative, default=None, help="DataLoader workers that decode")
+    parser.add_argument("--part-size", type=_positive, default=1024, help="images per part written as the run goes")
     parser.add_argument("--resume", action="store_true", help="finish an interrupted build")
     parser.add_argument("--errors", choices=("raise", "skip"), default="skip",
                         help="skip (default): leave unreadable files out and list them; raise: stop at the first")
@@ -548,8 +580,10 @@ def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, wor
     except FileExistsError as error:
         raise CLIError(str(error)) from None
     if rank == 0:
-        print(f"indexed {report['added']} new row(s) in {index.directory} ({report['already_indexed']} file(s) already "
-              f"there); {report['rows']} row(s): " + ", ".join(f"{m} {n}" for m, n in index.counts().items()))
+        finished = f"finished the interrupted add ({report['finished_earlier']} row(s)); " if args.resume else ""
+        duplicates = f", {report['duplicates']} duplicate(s) of content already there" if report["duplicates"] else ""
+        print(f"{finished}indexed {report['added']} new row(s) in {index.directory} ({report['already_indexed']} file(s) "
+              f"already there{duplicates}); {report['rows']} row(s): " + ", ".join(f"{m} {n}" for m, n in index.counts().items()))
         for failure in report["failures"]:
             print(f"  skipped {failure['path']}: {failure['error']}", file=sys.stderr)
     if world > 1:

@@ -30,7 +30,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn
 from .configuration_midol import MIDoLConfig
 from .errors import CheckpointError, WeightsMismatchError
 from .modalities import MODALITIES
-from .modeling_midol import MIDoLModel
+from .modeling_midol import MIDoLModel, nonfinite_tensors
 from .registry import get_entry
 
 SAFE_GLOBALS = [argparse.Namespace]
@@ -97,11 +97,21 @@ def convert_checkpoint(
             f"{src}: {problem}, so the converted experts would be random. To convert the Swin backbone alone, pass "
             "backbone_only=True (midol convert --backbone-only): encode then returns its pooled features."
         )
+    damaged = nonfinite_tensors({**backbone_state, **({} if backbone_only else head_state)})
+    if damaged:
+        raise CheckpointError(f"{src}: {len(damaged)} tensor(s) hold NaN or Inf, first: {damaged[0]}; the checkpoint is "
+                              "damaged (or saved from a diverged run): convert an earlier one")
     config = _config_from_shapes(backbone_state, {} if backbone_only else head_state, args, arch, img_size, backbone_only)
     model = MIDoLModel(config)
     converted = {f"backbone.{k}": v for k, v in checkpoint_filter_fn(backbone_state, model.backbone).items()}
     head = {} if backbone_only else _convert_head(head_state, config)
     converted.update(head)
+    expected = model.state_dict()
+    misshaped = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+                 for key, value in converted.items() if key in expected and value.shape != expected[key].shape]
+    if misshaped:
+        raise WeightsMismatchError(f"{src}: {len(misshaped)} tensor(s) do not fit the architecture inferred from the "
+                                   f"others, first: {misshaped[0]}; the checkpoint is inconsistent (edited or damaged)")
     missing, unexpected = model.load_state_dict(converted, strict=False)
     missing = [k for k in missing if head or not k.startswith("head.")]
     if missing or unexpected:

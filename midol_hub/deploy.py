@@ -30,7 +30,7 @@ from .encoding import Encoding, NetworkOutput, check_encode_args, encode_rows
 from .modalities import canonical_modality
 from .modeling_midol import MIDoLModel
 from .provenance import Provenance
-from .utils import atomic_write, file_sha256
+from .utils import atomic_write, file_sha256, read_json_file
 
 SIDECAR_FORMAT = "midol-onnx"
 SIDECAR_VERSION = 1
@@ -163,7 +163,8 @@ class OnnxEncoder:
         if not side.is_file():
             raise FileNotFoundError(f"{path}: its metadata {side.name} is not beside it; an OnnxEncoder needs the "
                                     "sidecar that export_onnx (or `midol export onnx`) writes with the .onnx")
-        meta = json.loads(side.read_text())
+        meta = read_json_file(side, "ONNX sidecar", ("format", "version", "onnx_sha256", "config", "modality", "expert",
+                                                     "outputs"), "export the model again with `midol export onnx`")
         if meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
             raise ValueError(f"{side}: not a midol-onnx sidecar of version {SIDECAR_VERSION}")
         digest = file_sha256(path)

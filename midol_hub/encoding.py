@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .detection import DICOM, FORCED, ROUTER, detect_modalities, stage_pooled
 from .dtypes import parse_dtype
-from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
+from .errors import ImageReadError, ModalityMismatchError, ModalityMismatchWarning, NonFiniteError
 from .image_io import (
     RawImage,
     describe,
     frame_count,
     is_dicom_file,
-    multi_frame_message,
+    file_frames,
     read_any,
+    select_frames,
     split_images,
 )
 from .modalities import AUTO, UNKNOWN, canonical_modality, dicom_modality
@@ -148,27 +151,47 @@ def expand_frames(items: list, frames: str | int | None, errors: str, failures: 
                   preprocessed: bool = False) -> list[tuple[Any, int, int | None]]:
     """(item, input index, frame) per row: multi-frame inputs expand as ``frames`` says; without
     ``frames`` they fail (naming ``frames=``) instead of being encoded by their first page."""
-    if frames is not None and not (frames in FRAME_CHOICES or (isinstance(frames, int) and not isinstance(frames, bool))):
-        raise ValueError(f"frames must be 'all', 'middle' or a frame index, got {frames!r}")
+    check_frames(frames)
     rows = []
     for index, item in enumerate(items):
         try:
-            count = 1 if preprocessed else frame_count(item, describe(item, index))
-            if isinstance(frames, int) and not 0 <= frames < count:
-                raise ImageReadError(describe(item, index), f"has {count} frame(s); frame {frames} does not exist")
-            if count == 1:
-                rows.append((item, index, None))
-            elif frames is None:
-                raise ImageReadError(describe(item, index), multi_frame_message(count, is_dicom_file(item)))
-            elif frames == "all":
-                rows += [(item, index, frame) for frame in range(count)]
-            else:
-                rows.append((item, index, count // 2 if frames == "middle" else frames))
+            source = describe(item, index)
+            count = 1 if preprocessed else frame_count(item, source)
+            rows += [(item, index, frame) for frame in select_frames(count, frames, source, is_dicom_file(item))]
         except ImageReadError as error:
             if errors == "raise":
                 raise
             failures.append(Failure(index, error.source, error.reason))
     return rows
+
+
+def check_frames(frames: str | int | None) -> None:
+    if frames is not None and not (frames in FRAME_CHOICES or (isinstance(frames, int) and not isinstance(frames, bool))):
+        raise ValueError(f"frames must be 'all', 'middle' or a frame index, got {frames!r}")
+
+
+class _FrameReader:
+    """Reads rows in order; the frames of one file come from one open file (see
+    :func:`midol_hub.image_io.file_frames`), never by re-opening it for each frame."""
+
+    def __init__(self, frames: str | int | None, warn: WarningCollector) -> None:
+        self.frames, self.warn = frames, warn
+        self.index: int | None = None
+        self.pages: Iterator[RawImage] | None = None
+        self.error: ImageReadError | None = None
+
+    def read(self, item: Any, index: int, frame: int | None) -> RawImage:
+        if frame is None or not isinstance(item, (str, os.PathLike)):
+            return read_any(item, index, self.warn, frame)
+        if index != self.index:
+            self.index, self.pages, self.error = index, file_frames(Path(item), self.frames), None
+        if self.error is not None:
+            raise self.error
+        try:
+            return next(self.pages)
+        except ImageReadError as error:
+            self.error = error
+            raise
 
 
 def encode(
@@ -313,17 +336,25 @@ def encode_rows(config: Any, provenance: Any, forward: Forward, images: Any, for
     failures: list[Failure] = []
     items = _as_items(images, preprocessed, config.img_size, channels_first)
     rows = expand_frames(items, frames, errors, failures, preprocessed)
+    reader = _FrameReader(frames, collector)
     parts: list[Encoding] = []
     names: list[str] = []
     conflicts: list[tuple[str, str]] = []
     with _progress(len(rows), progress) as progress_bar:
         for _, chunk in iter_chunks(rows, batch_size):
-            batch, plans, kept = _prepare(chunk, config, forced, preprocessed, errors, collector, failures)
+            batch, plans, kept = _prepare(chunk, config, forced, preprocessed, errors, reader, failures)
             progress_bar.update(len(chunk))
             if not kept:
                 continue
-            parts.append(run_planned(config, forward, batch, plans, requested, normalize,
-                                     [index for _, index, _ in kept], [frame for _, _, frame in kept]))
+            part = run_planned(config, forward, batch, plans, requested, normalize,
+                               [index for _, index, _ in kept], [frame for _, _, frame in kept])
+            bad = nonfinite_rows(part, requested, config)
+            if bad:
+                item, index, _ = kept[bad[0]]
+                raise NonFiniteError(f"{describe(item, index)}: the model's output is not finite (NaN or Inf) for "
+                                     f"{len(bad)} of {len(kept)} row(s) of this batch; the weights are damaged: "
+                                     "download, convert or train them again")
+            parts.append(part)
             names += [describe(item, index) for item, index, _ in kept]
             conflicts += [(describe(item, index), plan.conflict) for (item, index, _), plan in zip(kept, plans) if plan.conflict]
     collector.emit(stacklevel=5)
@@ -339,6 +370,19 @@ def encode_rows(config: Any, provenance: Any, forward: Forward, images: Any, for
     if forced is not None:
         _guard_modality(result, names, conflicts, config, strict_modality)
     return result
+
+
+def nonfinite_rows(encoding: Encoding, requested: Sequence[str], config: Any) -> list[int]:
+    """Rows of ``encoding`` whose requested outputs or routing hold NaN or Inf (a backbone-only
+    model reports NaN routing by design)."""
+    finite = torch.ones(len(encoding), dtype=torch.bool)
+    if not config.backbone_only:
+        finite &= torch.isfinite(encoding.routing).all(dim=1)
+    for name in requested:
+        value = encoding.outputs[name]
+        for tensor in (value if isinstance(value, (list, tuple)) else [value]):
+            finite &= torch.isfinite(tensor.flatten(1)).all(dim=1)
+    return (~finite).nonzero().flatten().tolist()
 
 
 def encode_planned(model: MIDoLModel, batch: torch.Tensor, plans: list[Plan], requested: Sequence[str],
@@ -440,7 +484,7 @@ def _as_items(images: Any, preprocessed: bool, size: int, channels_first: bool |
 
 
 def _prepare(chunk: list, config: Any, forced: str | None, preprocessed: bool, errors: str,
-             collector: WarningCollector, failures: list[Failure]) -> tuple[torch.Tensor | None, list[Plan], list]:
+             reader: _FrameReader, failures: list[Failure]) -> tuple[torch.Tensor | None, list[Plan], list]:
     """Read, plan and preprocess one chunk of rows; with errors='skip', bad inputs are recorded and left out."""
     tensors, raws, kept = [], [], []
     for item, index, frame in chunk:
@@ -448,7 +492,7 @@ def _prepare(chunk: list, config: Any, forced: str | None, preprocessed: bool, e
             if preprocessed:
                 tensors.append(check_preprocessed(item, config.img_size, describe(item, index))[0])
             else:
-                raws.append(read_any(item, index, collector, frame))
+                raws.append(reader.read(item, index, frame))
             kept.append((item, index, frame))
         except ImageReadError as error:
             if errors == "raise":
@@ -460,7 +504,7 @@ def _prepare(chunk: list, config: Any, forced: str | None, preprocessed: bool, e
         plans = [plan_row(config, forced, None) for _ in tensors]
         return torch.stack(tensors), plans, kept
     plans = [plan_row(config, forced, raw.dicom_modality) for raw in raws]
-    return preprocess_planned(config, raws, plans, collector), plans, kept
+    return preprocess_planned(config, raws, plans, reader.warn), plans, kept
 
 
 def _guard_modality(result: Encoding, names: list[str], conflicts: list[tuple[str, str]], config: Any,

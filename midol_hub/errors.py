@@ -52,3 +52,11 @@ class IndexMismatchError(ValueError):
 
 class IndexDamagedError(RuntimeError):
     """An image index folder whose files cannot be read as an index."""
+
+
+class NonFiniteError(ValueError):
+    """Weights or model outputs holding NaN or Inf: refused, never stored or returned."""
+
+
+class WriterBusyError(RuntimeError):
+    """Another process is writing this index or encode output; the message names it."""

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from . import backbones  # noqa: F401  (registers the micro Swin with timm)
 from .configuration_midol import MIDoLConfig
 from .encoding import Encoding, encode
-from .errors import WeightsMismatchError
+from .errors import NonFiniteError, WeightsMismatchError
 from .image_processing_midol import MIDoLImageProcessor
 from .model_card import render_model_card
 from .preprocessing import Preprocessor
@@ -218,6 +218,10 @@ class MIDoLModel(PreTrainedModel):
                     (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "wrong shape"))}
         if any(problems.values()):
             raise WeightsMismatchError(_mismatch_message(str(pretrained_model_name_or_path), problems))
+        damaged = nonfinite_tensors(model.state_dict())
+        if damaged:
+            raise NonFiniteError(f"{pretrained_model_name_or_path}: {len(damaged)} weight tensor(s) hold NaN or Inf, first: "
+                                 f"{damaged[0]}; the weights are damaged: download, convert or train them again")
         if found is not None:
             source, path, commit = found
             location = str(pretrained_model_name_or_path)
@@ -318,6 +322,15 @@ def backbone_stages(backbone: nn.Module) -> nn.ModuleList:
 def to_nchw(backbone: nn.Module, features: torch.Tensor) -> torch.Tensor:
     """A backbone's final feature map as (B, C, h, w): timm's Swin gives (B, h, w, C), CNNs NCHW already."""
     return features.permute(0, 3, 1, 2) if getattr(backbone, "output_fmt", "NCHW") == "NHWC" else features
+
+
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` that hold NaN or Inf. A tensor's sum is
+    finite when all of it is (it allocates nothing, so loading keeps its one copy of the
+    weights); only a non-finite sum is checked element by element."""
+    return [name for name, tensor in state.items()
+            if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor.sum()))
+            and not bool(torch.isfinite(tensor).all())]
 
 
 def check_weights_file(config: MIDoLConfig, weights_path: Path) -> None:

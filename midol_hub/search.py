@@ -23,25 +23,29 @@ An index folder holds:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sqlite3
 import warnings
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import IndexDamagedError, IndexMismatchError
+from .bulk import model_fingerprint
+from .errors import IndexDamagedError, IndexMismatchError, NonFiniteError, WriterBusyError
 from .modalities import AUTO, UNKNOWN, canonical_modality
 from .modeling_midol import MIDoLModel
-from .utils import atomic_write, file_sha256, from_rank_zero, state_sha256
+from .utils import atomic_write, barrier, file_sha256, from_rank_zero, lock_for_ranks
 
 INDEX_FORMAT = "midol-index"
 INDEX_VERSION = 1
 EXACT_LIMIT = 50_000
 """Rows of one modality up to which search is exact (FAISS ``IndexFlatIP``)."""
+MIN_EXACT_LIMIT = 16
+"""The smallest ``exact_limit``: from 16 rows on, 4 sqrt(N) IVF lists are no more than the rows that train them."""
 RECALL_TARGET = 0.95
 """Recall@10 against exact search that an approximate sub-index is tuned to reach."""
 
@@ -64,29 +68,40 @@ class Hit:
         return {**row, **self.labels}
 
 
-def model_fingerprint(model: MIDoLModel) -> dict[str, str]:
-    """What an index checks a model against: the weights file's sha256 (the weights' own hash
-    for weights that exist only in memory) and the preprocessing hash."""
-    provenance = model.provenance
-    weights = provenance.weights_sha256 if provenance is not None and provenance.weights_sha256 else None
-    if weights is None:
-        weights = "state:" + state_sha256(model.state_dict())
-    return {"weights_sha256": weights, "preprocessing_sha256": model.config.preprocessing_hash()}
+def decode_text(data: bytes) -> str:
+    """Text of a file written by any common tool: UTF-8 (with or without a byte-order mark),
+    UTF-16 with its mark (Excel's "Unicode text"), else Windows-1252 / Latin-1."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 def read_labels(csv_path: str | Path) -> tuple[list[str], dict[str, dict[str, str]]]:
     """Label columns and, per resolved file path, its labels, from a CSV with a ``path`` column
     (relative paths are relative to the CSV's folder)."""
     csv_path = Path(csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(f"{csv_path}: a labels CSV needs a 'path' column, found {reader.fieldnames}")
-        columns = [c for c in reader.fieldnames if c != "path"]
-        labels = {}
-        for row in reader:
-            path = Path(row["path"])
-            labels[str((path if path.is_absolute() else csv_path.parent / path).resolve())] = {c: row[c] for c in columns}
+    try:
+        text = decode_text(csv_path.read_bytes())
+    except OSError as error:
+        raise ValueError(f"{csv_path}: cannot read the labels CSV ({error.strerror or error})") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or "path" not in reader.fieldnames:
+        raise ValueError(f"{csv_path}: a labels CSV needs a 'path' column, found {reader.fieldnames}")
+    columns = [c for c in reader.fieldnames if c != "path"]
+    labels = {}
+    for line, row in enumerate(reader, start=2):
+        if None in row or any(value is None for value in row.values()):
+            raise ValueError(f"{csv_path}: row {line} has another number of fields than the header "
+                             f"({len(reader.fieldnames)}); fix that row")
+        path = Path(row["path"])
+        labels[str((path if path.is_absolute() else csv_path.parent / path).resolve())] = {c: row[c] for c in columns}
     return columns, labels
 
 
@@ -166,13 +181,17 @@ class FaissStore:
             ids = np.array([i for i, _ in fetched], dtype=np.int64)
             vectors = np.frombuffer(b"".join(blob for _, blob in fetched), dtype=np.float32).reshape(len(ids), self.dim)
             index, built = build_faiss_index(vectors, self.exact_limit)
-            self.folder.mkdir(exist_ok=True)
-            with atomic_write(index_file) as tmp:
-                faiss.write_index(index, tmp)
-            with atomic_write(ids_file) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, ids)
-            with atomic_write(meta_file) as tmp:
-                Path(tmp).write_text(json.dumps({"stamp": stamp, **built}))
+            try:
+                self.folder.mkdir(exist_ok=True)
+                with atomic_write(index_file) as tmp:
+                    faiss.write_index(index, tmp)
+                with atomic_write(ids_file) as tmp, open(tmp, "wb") as handle:
+                    np.save(handle, ids)
+                with atomic_write(meta_file) as tmp:
+                    Path(tmp).write_text(json.dumps({"stamp": stamp, "sha256": {"index": file_sha256(index_file),
+                                                                                "ids": file_sha256(ids_file)}, **built}))
+            except OSError:
+                pass  # a read-only index: searched from the sub-index built in memory
         self._cache[modality] = (stamp, index, ids)
         return index, ids
 
@@ -207,7 +226,7 @@ class MilvusStore:
         except ImportError:
             raise ImportError("the Milvus backend needs pymilvus (and milvus-lite for a local file): "
                               "pip install 'midol-hub[milvus]'") from None
-        self.client = MilvusClient(uri)
+        self.client = _milvus_client(MilvusClient, uri)
         self.uri, self.collection, self.dim, self.index_type = uri, collection, dim, index_type
         self.fingerprint = {f"midol_{key}": value for key, value in fingerprint.items()}
         for name in self._collections().values():  # several sites may share one Milvus: check what is already there
@@ -264,11 +283,15 @@ class MilvusStore:
         present = self._present(list(dict.fromkeys(row["sha256"] for row in rows)))
         added = 0
         for modality in dict.fromkeys(row["modality"] for row in rows):
-            batch = [{"embedding": vector.tolist(), "path": row["path"], "sha256": row["sha256"], "frame": _frame(row),
-                      "modality": modality, "source": row["modality_source"], "confidence": float(row["confidence"]),
-                      "labels": json.dumps(row.get("labels") or {})}
-                     for row, vector in zip(rows, embeddings)
-                     if row["modality"] == modality and (row["sha256"], _frame(row)) not in present]
+            batch = []
+            for row, vector in zip(rows, embeddings):
+                key = (row["sha256"], _frame(row))
+                if row["modality"] != modality or key in present:
+                    continue
+                present.add(key)  # the same content twice in one batch is stored once, as in the embedded backend
+                batch.append({"embedding": vector.tolist(), "path": row["path"], "sha256": row["sha256"],
+                              "frame": _frame(row), "modality": modality, "source": row["modality_source"],
+                              "confidence": float(row["confidence"]), "labels": json.dumps(row.get("labels") or {})})
             if batch:
                 name = self._collections().get(modality) or self._create(modality)
                 added += int(self.client.insert(name, batch)["insert_count"])
@@ -289,6 +312,29 @@ class MilvusStore:
 
 
 BACKENDS = ("faiss", "milvus")
+
+
+def _milvus_client(client_class: Any, uri: str) -> Any:
+    """A connected client, or a one-line error naming ``uri``: milvus-lite opens a local file for
+    one process at a time."""
+    import logging
+
+    from pymilvus.exceptions import MilvusException
+
+    loggers = [logging.getLogger(name) for name in ("milvus_lite", "pymilvus")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:  # a refused open is told in one line below, not in their tracebacks
+            logger.setLevel(logging.CRITICAL)
+        return client_class(uri)
+    except MilvusException as error:
+        if "://" not in uri:
+            raise WriterBusyError(f"{uri}: cannot open the milvus-lite file; another process has it open (milvus-lite "
+                                  "serves one process at a time): wait for it, or use a Milvus server") from None
+        raise ConnectionError(f"{uri}: cannot reach the Milvus server ({getattr(error, 'message', error)})") from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _frame(row: dict[str, Any]) -> int:
@@ -334,6 +380,9 @@ class ImageIndex:
             raise FileExistsError(f"{directory}: an index is already there; add to it with `midol index add`")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if not isinstance(exact_limit, int) or isinstance(exact_limit, bool) or exact_limit < MIN_EXACT_LIMIT:
+            raise ValueError(f"exact_limit (--exact-limit) must be an integer of at least {MIN_EXACT_LIMIT} (an approximate "
+                             f"index needs at least as many rows as its 4 sqrt(N) lists), got {exact_limit!r}")
         if backend == "milvus" and not uri:
             raise ValueError("the Milvus backend needs --uri: a server (http://host:19530) or a local file (cases.db)")
         if backend == "milvus" and not collection.replace("_", "").isalnum():
@@ -395,6 +444,11 @@ class ImageIndex:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape != (len(rows), self.manifest["dim"]):
             raise ValueError(f"embeddings of shape {embeddings.shape} for {len(rows)} row(s) of dimension {self.manifest['dim']}")
+        finite = np.isfinite(embeddings).all(axis=1)
+        if not finite.all():
+            first = rows[int(np.argmin(finite))]["path"]
+            raise NonFiniteError(f"{first}: its embedding is not finite (NaN or Inf), with {int((~finite).sum()) - 1} "
+                                 "other row(s); nothing was added: check the weights")
         return self.store.add(rows, unit_rows(embeddings))
 
     def info(self) -> dict[str, Any]:
@@ -444,13 +498,16 @@ def recall_at_k(truth: np.ndarray, found: np.ndarray) -> float:
 
 
 def _read_cached(faiss: Any, meta_file: Path, index_file: Path, ids_file: Path, stamp: str) -> tuple[Any, np.ndarray] | None:
-    """A sub-index written for exactly this state of the table, or None."""
+    """A sub-index written for exactly this state of the table whose files still have the
+    checksums written with them, or None (the caller rebuilds it from the table)."""
     try:
         meta = json.loads(meta_file.read_text())
-        if meta.get("stamp") != stamp:
+        checksums = meta.get("sha256") or {}
+        if meta.get("stamp") != stamp or checksums.get("index") != file_sha256(index_file) \
+                or checksums.get("ids") != file_sha256(ids_file):
             return None
         index, ids = faiss.read_index(str(index_file)), np.load(ids_file)
-    except (OSError, ValueError, RuntimeError):
+    except (OSError, ValueError, RuntimeError, AttributeError):
         return None
     if index.ntotal != len(ids):
         return None
@@ -498,64 +555,99 @@ def _faiss() -> Any:
     return faiss
 
 
-def content_hashes(files: Sequence[str]) -> dict[str, str]:
-    """sha256 of each file's content, by path."""
-    return {str(path): file_sha256(path) for path in files}
-
-
 def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, modality: str = AUTO,
               labels: dict[str, dict[str, str]] | None = None, batch_size: int = 32, workers: int | None = None,
               errors: str = "skip", part_size: int = 1024, resume: bool = False, rank: int = 0, world: int = 1,
               frames: str | int | None = None, progress: bool = True) -> dict[str, Any]:
     """Encode the files the index does not hold yet (by content hash) with ``midol encode``'s
-    machinery and commit them. A killed run leaves ``pending.json`` and its parts; ``resume``
-    finishes it. Under torchrun every rank encodes its share and rank 0 commits. Returns the
+    machinery and commit them, each row under the file's absolute path (hits resolve from any
+    working directory). One writer at a time: the index is locked while this runs. A killed
+    add leaves ``pending.json`` and its parts; ``resume`` finishes that add first, then adds
+    ``files``. Under torchrun every rank encodes its share and rank 0 commits. Returns the
     counts (on rank 0)."""
-    import torch.distributed as dist
-
-    from .bulk import encode_files, merge_parts, remove_parts
-
     index.check_model(model)
-    pending, out = index.directory / "pending.json", index.directory / "pending.npz"
-    interrupted = from_rank_zero(pending.is_file(), world)  # taken before rank 0 writes pending.json
-    if interrupted and not resume:
-        raise FileExistsError(f"{index.directory}: an earlier build was interrupted; pass --resume to finish it first, "
-                              f"or delete {pending.name} and {out.name}.parts to drop what it encoded")
-    if labels is not None and rank == 0 and not interrupted:
-        unlabelled = [str(f) for f in files if str(Path(f).resolve()) not in labels]
+    files = list(dict.fromkeys(str(Path(f).absolute()) for f in files))
+    report: dict[str, Any] = {"added": 0, "already_indexed": 0, "duplicates": 0, "failures": [], "finished_earlier": 0}
+    with ExitStack() as held:
+        lock_for_ranks(held, index.directory / "writer.lock", f"the index {index.directory}", rank, world)
+        pending = index.directory / "pending.json"
+        interrupted = from_rank_zero(pending.is_file(), world)
+        if interrupted and not resume:
+            raise FileExistsError(f"{index.directory}: an earlier add was interrupted; pass --resume to finish it (the files "
+                                  f"given now are added after it), or delete {pending.name} and pending.npz.parts to drop it")
+        if interrupted:
+            finished = _commit_pending(index, model, batch_size, workers, errors, part_size, True, rank, world, progress)
+            report["finished_earlier"] = finished.get("added", 0)
+            report["failures"] += finished.get("failures", [])
+        if rank == 0:
+            _write_pending(index, files, modality, frames, labels)
+        barrier(world)  # every rank waits for pending.json
+        added = _commit_pending(index, model, batch_size, workers, errors, part_size, False, rank, world, progress)
+    if rank != 0:
+        return {}
+    for key in ("added", "already_indexed", "duplicates"):
+        report[key] += added[key]
+    report["failures"] += added["failures"]
+    report["rows"] = len(index)
+    return report
+
+
+def _write_pending(index: ImageIndex, files: list[str], modality: str, frames: str | int | None,
+                   labels: dict[str, dict[str, str]] | None) -> None:
+    """What an add is about to encode (the files not indexed yet by content), with their labels:
+    a resumed add finishes from this alone."""
+    if labels is not None:
+        unlabelled = [f for f in files if str(Path(f).resolve()) not in labels]
         if unlabelled:
             warnings.warn(f"{len(unlabelled)} of {len(files)} file(s) have no row in the labels CSV and are indexed "
-                          f"without labels, first: {unlabelled[0]}", UserWarning, stacklevel=2)
-    if not interrupted and rank == 0:
-        hashes = content_hashes(files)
-        known = index.known(list(hashes.values()))
-        todo = [f for f in dict.fromkeys(map(str, files)) if hashes[f] not in known]
-        with atomic_write(pending) as tmp:
-            Path(tmp).write_text(json.dumps({"files": todo, "hashes": {f: hashes[f] for f in todo},
-                                             "already": len(files) - len(todo), "modality": modality}))
-    if world > 1:
-        dist.barrier()
+                          f"without labels, first: {unlabelled[0]}", UserWarning, stacklevel=3)
+    hashes = content_hashes(files)
+    known = index.known(list(dict.fromkeys(h for h in hashes.values() if h)))
+    todo = [f for f in files if hashes[f] is None or hashes[f] not in known]
+    with atomic_write(index.directory / "pending.json") as tmp:
+        Path(tmp).write_text(json.dumps({
+            "files": todo, "already": len(files) - len(todo), "modality": modality, "frames": frames,
+            "labels": {f: (labels or {}).get(str(Path(f).resolve()), {}) for f in todo}}))
+
+
+def _commit_pending(index: ImageIndex, model: MIDoLModel, batch_size: int, workers: int | None, errors: str,
+                    part_size: int, resume: bool, rank: int, world: int, progress: bool) -> dict[str, Any]:
+    """Encode the files of ``pending.json`` (each row binds path, content hash and embedding of
+    the same bytes), commit them and remove the pending state; the counts on rank 0."""
+    from .bulk import encode_files, merge_parts, remove_parts
+
+    pending, out = index.directory / "pending.json", index.directory / "pending.npz"
     state = json.loads(pending.read_text())
     if state["files"]:
-        encode_files(model, state["files"], out, modality=state["modality"], outputs=["embedding"], batch_size=batch_size,
-                     workers=workers, errors=errors, part_size=part_size, resume=interrupted, rank=rank, world=world,
-                     progress=progress, frames=frames)
-    if world > 1:
-        dist.barrier()
+        encode_files(model, state["files"], out, modality=state["modality"], outputs=["embedding"],
+                     batch_size=batch_size, workers=workers, errors=errors, part_size=part_size, resume=resume,
+                     rank=rank, world=world, progress=progress, frames=state.get("frames"))
+    barrier(world)  # every rank's parts are written
     if rank != 0:
         return {}
     added, failures = 0, []
     if state["files"]:
         merged = merge_parts(out, state["files"], ["embedding"])
-        labels = labels or {}
-        rows = [{**row, "sha256": state["hashes"][row["path"]], "labels": labels.get(str(Path(row["path"]).resolve()), {})}
-                for row in merged.rows]
+        rows = [{**row, "labels": state["labels"].get(row["path"], {})} for row in merged.rows]
         if rows:
             added = index.add_rows(rows, merged.arrays["embedding"])
         failures = merged.failures
         remove_parts(out)
     pending.unlink()
-    return {"added": added, "already_indexed": state["already"], "failures": failures, "rows": len(index)}
+    stored = len(merged.rows) if state["files"] else 0
+    return {"added": added, "already_indexed": state["already"], "duplicates": stored - added, "failures": failures}
+
+
+def content_hashes(files: Sequence[str]) -> dict[str, str | None]:
+    """sha256 of each file's content, by path (None for a file that cannot be read: it is tried,
+    and reported, when encoded)."""
+    hashes: dict[str, str | None] = {}
+    for path in files:
+        try:
+            hashes[str(path)] = file_sha256(path)
+        except OSError:
+            hashes[str(path)] = None
+    return hashes
 
 
 def draw_search(queries: Sequence[str], hits: Sequence[Sequence[Hit]], modalities: Sequence[str], target: str | Path,

@@ -4,17 +4,21 @@ the one-line error of every command."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import sys
 import tempfile
 import traceback
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .errors import WriterBusyError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif")
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -35,6 +39,22 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def read_json_file(path: str | os.PathLike, what: str, keys: tuple[str, ...], fix: str) -> dict[str, Any]:
+    """A JSON object from ``path`` holding ``keys``, or a ValueError that names the file, says
+    what is wrong with it and how to fix it (never a raw JSONDecodeError or KeyError)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the {what} ({error.strerror or error}); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: the {what} is damaged (not valid JSON: {error}); {fix}") from None
+    missing = [key for key in keys if key not in value] if isinstance(value, dict) else list(keys)
+    if missing:
+        raise ValueError(f"{path}: the {what} lacks {', '.join(missing)}; {fix}")
+    return value
+
+
 @contextmanager
 def atomic_write(target: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``target``; rename it into place only on success, so a
@@ -51,6 +71,59 @@ def atomic_write(target: str | os.PathLike) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``path`` as the one writer of ``what`` (an index, an encode output) until the block
+    ends. The lock is the kernel's (``flock``), so a killed holder releases it: no stale lock
+    outlives its process. The file records the holder (pid, host, command) for the message a
+    second writer gets."""
+    import fcntl
+
+    path = Path(path)
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise WriterBusyError(f"{what} is being written by another process ({_describe_holder(holder)}); "
+                                  "wait for it to finish, then run this again") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+            break  # not a file a finishing holder has just unlinked
+        handle.close()
+    handle.truncate(0)
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300]}))
+    handle.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        handle.close()
+
+
+def lock_for_ranks(stack: ExitStack, path: str | os.PathLike, what: str, rank: int, world: int) -> None:
+    """Rank 0 takes :func:`writer_lock` for the job (in ``stack``); every rank raises when it is busy."""
+    problem = None
+    if rank == 0:
+        try:
+            stack.enter_context(writer_lock(path, what))
+        except WriterBusyError as error:
+            problem = str(error)
+    problem = from_rank_zero(problem, world)
+    if problem is not None:
+        raise WriterBusyError(problem)
+
+
+def _describe_holder(recorded: str) -> str:
+    try:
+        holder = json.loads(recorded)
+        return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "it has not said who it is yet"
 
 
 def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
@@ -76,6 +149,12 @@ def from_rank_zero(value: Any, world: int) -> Any:
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+def barrier(world: int) -> None:
+    """Wait for every torchrun rank (nothing to wait for in a single process)."""
+    if world > 1:
+        dist.barrier()
 
 
 def run_command(prog: str, command: Callable[[], object], expected: tuple[type[BaseException], ...],

@@ -20,6 +20,21 @@ from .reference_swin import relative_position_index
 REPO = Path(__file__).resolve().parents[1]
 
 
+def kill_after_parts(cli_args: list[str], parts: Path, count: int) -> int:
+    """Run ``midol CLI_ARGS`` and SIGKILL it once ``parts`` holds ``count`` part files (a run
+    killed half-way); returns how many parts it had written."""
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "midol_hub.cli", *cli_args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < count:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(list(parts.glob("*.npz")))
+
+
 def make_micro(seed: int = 0, **overrides) -> MIDoLModel:
     """A seeded random midol-micro model (no download, no warning)."""
     torch.manual_seed(seed)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .helpers import REPO, torchrun
+from .helpers import REPO, kill_after_parts, torchrun
 
 
 def midol(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -53,16 +51,8 @@ def test_straight_run_keeps_input_order_and_leaves_no_parts(straight, data_root)
 def test_a_killed_encode_resumes_where_it_stopped(straight, data_root, tmp_path):
     out = tmp_path / "feats.npz"
     parts = tmp_path / "feats.npz.parts"
-    command = [sys.executable, "-m", "midol_hub.cli", "encode", str(data_root / "oct"), "--out", str(out),
-               "--output", "embedding,pooled,routing", "--batch-size", "4", "--part-size", "8", "--workers", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < 3:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(list(parts.glob("*.npz")))
+    written = kill_after_parts(["encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing",
+                                "--batch-size", "4", "--part-size", "8", "--workers", "1"], parts, 3)
     assert 3 <= written < 13 and not out.exists()  # killed half-way: some parts, no output
     again = midol("encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing")
     assert again.returncode == 1 and "pass --resume" in again.stderr

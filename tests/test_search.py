@@ -6,11 +6,9 @@ import csv
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from midol_hub import ImageIndex, IndexDamagedError, IndexMismatchError, load_mo
 from midol_hub.search import RECALL_TARGET, build_faiss_index
 from midol_hub.utils import image_files
 
-from .helpers import REPO, torchrun
+from .helpers import REPO, kill_after_parts, torchrun
 
 FOLDERS = {"xray/nih_chestxray14_examples": 2, "fundus/idrid_segmentation_train_cropped": 6,
            "oct/kermany_oct2017_samples": 8, "dermoscopy/isic_uda1_fullres": 6, "pathology/crc_val_he_7k_examples": 6,
@@ -168,20 +166,14 @@ def test_damage_is_named_and_derived_files_are_rebuilt(faiss_index, tmp_path):
 def test_a_killed_build_resumes_to_the_same_index(faiss_index, archive, tmp_path):
     built = faiss_index
     target = tmp_path / "idx"
-    command = [sys.executable, "-m", "midol_hub.cli", "index", "build", str(archive / "images"), "--index", str(target),
-               "--labels", str(archive / "labels.csv"), "--batch-size", "2", "--part-size", "2", "--workers", "1"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = ["index", "build", str(archive / "images"), "--index", str(target), "--labels", str(archive / "labels.csv"),
+               "--batch-size", "2", "--part-size", "2", "--workers", "1"]
     parts = target / "pending.npz.parts"
-    deadline = time.time() + 300
-    while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < 2:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_parts(command, parts, 2)
     assert (target / "pending.json").is_file() and len(ImageIndex(target)) == 0
     again = midol("index", "add", str(target), str(archive / "images"))
     assert again.returncode == 1 and "--resume" in again.stderr
-    resumed = midol(*command[3:], "--resume")
+    resumed = midol(*command, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert not (target / "pending.json").exists() and not parts.exists()
     assert table(target) == table(built)
