@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -47,8 +48,6 @@ NON_FINITE = "the model's output is not finite (NaN or Inf); the weights are dam
 
 def default_workers() -> int:
     """DataLoader workers for decoding: the cores the model's own thread leaves, at most 8."""
-    import os
-
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
@@ -193,16 +192,14 @@ def _read_part(part: Path) -> dict[str, Any]:
 def _latest(directory: Path, names: Sequence[str] = ()) -> dict[str, tuple[str, Any]]:
     """Per path, its newest entry in the parts: ("rows", (part arrays, row positions)) or
     ("failed", failure); only the metadata columns plus ``names`` are read."""
-    entries: list[tuple[int, Path]] = []
-    for part in _part_files(directory):
-        with np.load(part) as data:
-            entries.append((int(data["written_ns"]), part))
-    latest: dict[str, tuple[str, Any]] = {}
-    for _, part in sorted(entries):
+    entries = []
+    for part in _part_files(directory):  # each part read once; newest last
         with np.load(part) as data:
             arrays = {name: data[name] for name in ("paths", "sha256", "frames", "confidence", *ROW_FIELDS, *names)
                       if name in data.files}
-            failed = json.loads(str(data["failures"]))
+            entries.append((int(data["written_ns"]), part.name, arrays, json.loads(str(data["failures"]))))
+    latest: dict[str, tuple[str, Any]] = {}
+    for _, _, arrays, failed in sorted(entries, key=lambda entry: entry[:2]):
         positions: dict[str, list[int]] = {}
         for position, path in enumerate(arrays["paths"].tolist()):
             positions.setdefault(path, []).append(position)
