@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .encoding import Plan, check_frames, encode_planned, nonfinite_rows, plan_row, preprocess_planned
-from .errors import ImageReadError, ModalityMismatchWarning, NonFiniteError
+from .dicomweb import DICOMwebSource, Instance, is_dicomweb
+from .errors import DICOMwebError, ImageReadError, ModalityMismatchWarning, NonFiniteError
 from .image_io import file_frames
 from .modalities import AUTO, canonical_modality
 from .modeling_midol import MIDoLModel
@@ -64,7 +65,8 @@ def model_fingerprint(model: MIDoLModel) -> dict[str, str]:
 @dataclass
 class _Item:
     """What a worker sends for a file: its rows (``kind="row"``), then one closing item:
-    ``"done"``, ``"failed"`` (with ``error``) or ``"reused"`` (encoded by an earlier run)."""
+    ``"done"``, ``"failed"`` (with ``error``) or ``"reused"`` (encoded by an earlier run); or
+    ``"fatal"``: a DICOMweb server that cannot serve at all, which stops the run."""
 
     kind: str
     path: str
@@ -76,13 +78,16 @@ class _Item:
 
 
 class _FileRows(torch.utils.data.IterableDataset):
-    """The rows of files, each file read once, hashed and decoded from the same bytes in a
-    worker; ``done`` maps path -> content hash of files that earlier parts already hold."""
+    """The rows of files (or DICOMweb instances), each read once, hashed and decoded from the
+    same bytes in a worker; ``done`` maps path -> content hash of files that earlier parts
+    already hold. A DICOMweb instance already held is not fetched again: DICOM gives changed
+    content a new SOP Instance UID, so its URL names its content."""
 
     def __init__(self, files: Sequence[str], config: Any, forced: str | None, frames: str | int | None,
                  done: dict[str, str]) -> None:
         super().__init__()
         self.files, self.config, self.forced, self.frames, self.done = list(files), config, forced, frames, done
+        self._services: dict[str, DICOMwebSource] = {}
 
     def __iter__(self) -> Iterator[_Item]:
         info = torch.utils.data.get_worker_info()
@@ -91,6 +96,9 @@ class _FileRows(torch.utils.data.IterableDataset):
             yield from self._file(path)
 
     def _file(self, path: str) -> Iterator[_Item]:
+        if is_dicomweb(path):
+            yield from self._instance(path)
+            return
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
@@ -102,12 +110,32 @@ class _FileRows(torch.utils.data.IterableDataset):
         except OSError as error:
             yield _Item("failed", path, error=f"cannot read the file ({error.strerror or error})")
             return
+        yield from self._decoded(path, data)
+
+    def _instance(self, url: str) -> Iterator[_Item]:
+        if url in self.done:
+            yield _Item("reused", url, self.done[url])
+            return
+        try:
+            instance = Instance.parse(url)
+            service = self._services.get(instance.service) or self._services.setdefault(
+                instance.service, DICOMwebSource("dicomweb+" + instance.service))
+            data = service.fetch(instance)
+        except (ImageReadError, ValueError) as error:
+            yield _Item("failed", url, error=getattr(error, "reason", str(error)))
+            return
+        except DICOMwebError as error:
+            yield _Item("fatal", url, error=str(error))
+            return
+        yield from self._decoded(url, data)
+
+    def _decoded(self, path: str, data: bytes) -> Iterator[_Item]:
         sha256 = hashlib.sha256(data).hexdigest()
         if self.done.get(path) == sha256:
             yield _Item("reused", path, sha256)
             return
         try:
-            for raw in file_frames(Path(path), self.frames, data):
+            for raw in file_frames(path, self.frames, data):
                 plan = plan_row(self.config, self.forced, raw.dicom_modality)
                 pixels = preprocess_planned(self.config, [raw], [plan], WarningCollector())[0]
                 yield _Item("row", path, sha256, raw.frame, pixels, plan)
@@ -291,6 +319,9 @@ def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality
             for item in items:
                 if item.kind == "row":
                     continue
+                if item.kind == "fatal":
+                    flush()  # what is encoded stays: --resume goes on from here
+                    raise DICOMwebError(f"{item.error} (stopped at {item.path}; run the same command with --resume to go on)")
                 bar.update(1)
                 if item.kind == "reused":
                     reused += 1

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .dtypes import parse_dtype, supported_precisions
+from .errors import DICOMwebError
 from .modalities import AUTO, MODALITIES, UNKNOWN
 from .registry import DEFAULT_MODEL
 from .utils import (
@@ -137,10 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     onnx.set_defaults(handler=run_export_onnx)
 
+    app = commands.add_parser("app", help="a local browser app: modality, routing map, similar cases, class heatmaps")
+    app.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
+    app.add_argument("--index", default=None, help="an index folder: show the most similar cases")
+    app.add_argument("--classifier", default=None, metavar="DIR", help="a fine-tuned classifier folder: show class heatmaps")
+    app.add_argument("-k", type=_positive, default=6, help="similar cases shown per image")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=_positive, default=7860)
+    app.add_argument("--max-file-mb", type=_positive, default=64, help="uploads larger than this are refused")
+    app.set_defaults(handler=run_app)
+
     index = commands.add_parser("index", help="build and grow an image index for similar-case search")
     index_commands = index.add_subparsers(title="index commands", metavar="ACTION")
     build = index_commands.add_parser("build", help="encode images and index them, one sub-index per modality")
-    build.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    build.add_argument("paths", nargs="+", help="image files or folders (searched recursively), or a PACS: "
+                       "dicomweb+http://HOST:PORT/dicom-web (credentials: MIDOL_DICOMWEB_USER/_PASSWORD or netrc)")
     build.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     build.add_argument("--index", required=True, help="the index folder (created)")
     build.add_argument("--exact-limit", type=int, default=None,
@@ -154,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=run_index_build)
     grow = index_commands.add_parser("add", help="add images to an index (files it holds, by content, are skipped)")
     grow.add_argument("index", help="the index folder")
-    grow.add_argument("paths", nargs="+", help="image files or folders")
+    grow.add_argument("paths", nargs="+", help="image files or folders, or a PACS (dicomweb+http://...)")
     grow.add_argument("--model", default=None, help="default: the model the index was built with")
     _index_options(grow)
     grow.set_defaults(handler=run_index_add)
@@ -525,14 +537,32 @@ def run_explain(args: argparse.Namespace) -> None:
         written = draw_routing_maps(load_model(args.model), files, args.out, frames=args.frames)
         print(f"wrote {len(written)} routing map(s) to {args.out}")
         return
+    written = draw_class_heatmaps(_load_classifier(args.classifier), files, args.out, target=args.target, method=args.method)
+    print(f"wrote {len(written)} class heatmap(s) to {args.out}")
+
+
+def run_app(args: argparse.Namespace) -> None:
+    from . import load_model
+    from .app import CaseViewer, launch
+
+    model = load_model(args.model)
+    index = None
+    if args.index is not None:
+        from .search import ImageIndex
+
+        index = ImageIndex(args.index)
+    classifier = _load_classifier(args.classifier) if args.classifier else None
+    launch(CaseViewer(model, index, classifier, k=args.k, max_file_bytes=args.max_file_mb * 2**20, model_name=args.model),
+           args.host, args.port)
+
+
+def _load_classifier(folder: str) -> Any:
     from .tasks import MIDoLForImageClassification
 
-    if not (Path(args.classifier) / "config.json").is_file():
-        raise CLIError(f"--classifier {args.classifier}: not a model folder (no config.json); give the folder that "
+    if not (Path(folder) / "config.json").is_file():
+        raise CLIError(f"--classifier {folder}: not a model folder (no config.json); give the folder that "
                        "save_pretrained (or examples/finetune_classification.py, OUTPUT_DIR/model) wrote")
-    classifier = MIDoLForImageClassification.from_pretrained(args.classifier)
-    written = draw_class_heatmaps(classifier, files, args.out, target=args.target, method=args.method)
-    print(f"wrote {len(written)} class heatmap(s) to {args.out}")
+    return MIDoLForImageClassification.from_pretrained(folder)
 
 
 def run_export_onnx(args: argparse.Namespace) -> None:
@@ -556,6 +586,11 @@ def _index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--errors", choices=("raise", "skip"), default="skip",
                         help="skip (default): leave unreadable files out and list them; raise: stop at the first")
     parser.add_argument("--frames", type=_frames, default=None, metavar="all|middle|INDEX")
+    pacs = parser.add_argument_group("DICOMweb sources (QIDO-RS filters)")
+    pacs.add_argument("--pacs-modality", default=None, metavar="CODE", help="DICOM Modality code, e.g. CR, OP, OCT")
+    pacs.add_argument("--study-date", default=None, metavar="DATE[-DATE]", help="study date or range, e.g. 20240101-20241231")
+    pacs.add_argument("--study-uid", action="append", default=[], help="index this study only (repeat for several)")
+    pacs.add_argument("--series-uid", action="append", default=[], help="index this series only (repeat for several)")
 
 
 def _index_model(args: argparse.Namespace, index: Any, device: str | None = None) -> Any:
@@ -567,14 +602,14 @@ def _index_model(args: argparse.Namespace, index: Any, device: str | None = None
     return load_model(name, device=device)
 
 
-def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, world: int) -> None:
+def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, world: int, sources: list[str]) -> None:
     import torch
 
     from .search import add_files, read_labels
 
     labels = read_labels(args.labels)[1] if args.labels else None
     try:
-        report = add_files(index, model, [str(f) for f in collect_images(args.paths)], modality=args.modality,
+        report = add_files(index, model, sources, modality=args.modality,
                            labels=labels, batch_size=args.batch_size, workers=args.workers, errors=args.errors,
                            part_size=args.part_size, resume=args.resume, rank=rank, world=world, frames=args.frames)
     except FileExistsError as error:
@@ -590,6 +625,24 @@ def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, wor
         torch.distributed.destroy_process_group()
 
 
+def index_sources(args: argparse.Namespace) -> list[str]:
+    """The files below ``args.paths``, and the instances each DICOMweb service's QIDO-RS finds."""
+    from .dicomweb import DICOMwebSource, is_dicomweb
+
+    sources: list[str] = []
+    for raw in args.paths:
+        if not is_dicomweb(raw):
+            sources += [str(f) for f in collect_images([raw])]
+            continue
+        found = DICOMwebSource(raw).instances(modality=args.pacs_modality, study_date=args.study_date,
+                                              study_uids=args.study_uid, series_uids=args.series_uid)
+        if not found:
+            raise CLIError(f"{raw}: QIDO-RS finds no instances" + (" matching the filters" if args.pacs_modality or
+                           args.study_date or args.study_uid or args.series_uid else ""))
+        sources += [instance.url for instance in found]
+    return sources
+
+
 def run_index_build(args: argparse.Namespace) -> None:
     from . import load_model
     from .search import EXACT_LIMIT, ImageIndex, read_labels
@@ -597,9 +650,10 @@ def run_index_build(args: argparse.Namespace) -> None:
     rank, world, device = join_torchrun(None)
     model = load_model(args.model, device=device)
     directory = Path(args.index)
-    problem = None
+    problem, sources = None, None
     if rank == 0:  # one rank decides and creates; the others learn the outcome (never a race on index.json)
         try:
+            sources = index_sources(args)  # before anything is created: a PACS that refuses leaves no empty index
             if (directory / "index.json").is_file():
                 if not args.resume:
                     raise CLIError(f"{directory}: an index is already there; add to it with `midol index add {directory} ...`")
@@ -608,12 +662,12 @@ def run_index_build(args: argparse.Namespace) -> None:
                 ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
                                   backend=args.backend, uri=args.uri, collection=args.collection,
                                   milvus_index=args.milvus_index).close()
-        except (CLIError, ValueError) as error:
+        except (CLIError, ValueError, DICOMwebError) as error:
             problem = str(error)
-    problem = from_rank_zero(problem, world)
+    problem, sources = from_rank_zero((problem, sources), world)
     if problem is not None:
         raise CLIError(problem)
-    _fill_index(args, ImageIndex(directory), model, rank, world)
+    _fill_index(args, ImageIndex(directory), model, rank, world, sources)
 
 
 def run_index_add(args: argparse.Namespace) -> None:
@@ -621,7 +675,17 @@ def run_index_add(args: argparse.Namespace) -> None:
 
     rank, world, device = join_torchrun(None)
     index = ImageIndex(args.index)
-    _fill_index(args, index, _index_model(args, index, device), rank, world)
+    model = _index_model(args, index, device)
+    problem, sources = None, None
+    if rank == 0:  # rank 0 lists the sources once (a PACS may change between two queries)
+        try:
+            sources = index_sources(args)
+        except (CLIError, DICOMwebError) as error:
+            problem = str(error)
+    problem, sources = from_rank_zero((problem, sources), world)
+    if problem is not None:
+        raise CLIError(problem)
+    _fill_index(args, index, model, rank, world, sources)
 
 
 def run_index_info(args: argparse.Namespace) -> None:

@@ -6,7 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .utils import atomic_write
+
+
+def displayable(pixels: np.ndarray) -> np.ndarray:
+    """A decoded image's (H, W, C) pixels as shown: grey (H, W) for one channel (and grey with
+    alpha), RGB (H, W, 3) otherwise (alpha dropped)."""
+    return pixels[:, :, 0] if pixels.shape[-1] in (1, 2) else pixels[:, :, :3]
 
 
 def pyplot() -> Any:

@@ -60,3 +60,7 @@ class NonFiniteError(ValueError):
 
 class WriterBusyError(RuntimeError):
     """Another process is writing this index or encode output; the message names it."""
+
+
+class DICOMwebError(RuntimeError):
+    """A DICOMweb server that cannot be reached, refuses the credentials or fails a request."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .drawing import pyplot, save_figure
+from .drawing import displayable, pyplot, save_figure
 from .encoding import Encoding
 from .image_io import read_any
 from .modeling_midol import MIDoLModel
@@ -49,7 +49,7 @@ def draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path, 
     written = []
     for row, (index, frame) in enumerate(zip(encoding.indices, encoding.frames)):
         pixels = read_any(paths[index], index, WarningCollector(), frame).pixels
-        image = pixels[:, :, 0] if pixels.shape[-1] in (1, 2) else pixels[:, :, :3]
+        image = displayable(pixels)
         chosen = int(encoding.expert_index[row])
         experts = maps[row].numpy()
         low, high = float(experts.min()), float(experts.max())

@@ -181,12 +181,14 @@ def select_frames(count: int, frames: str | int | None, source: str, dicom: bool
     return [count // 2 if frames == "middle" else int(frames)]
 
 
-def file_frames(path: Path, frames: str | int | None = None, data: bytes | None = None) -> Iterator[RawImage]:
+def file_frames(path: Path | str, frames: str | int | None = None, data: bytes | None = None) -> Iterator[RawImage]:
     """The frames of one file that ``frames`` selects (see :func:`select_frames`), decoded in
     one pass: the file is opened once and its pages are read in order, so every frame costs the
     same at page 3,000 as at page 3. ``data``: the file's bytes, when the caller has read them
-    already (a content hash then binds exactly the bytes decoded)."""
+    already (a content hash then binds exactly the bytes decoded); ``path`` then only names
+    them (it may be a DICOMweb instance URL)."""
     source = str(path)
+    path = Path(source)
     if data is None:
         if not path.exists():
             raise ImageReadError(source, "no such file")

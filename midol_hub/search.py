@@ -37,6 +37,7 @@ import numpy as np
 from .bulk import model_fingerprint
 from .errors import IndexDamagedError, IndexMismatchError, NonFiniteError, WriterBusyError
 from .modalities import AUTO, UNKNOWN, canonical_modality
+from .dicomweb import instance_uids, is_dicomweb
 from .modeling_midol import MIDoLModel
 from .utils import atomic_write, barrier, file_sha256, from_rank_zero, lock_for_ranks
 
@@ -61,11 +62,16 @@ class Hit:
     frame: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def uids(self) -> dict[str, str]:
+        """Study, Series and SOP Instance UIDs of a hit indexed over DICOMweb ({} for a file)."""
+        return instance_uids(self.path)
+
     def to_dict(self) -> dict[str, Any]:
         row = {"path": self.path, "score": round(self.score, 6), "modality": self.modality, "rank": self.rank}
         if self.frame is not None:
             row["frame"] = self.frame
-        return {**row, **self.labels}
+        return {**row, **self.uids, **self.labels}
 
 
 def decode_text(data: bytes) -> str:
@@ -84,8 +90,8 @@ def decode_text(data: bytes) -> str:
 
 
 def read_labels(csv_path: str | Path) -> tuple[list[str], dict[str, dict[str, str]]]:
-    """Label columns and, per resolved file path, its labels, from a CSV with a ``path`` column
-    (relative paths are relative to the CSV's folder)."""
+    """Label columns and, per resolved file path (or DICOMweb instance URL), its labels, from a
+    CSV with a ``path`` column (relative paths are relative to the CSV's folder)."""
     csv_path = Path(csv_path)
     try:
         text = decode_text(csv_path.read_bytes())
@@ -100,6 +106,9 @@ def read_labels(csv_path: str | Path) -> tuple[list[str], dict[str, dict[str, st
         if None in row or any(value is None for value in row.values()):
             raise ValueError(f"{csv_path}: row {line} has another number of fields than the header "
                              f"({len(reader.fieldnames)}); fix that row")
+        if is_dicomweb(row["path"]):  # a PACS instance, by its URL
+            labels[row["path"]] = {c: row[c] for c in columns}
+            continue
         path = Path(row["path"])
         labels[str((path if path.is_absolute() else csv_path.parent / path).resolve())] = {c: row[c] for c in columns}
     return columns, labels
@@ -142,6 +151,15 @@ class FaissStore:
                 chunk = list(hashes[start : start + 500])
                 found.update(sha for (sha,) in db.execute(
                     f"SELECT DISTINCT sha256 FROM rows WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        with closing(self._connect()) as db:
+            for start in range(0, len(paths), 500):
+                chunk = list(paths[start : start + 500])
+                found.update(path for (path,) in db.execute(
+                    f"SELECT DISTINCT path FROM rows WHERE path IN ({','.join('?' * len(chunk))})", chunk))
         return found
 
     def counts(self) -> dict[str, int]:
@@ -274,6 +292,15 @@ class MilvusStore:
 
     def known(self, hashes: Sequence[str]) -> set[str]:
         return {sha for sha, _ in self._present(hashes)}
+
+    def known_paths(self, paths: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for name in self._collections().values():
+            for start in range(0, len(paths), 500):
+                chunk = json.dumps(list(paths[start : start + 500]))
+                found.update(row["path"] for row in self.client.query(
+                    name, filter=f"path in {chunk}", output_fields=["path"], limit=16384))
+        return found
 
     def counts(self) -> dict[str, int]:
         return {modality: int(self.client.query(name, filter="", output_fields=["count(*)"])[0]["count(*)"])
@@ -566,7 +593,7 @@ def add_files(index: ImageIndex, model: MIDoLModel, files: Sequence[str], *, mod
     ``files``. Under torchrun every rank encodes its share and rank 0 commits. Returns the
     counts (on rank 0)."""
     index.check_model(model)
-    files = list(dict.fromkeys(str(Path(f).absolute()) for f in files))
+    files = list(dict.fromkeys(f if is_dicomweb(f) else str(Path(f).absolute()) for f in map(str, files)))
     report: dict[str, Any] = {"added": 0, "already_indexed": 0, "duplicates": 0, "failures": [], "finished_earlier": 0}
     with ExitStack() as held:
         lock_for_ranks(held, index.directory / "writer.lock", f"the index {index.directory}", rank, world)
@@ -596,18 +623,23 @@ def _write_pending(index: ImageIndex, files: list[str], modality: str, frames: s
                    labels: dict[str, dict[str, str]] | None) -> None:
     """What an add is about to encode (the files not indexed yet by content), with their labels:
     a resumed add finishes from this alone."""
+    def key(file: str) -> str:  # how the labels CSV names a file: resolved path, or the instance URL
+        return file if is_dicomweb(file) else str(Path(file).resolve())
+
     if labels is not None:
-        unlabelled = [f for f in files if str(Path(f).resolve()) not in labels]
+        unlabelled = [f for f in files if key(f) not in labels]
         if unlabelled:
             warnings.warn(f"{len(unlabelled)} of {len(files)} file(s) have no row in the labels CSV and are indexed "
                           f"without labels, first: {unlabelled[0]}", UserWarning, stacklevel=3)
-    hashes = content_hashes(files)
+    instances = [f for f in files if is_dicomweb(f)]  # a SOP Instance UID names one content: skipped unfetched
+    held = index.store.known_paths(instances) if instances else set()
+    hashes = content_hashes([f for f in files if not is_dicomweb(f)])
     known = index.known(list(dict.fromkeys(h for h in hashes.values() if h)))
-    todo = [f for f in files if hashes[f] is None or hashes[f] not in known]
+    todo = [f for f in files if f not in held and (is_dicomweb(f) or hashes[f] is None or hashes[f] not in known)]
     with atomic_write(index.directory / "pending.json") as tmp:
         Path(tmp).write_text(json.dumps({
             "files": todo, "already": len(files) - len(todo), "modality": modality, "frames": frames,
-            "labels": {f: (labels or {}).get(str(Path(f).resolve()), {}) for f in todo}}))
+            "labels": {f: (labels or {}).get(key(f), {}) for f in todo}}))
 
 
 def _commit_pending(index: ImageIndex, model: MIDoLModel, batch_size: int, workers: int | None, errors: str,
@@ -653,7 +685,7 @@ def content_hashes(files: Sequence[str]) -> dict[str, str | None]:
 def draw_search(queries: Sequence[str], hits: Sequence[Sequence[Hit]], modalities: Sequence[str], target: str | Path,
                 label_columns: Sequence[str] = ()) -> Path:
     """One row per query: the query, then its neighbours with rank, score and labels."""
-    from .drawing import pyplot, save_figure
+    from .drawing import displayable, pyplot, save_figure
     from .image_io import read_any
     from .preprocessing import WarningCollector
 
@@ -663,7 +695,7 @@ def draw_search(queries: Sequence[str], hits: Sequence[Sequence[Hit]], modalitie
 
     def show(axes: Any, path: str, frame: int | None, title: str) -> None:
         pixels = read_any(path, 0, WarningCollector(), frame).pixels
-        image = pixels[:, :, 0] if pixels.shape[-1] in (1, 2) else pixels[:, :, :3]
+        image = displayable(pixels)
         axes.imshow(image, cmap="gray" if image.ndim == 2 else None)
         axes.set_title(title, fontsize=7)
 

@@ -171,52 +171,58 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 1 - ((2 * intersection + 1) / (total + 1))[1:].mean()
 
 
-def layerwise_lr_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
+def layerwise_lr_groups(model: _TaskModel | MIDoLModel, lr: float, decay: float,
+                        weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups with layer-wise lr decay (as RETFound / BEiT): the patch embedding gets
     ``lr * decay ** (L + 1)``, Swin block b gets ``lr * decay ** (L - b)``, the head ``lr``.
+    ``model`` is a task model (fine-tuning) or an :class:`MIDoLModel` (pretraining from an
+    ImageNet start, whose MoE head is the "head"). Each group keeps its ``lr_scale``, and
+    ``no_decay`` marks the groups without weight decay (biases, norms, position tables).
 
     Not timm's ``param_groups_layer_decay``: for Swin it counts the final norm as one more
     layer, so every backbone scale is one decay step higher than RETFound's (and it leaves the
     task head out); tests/test_downstream.py checks that difference.
     """
+    backbone = "midol.backbone." if isinstance(model, _TaskModel) else "backbone."
     if not model.config.is_swin:
-        return _cnn_layer_groups(model, lr, decay, weight_decay)
+        return _cnn_layer_groups(model, backbone, lr, decay, weight_decay)
     depths = model.config.depths
     num_layers = sum(depths)
     starts = [sum(depths[:i]) for i in range(len(depths))]
 
     def layer_id(name: str) -> int:
-        if name.startswith("midol.backbone.patch_embed"):
+        if name.startswith(backbone + "patch_embed"):
             return 0
-        if name.startswith("midol.backbone.layers."):
-            parts = name.split(".")
-            stage = int(parts[3])
-            if parts[4] == "blocks":
-                return starts[stage] + int(parts[5]) + 1
+        if name.startswith(backbone + "layers."):
+            parts = name[len(backbone):].split(".")
+            stage = int(parts[1])
+            if parts[2] == "blocks":
+                return starts[stage] + int(parts[3]) + 1
             return starts[stage] + 1  # downsample runs before the stage's first block
         return num_layers + 1
 
     return _decayed_groups(model, layer_id, num_layers, lr, decay, weight_decay)
 
 
-def _cnn_layer_groups(model: _TaskModel, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
+def _cnn_layer_groups(model: nn.Module, backbone: str, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
     """The same for a CNN backbone (EfficientNet): the stem is layer 0, the blocks 1..N in order,
     the head convolution N + 1, the task head ``lr``."""
-    places = [(s, b) for s, stage in enumerate(backbone_stages(model.midol.backbone)) for b in range(len(stage))]
+    module = model.midol.backbone if isinstance(model, _TaskModel) else model.backbone
+    places = [(s, b) for s, stage in enumerate(backbone_stages(module)) for b in range(len(stage))]
     num_layers = len(places) + 1
 
     def layer_id(name: str) -> int:
-        parts = name.split(".")
-        if name.startswith("midol.backbone.blocks."):
-            return places.index((int(parts[3]), int(parts[4]))) + 1
-        if name.startswith("midol.backbone.") and parts[2] in ("conv_stem", "bn1"):
-            return 0
-        return num_layers if name.startswith("midol.backbone.") else num_layers + 1
+        if not name.startswith(backbone):
+            return num_layers + 1
+        parts = name[len(backbone):].split(".")
+        if parts[0] == "blocks":
+            return places.index((int(parts[1]), int(parts[2]))) + 1
+        return 0 if parts[0] in ("conv_stem", "bn1") else num_layers
 
     return _decayed_groups(model, layer_id, num_layers, lr, decay, weight_decay)
 
 
-def _decayed_groups(model: _TaskModel, layer_id: Any, num_layers: int, lr: float, decay: float,
+def _decayed_groups(model: nn.Module, layer_id: Any, num_layers: int, lr: float, decay: float,
                     weight_decay: float) -> list[dict[str, Any]]:
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, param in model.named_parameters():
@@ -226,7 +232,8 @@ def _decayed_groups(model: _TaskModel, layer_id: Any, num_layers: int, lr: float
         key = (layer_id(name), no_decay)
         if key not in groups:
             scale = decay ** (num_layers + 1 - key[0])
-            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale, "weight_decay": 0.0 if no_decay else weight_decay}
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale, "no_decay": no_decay,
+                           "weight_decay": 0.0 if no_decay else weight_decay}
         groups[key]["params"].append(param)
     return list(groups.values())
 

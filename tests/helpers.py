@@ -11,13 +11,47 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry
 
 from .reference_swin import relative_position_index
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def midol(*args: str, env: dict | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``midol ARGS`` in a fresh process (one thread, this checkout importable from ``cwd``)."""
+    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env=env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+
+
+def start_midol(*args: str) -> subprocess.Popen:
+    """``midol ARGS`` started in the background, its output piped as text."""
+    return subprocess.Popen([sys.executable, "-m", "midol_hub.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def write_dicom(path, pixels: np.ndarray, modality: str, preamble: bool = True, **attributes: str) -> None:
+    """A DICOM file of real pixels: MONOCHROME2 (8 or 16 bits) or RGB, one frame or (F, H, W) frames;
+    ``attributes`` set more elements (StudyInstanceUID, say)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.Modality, ds.PatientID = modality, "test"
+    for name, value in attributes.items():
+        setattr(ds, name, value)
+    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
+    ds.set_pixel_data(pixels, "RGB" if colour else "MONOCHROME2", 8 * pixels.dtype.itemsize)
+    if not preamble:
+        ds.preamble = None
+    ds.save_as(path, enforce_file_format=preamble)
 
 
 def kill_after_parts(cli_args: list[str], parts: Path, count: int) -> int:

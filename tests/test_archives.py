@@ -12,14 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from midol_hub import ImageReadError, ModalityMismatchError, ModalityMismatchWarning
 from midol_hub.modalities import DICOM_MODALITIES
 from training.data import open_source
 
-from .helpers import REPO, make_micro
+from .helpers import REPO, make_micro, write_dicom
 
 CODES = {"CR": "xray", "DX": "xray", "OP": "fundus", "OPT": "oct", "SM": "pathology", "DMS": "dermoscopy",
          "MG": "unknown", "IO": "unknown", "CT": "unknown", "MR": "unknown", "US": "unknown", "NM": "unknown",
@@ -27,22 +25,6 @@ CODES = {"CR": "xray", "DX": "xray", "OP": "fundus", "OPT": "oct", "SM": "pathol
 SOURCES = {"xray": "xray/nih_chestxray14_examples/00000001_000.png", "fundus": "fundus/idrid_segmentation_train_cropped/IDRiD_01.jpg",
            "oct": "oct/kermany_oct2017_samples_b/test_cnv.jpeg", "pathology": "pathology/crc_val_he_7k_examples/TUM-TCGA-AAHIDTWA.jpg",
            "dermoscopy": "dermoscopy/isic_uda1_fullres/ISIC_0000001.jpg"}
-
-
-def write_dicom(path, pixels: np.ndarray, modality: str, preamble: bool = True) -> None:
-    """A DICOM file of real pixels: MONOCHROME2 (8 or 16 bits) or RGB, one frame or (F, H, W) frames."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.Modality, ds.PatientID = modality, "test"
-    colour = pixels.ndim == 3 and pixels.shape[-1] == 3
-    ds.set_pixel_data(pixels, "RGB" if colour else "MONOCHROME2", 8 * pixels.dtype.itemsize)
-    if not preamble:
-        ds.preamble = None
-    ds.save_as(path, enforce_file_format=preamble)
 
 
 def real(data_root, modality: str, size: int = 256) -> np.ndarray:

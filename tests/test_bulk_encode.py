@@ -4,20 +4,13 @@ and two ranks under torchrun giving what one process gives."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .helpers import REPO, kill_after_parts, torchrun
+from .helpers import kill_after_parts, midol, torchrun
 
-
-def midol(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

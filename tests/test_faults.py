@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +26,10 @@ from midol_hub.image_io import file_frames
 from midol_hub.search import add_files, read_labels
 from midol_hub.utils import file_sha256, image_files, writer_lock
 
-from .helpers import REPO, kill_after_parts, make_micro
+from .helpers import kill_after_parts, make_micro, midol, start_midol
 
 OCT = "oct/kermany_oct2017_samples"
 
-
-def midol(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "midol_hub.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +161,7 @@ def test_two_adds_at_once_never_mix_rows(model, data_root, tmp_path):
     copy_images(data_root, first, 30)
     copy_images(data_root, second, 30, folder="pathology/crc_val_he_7k_examples")
     ImageIndex.create(directory, model, model_name="midol-micro").close()
-    runs = [start("index", "add", str(directory), str(folder), "--workers", "0") for folder in (first, second)]
+    runs = [start_midol("index", "add", str(directory), str(folder), "--workers", "0") for folder in (first, second)]
     results = [(run.wait(timeout=600), run.stdout.read(), run.stderr.read()) for run in runs]
     assert any(code == 0 for code, _, _ in results), results
     for code, _, stderr in results:

@@ -23,7 +23,7 @@ from training.imagenet import (
     imagenet_weights_file,
     load_imagenet_backbone,
 )
-from training.learner import Learner, MultiCropForward
+from training.learner import Learner, MultiCropForward, TrainingError
 
 from .helpers import REPO
 
@@ -101,6 +101,30 @@ def test_precision_auto_follows_the_machine(monkeypatch):
         monkeypatch.setattr("training.learner.native_bf16", lambda device, native=native: native)
         assert Learner(config, student, teacher, torch.device("cpu")).precision == expected
 
+
+
+def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_full_lr():
+    config = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=0.5"])
+    student, teacher = pretrain.build_models(config, torch.device("cpu"))
+    learner = Learner(config, student, teacher, torch.device("cpu"))
+    learner.set_schedules(2.0, 0.1)
+    group_of = {id(p): g for g in learner.optimizer.param_groups for p in g["params"]}
+    trained = [(name, p) for name, p in student.named_parameters() if p.requires_grad]
+    lr = {name: group_of[id(p)]["lr"] for name, p in trained}
+    blocks = 16
+    assert lr["backbone.conv_stem.weight"] == 2.0 * 0.5 ** (blocks + 2)
+    assert lr["backbone.blocks.6.0.conv_pwl.weight"] == 2.0 * 0.5 ** 2
+    assert lr["backbone.conv_head.weight"] == 2.0 * 0.5
+    assert {lr[name] for name in lr if name.startswith("head.")} == {2.0}
+    decays = {name: group_of[id(p)]["weight_decay"] for name, p in trained}
+    assert decays["backbone.bn1.weight"] == 0.0 and decays["backbone.conv_stem.weight"] == 0.1  # the schedule reaches decayed groups only
+    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64"])
+    assert official["optim"]["layer_decay"] == 1.0
+    plain = Learner(official, student, teacher, torch.device("cpu"))
+    plain.set_schedules(2.0, 0.1)
+    assert {g["lr"] for g in plain.optimizer.param_groups} == {2.0} and len(plain.optimizer.param_groups) == 2
+    with pytest.raises(TrainingError, match="optim.layer_decay must be in"):
+        Learner(load_config(LITE, ["model.num_prototypes=64", "optim.layer_decay=0"]), student, teacher, torch.device("cpu"))
 
 def test_a_swin_cannot_train_at_another_global_size(tmp_path, data_root):
     retina = f"fundus={data_root / 'fundus/retinamnist/retinamnist.npz'}"

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +17,12 @@ from midol_hub import ImageIndex, IndexDamagedError, IndexMismatchError, load_mo
 from midol_hub.search import RECALL_TARGET, build_faiss_index
 from midol_hub.utils import image_files
 
-from .helpers import REPO, kill_after_parts, torchrun
+from .helpers import REPO, kill_after_parts, midol, torchrun
 
 FOLDERS = {"xray/nih_chestxray14_examples": 2, "fundus/idrid_segmentation_train_cropped": 6,
            "oct/kermany_oct2017_samples": 8, "dermoscopy/isic_uda1_fullres": 6, "pathology/crc_val_he_7k_examples": 6,
            "other/skimage_natural_photos": 3}
 
-
-def midol(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "midol_hub.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

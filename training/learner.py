@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from midol_hub import MIDoLModel
 from midol_hub.dtypes import native_bf16
 from midol_hub.modeling_midol import backbone_stages
+from midol_hub.tasks import layerwise_lr_groups
 
 from .distributed import is_distributed
 from .losses import MIDoLLoss
@@ -115,7 +116,11 @@ class Learner:
         self.clip_grad, self.clip_mode = optim["clip_grad"], optim["clip_mode"]
         if self.clip_mode not in CLIP_MODES:
             raise TrainingError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
-        self.optimizer = torch.optim.AdamW(param_groups(student), lr=0.0)
+        decay = optim["layer_decay"]
+        if not 0 < decay <= 1:
+            raise TrainingError(f"optim.layer_decay must be in (0, 1], got {decay!r}")
+        groups = param_groups(student) if decay == 1 else layerwise_lr_groups(student, 0.0, decay, 0.0)
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0)
         precision = optim["precision"]
         if precision == "auto":  # bf16 where the device computes it natively (2x fp32 there), else fp32 (6x faster than emulated bf16)
             precision = "bf16" if native_bf16(device) else "fp32"
@@ -133,7 +138,7 @@ class Learner:
 
     def set_schedules(self, lr: float, weight_decay: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             if not group.get("no_decay"):
                 group["weight_decay"] = weight_decay
 
