@@ -71,19 +71,17 @@ class CaseViewer:
         self.pictures = Path(tempfile.mkdtemp(prefix="midol-app-"))
 
     def analyse(self, path: str, name: str | None = None) -> CaseReport:
-        from .explain import draw_class_heatmaps, draw_routing_maps
+        from .explain import draw_class_heatmaps, encode_and_draw_routing_maps
 
         name = name or Path(path).name
         size = Path(path).stat().st_size
         if size > self.max_file_bytes:
-            return CaseReport(name, error=f"{size / 2**20:.1f} MiB is over this app's limit of "
-                                          f"{self.max_file_bytes / 2**20:.0f} MiB per file")
+            return CaseReport(name, error=f"{_size(size)} is over this app's limit of {_size(self.max_file_bytes)} per file")
         try:
-            encoding = self.model.encode([path], modality="auto", frames="middle")
-            report = CaseReport(name, modality=encoding.modality[0], source=encoding.modality_source[0],
-                                confidence=float(encoding.confidence[0]))
             folder = Path(tempfile.mkdtemp(dir=self.pictures))
-            report.routing_map = str(draw_routing_maps(self.model, [path], folder, frames="middle")[0])
+            encoding, maps = encode_and_draw_routing_maps(self.model, [path], folder, frames="middle")  # one forward
+            report = CaseReport(name, modality=encoding.modality[0], source=encoding.modality_source[0],
+                                confidence=float(encoding.confidence[0]), routing_map=str(maps[0]))
             if self.index is not None:
                 hits = self.index.search_vectors(encoding.embedding.numpy(), encoding.modality, self.k, include_unknown=True)[0]
                 report.neighbours = [(_thumbnail(hit.path, hit.frame), _caption(hit)) for hit in hits]
@@ -96,6 +94,10 @@ class CaseViewer:
 
     def analyse_all(self, uploads: Sequence[Any] | None) -> list[CaseReport]:
         return [self.analyse(*_upload_path(upload)) for upload in uploads or []]
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 2**10:.0f} KiB"
 
 
 def _upload_path(upload: Any) -> tuple[str, str]:

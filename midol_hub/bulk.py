@@ -118,9 +118,9 @@ class _FileRows(torch.utils.data.IterableDataset):
             return
         try:
             instance = Instance.parse(url)
-            service = self._services.get(instance.service) or self._services.setdefault(
-                instance.service, DICOMwebSource("dicomweb+" + instance.service))
-            data = service.fetch(instance)
+            if instance.service not in self._services:  # one session per server and worker
+                self._services[instance.service] = DICOMwebSource("dicomweb+" + instance.service)
+            data = self._services[instance.service].fetch(instance)
         except (ImageReadError, ValueError) as error:
             yield _Item("failed", url, error=getattr(error, "reason", str(error)))
             return

@@ -643,6 +643,20 @@ def index_sources(args: argparse.Namespace) -> list[str]:
     return sources
 
 
+def _listed_sources(args: argparse.Namespace, rank: int, world: int) -> list[str]:
+    """:func:`index_sources` listed once, by rank 0 (a PACS may change between two queries), on every rank."""
+    listed, problem = None, None
+    if rank == 0:
+        try:
+            listed = index_sources(args)
+        except (CLIError, DICOMwebError) as error:
+            problem = str(error)
+    listed, problem = from_rank_zero((listed, problem), world)
+    if problem is not None:
+        raise CLIError(problem)
+    return listed
+
+
 def run_index_build(args: argparse.Namespace) -> None:
     from . import load_model
     from .search import EXACT_LIMIT, ImageIndex, read_labels
@@ -650,10 +664,10 @@ def run_index_build(args: argparse.Namespace) -> None:
     rank, world, device = join_torchrun(None)
     model = load_model(args.model, device=device)
     directory = Path(args.index)
-    problem, sources = None, None
+    sources = _listed_sources(args, rank, world)  # before anything is created: a PACS that refuses leaves no empty index
+    problem = None
     if rank == 0:  # one rank decides and creates; the others learn the outcome (never a race on index.json)
         try:
-            sources = index_sources(args)  # before anything is created: a PACS that refuses leaves no empty index
             if (directory / "index.json").is_file():
                 if not args.resume:
                     raise CLIError(f"{directory}: an index is already there; add to it with `midol index add {directory} ...`")
@@ -662,9 +676,9 @@ def run_index_build(args: argparse.Namespace) -> None:
                 ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
                                   backend=args.backend, uri=args.uri, collection=args.collection,
                                   milvus_index=args.milvus_index).close()
-        except (CLIError, ValueError, DICOMwebError) as error:
+        except (CLIError, ValueError) as error:
             problem = str(error)
-    problem, sources = from_rank_zero((problem, sources), world)
+    problem = from_rank_zero(problem, world)
     if problem is not None:
         raise CLIError(problem)
     _fill_index(args, ImageIndex(directory), model, rank, world, sources)
@@ -676,16 +690,7 @@ def run_index_add(args: argparse.Namespace) -> None:
     rank, world, device = join_torchrun(None)
     index = ImageIndex(args.index)
     model = _index_model(args, index, device)
-    problem, sources = None, None
-    if rank == 0:  # rank 0 lists the sources once (a PACS may change between two queries)
-        try:
-            sources = index_sources(args)
-        except (CLIError, DICOMwebError) as error:
-            problem = str(error)
-    problem, sources = from_rank_zero((problem, sources), world)
-    if problem is not None:
-        raise CLIError(problem)
-    _fill_index(args, index, model, rank, world, sources)
+    _fill_index(args, index, model, rank, world, _listed_sources(args, rank, world))
 
 
 def run_index_info(args: argparse.Namespace) -> None:

@@ -27,7 +27,7 @@ from .tasks import MIDoLForImageClassification
 
 
 def _encode_with_maps(model: MIDoLModel, images: Any, **encode_kwargs: Any) -> tuple[Encoding, torch.Tensor]:
-    encoding = model.encode(images, modality="auto", output="patch_tokens", **encode_kwargs)
+    encoding = model.encode(images, modality="auto", output=("embedding", "patch_tokens"), **encode_kwargs)
     weight = model.head.router.weight.detach().float().cpu()  # (E, D)
     return encoding, torch.einsum("bdhw,ed->behw", encoding.patch_tokens, weight)
 
@@ -42,6 +42,13 @@ def routing_map(model: MIDoLModel, images: Any, **encode_kwargs: Any) -> torch.T
 def draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path, **encode_kwargs: Any) -> list[Path]:
     """One PNG per image: the image with the map of the expert ``auto`` chose laid over it, beside the
     maps of every expert on one colour scale; the title names the answer and its confidence."""
+    return encode_and_draw_routing_maps(model, paths, out_dir, **encode_kwargs)[1]
+
+
+def encode_and_draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path,
+                                 **encode_kwargs: Any) -> tuple[Encoding, list[Path]]:
+    """:func:`draw_routing_maps`, also returning the encoding the maps came from (with its
+    ``embedding``), so a caller that needs both runs the model once."""
     plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +80,7 @@ def draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path, 
                         label="router logit per patch (the image's logit is the mean)")
         target = out_dir / f"{Path(str(paths[index])).stem}{'' if frame is None else f'-frame{frame}'}.png"
         written.append(save_figure(figure, target))
-    return written
+    return encoding, written
 
 
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam")

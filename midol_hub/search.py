@@ -35,9 +35,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from .bulk import model_fingerprint
+from .dicomweb import instance_uids, is_dicomweb
 from .errors import IndexDamagedError, IndexMismatchError, NonFiniteError, WriterBusyError
 from .modalities import AUTO, UNKNOWN, canonical_modality
-from .dicomweb import instance_uids, is_dicomweb
 from .modeling_midol import MIDoLModel
 from .utils import atomic_write, barrier, file_sha256, from_rank_zero, lock_for_ranks
 

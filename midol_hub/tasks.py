@@ -183,9 +183,9 @@ def layerwise_lr_groups(model: _TaskModel | MIDoLModel, lr: float, decay: float,
     layer, so every backbone scale is one decay step higher than RETFound's (and it leaves the
     task head out); tests/test_downstream.py checks that difference.
     """
-    backbone = "midol.backbone." if isinstance(model, _TaskModel) else "backbone."
+    backbone, module = ("midol.backbone.", model.midol.backbone) if isinstance(model, _TaskModel) else ("backbone.", model.backbone)
     if not model.config.is_swin:
-        return _cnn_layer_groups(model, backbone, lr, decay, weight_decay)
+        return _cnn_layer_groups(model, backbone, module, lr, decay, weight_decay)
     depths = model.config.depths
     num_layers = sum(depths)
     starts = [sum(depths[:i]) for i in range(len(depths))]
@@ -204,10 +204,10 @@ def layerwise_lr_groups(model: _TaskModel | MIDoLModel, lr: float, decay: float,
     return _decayed_groups(model, layer_id, num_layers, lr, decay, weight_decay)
 
 
-def _cnn_layer_groups(model: nn.Module, backbone: str, lr: float, decay: float, weight_decay: float) -> list[dict[str, Any]]:
-    """The same for a CNN backbone (EfficientNet): the stem is layer 0, the blocks 1..N in order,
-    the head convolution N + 1, the task head ``lr``."""
-    module = model.midol.backbone if isinstance(model, _TaskModel) else model.backbone
+def _cnn_layer_groups(model: nn.Module, backbone: str, module: nn.Module, lr: float, decay: float,
+                      weight_decay: float) -> list[dict[str, Any]]:
+    """The same for a CNN backbone (EfficientNet, ``module``, its parameters named ``backbone...``):
+    the stem is layer 0, the blocks 1..N in order, the head convolution N + 1, the task head ``lr``."""
     places = [(s, b) for s, stage in enumerate(backbone_stages(module)) for b in range(len(stage))]
     num_layers = len(places) + 1
 

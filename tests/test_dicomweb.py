@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -204,7 +205,10 @@ def test_a_server_stopped_mid_build_resumes_to_the_same_rows(pacs, credentials, 
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < 2:
         time.sleep(0.05)
-    pacs.stop()  # the server goes away mid-build
+    process.send_signal(signal.SIGSTOP)  # frozen while the server goes away: it stops mid-build, not after
+    assert process.poll() is None, "the build finished before the server could be stopped"
+    pacs.stop()
+    process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 1
     last = stderr.strip().splitlines()[-1]
