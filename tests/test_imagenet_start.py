@@ -158,6 +158,43 @@ def test_a_run_from_imagenet_records_the_start_and_exports(tmp_path, data_root):
     assert 0 < moved < 1e-2  # two small steps (EMA of the student) away from ImageNet, not random
 
 
+@pytest.mark.slow
+def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp_path, data_root):
+    data = [f"oct={data_root / 'oct/kermany_oct2017_samples_c'}", f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
+    imagenet = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(imagenet)
+    start = {k: v for k, v in imagenet.state_dict().items() if k.startswith("backbone.")}
+    is_norm = lambda key: key.rsplit(".", 1)[-1] in ("running_mean", "running_var") or ".bn" in key or key.startswith("backbone.bn")
+
+    def run(name: str, *overrides: str):
+        settings = [item for option in ("crops.global_size=64", "crops.local_size=32", "model.num_prototypes=256",
+                                        "run.routing_every=0", "model.batch_norm=frozen", "optim.lr=0.5",
+                                        "optim.warmup_epochs=0", "optim.momentum_teacher=0", *overrides)
+                    for item in ("--set", option)]
+        code = pretrain.main(["--config", LITE, "--data", *data, "--output-dir", str(tmp_path / name), "--batch-size", "4",
+                              "--max-steps", "2", *settings])
+        assert code == 0
+        return export.export(tmp_path / name, tmp_path / f"{name}-model").model
+
+    head_first = run("head-first", "optim.freeze_backbone_epochs=1")  # both steps inside the head-only phase
+    exported = head_first.state_dict()
+    assert all(torch.allclose(exported[k], v, rtol=0, atol=1e-6)  # the teacher EMA of equal weights rounds
+               for k, v in start.items() if not k.endswith("num_batches_tracked"))
+    assert not torch.equal(exported["head.router.weight"], imagenet.state_dict()["head.router.weight"])
+    assert head_first.config.pretraining["deviations_from_official"] == {
+        "routing": "balanced", "balance": "tags_per_batch", "init": "imagenet", "batch_norm": "frozen",
+        "freeze_backbone_epochs": 1}
+    assert not any("Frozen" in type(m).__name__ for m in head_first.modules())  # plain batch norm again
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in head_first.backbone.modules())
+
+    frozen_norm = run("frozen-norm").state_dict()  # the backbone learns, its batch norms stay ImageNet's
+    norms = [k for k in start if is_norm(k) and not k.endswith("num_batches_tracked")]
+    assert len(norms) > 150 and all(torch.equal(frozen_norm[k], start[k]) for k in norms)
+    assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="model.batch_norm must be 'train' or 'frozen', got 'fixed'"):
+        pretrain.build_models(load_config(LITE, ["model.init=null", "model.batch_norm=fixed"]), torch.device("cpu"))
+
+
 def test_lora_and_class_heatmaps_work_on_a_cnn_backbone(data_root):
     from midol_hub import MIDoLForImageClassification, class_heatmap, lora_classifier
 

@@ -198,7 +198,8 @@ def test_official_options_are_read_from_the_defaults_and_deviations_derive_from_
     assert official_options() == {"routing": defaults["objective"]["routing"], "top_k": defaults["model"]["top_k"],
                                   "gate_noise": defaults["model"]["gate_noise"], "clip_mode": defaults["optim"]["clip_mode"],
                                   "teacher_train_mode": defaults["model"]["teacher_train_mode"], "init": None,
-                                  "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none"}
+                                  "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none",
+                                  "batch_norm": "train", "layer_decay": 1.0, "freeze_backbone_epochs": 0}
     assert deviations_from_official(load_config(None)) == {}
     v3 = load_config(REPO / "training" / "configs" / "midol_micro_v3.yaml", ["model.init=/somewhere/midol-micro"])
     assert deviations_from_official(v3) == {"routing": "balanced", "balance": "tags_per_batch", "init": "midol-micro"}

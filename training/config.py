@@ -85,14 +85,20 @@ def save_config(config: dict, path: Path) -> None:
 
 OBJECTIVE_OPTIONS = {"routing": ("objective", "routing"), "top_k": ("model", "top_k"), "gate_noise": ("model", "gate_noise"),
                      "teacher_train_mode": ("model", "teacher_train_mode"), "clip_mode": ("optim", "clip_mode"),
-                     "sinkhorn_iters": ("objective", "sinkhorn_iters"), "init": ("model", "init"), "balance": ("data", "balance")}
+                     "sinkhorn_iters": ("objective", "sinkhorn_iters"), "init": ("model", "init"), "balance": ("data", "balance"),
+                     "batch_norm": ("model", "batch_norm"), "layer_decay": ("optim", "layer_decay"),
+                     "freeze_backbone_epochs": ("optim", "freeze_backbone_epochs")}
 """The options in which a run may differ from the official M-IDoL objective, and where they live."""
 
 
 def objective_options(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's values of :data:`OBJECTIVE_OPTIONS` (``init`` as the model's name, not a path)."""
-    values = {name: RENAMED_VALUES.get((section, key), {}).get(config[section][key], config[section][key])
-              for name, (section, key) in OBJECTIVE_OPTIONS.items()}  # old spellings read as today's
+    """A run's values of :data:`OBJECTIVE_OPTIONS` (``init`` as the model's name, not a path; an
+    option a run predates reads as its default)."""
+    defaults = yaml.safe_load(DEFAULTS.read_text())
+    values = {}
+    for name, (section, key) in OBJECTIVE_OPTIONS.items():
+        value = config[section].get(key, defaults[section][key])
+        values[name] = RENAMED_VALUES.get((section, key), {}).get(value, value)  # old spellings read as today's
     values["init"] = Path(values["init"]).name if values["init"] else None
     return values
 

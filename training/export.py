@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from timm.utils.model import unfreeze_batch_norm_2d
 
 from midol_hub import MIDoLConfig, MIDoLModel, canonical_modality
 from midol_hub import calibrate as midol_calibrate
@@ -26,6 +27,7 @@ from midol_hub.utils import run_command
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import deviations_from_official, objective_options
 from .data import open_source
+from .pretrain import freeze_batch_norm
 
 
 @dataclass
@@ -56,7 +58,12 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Ma
     fields.pop("transformers_version", None)
     config = MIDoLConfig(**{**fields, "drop_path_rate": 0.0})
     trained = MIDoLModel(config)
+    frozen_norm = state["config"]["model"].get("batch_norm") == "frozen"
+    if frozen_norm:  # trained with timm's FrozenBatchNorm2d: load it as such, then back to plain batch norm
+        freeze_batch_norm(trained)
     trained.load_state_dict(state["teacher"])
+    if frozen_norm:
+        trained.backbone = unfreeze_batch_norm_2d(trained.backbone)
     config_out = MIDoLConfig(**{**fields, "drop_path_rate": 0.0, "keep_prototypes": keep_prototypes,
                                 "pretraining": pretraining_record(state)})
     model = MIDoLModel(config_out)

@@ -143,8 +143,9 @@ class Learner:
                 group["weight_decay"] = weight_decay
 
     def step(self, micro_batches: list[list[torch.Tensor] | None], teacher_temp: float, momentum: float,
-             freeze_last_layer: bool) -> StepResult:
-        """Accumulate gradients over the micro-batches, then one AdamW step and the teacher EMA."""
+             freeze_last_layer: bool, freeze_backbone: bool = False) -> StepResult:
+        """Accumulate gradients over the micro-batches, then one AdamW step and the teacher EMA
+        (``freeze_backbone``: only the head steps; AdamW leaves parameters without a gradient alone)."""
         result = StepResult()
         share = 1 / len(micro_batches)
         for crops in micro_batches:
@@ -171,6 +172,9 @@ class Learner:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.clip_grad)
         if freeze_last_layer:
             self.student.head.prototypes.parametrizations.weight.original1.grad = None
+        if freeze_backbone:
+            for parameter in self.student.backbone.parameters():
+                parameter.grad = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

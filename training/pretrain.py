@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.utils.model import freeze_batch_norm_2d
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
 from midol_hub.errors import DatasetError
@@ -89,13 +90,26 @@ def model_config(config: dict[str, Any], drop_path: float) -> MIDoLConfig:
     return MIDoLConfig(**fields, name_or_path=entry.name)
 
 
+def freeze_batch_norm(model: MIDoLModel) -> None:
+    """``model.batch_norm: frozen``: the backbone's batch norms keep the start's statistics and
+    affine (a batch of 32 mixed crops makes poor statistics; the paper's Swin has no batch norm)."""
+    model.backbone = freeze_batch_norm_2d(model.backbone)
+
+
 def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLModel, MIDoLModel]:
     student = MIDoLModel(model_config(config, config["model"]["drop_path_rate"]))
     if config["model"]["init"]:
         init_from(student, config["model"]["init"])
+    batch_norm = config["model"]["batch_norm"]
+    if batch_norm == "frozen":
+        freeze_batch_norm(student)
+    elif batch_norm != "train":
+        raise ConfigError(f"model.batch_norm must be 'train' or 'frozen', got {batch_norm!r}")
     # the official teacher is never switched to eval mode: stochastic depth and gate noise act on it too
     teacher_train_mode = config["model"]["teacher_train_mode"]
     teacher = MIDoLModel(model_config(config, config["model"]["drop_path_rate"] if teacher_train_mode else 0.0))
+    if batch_norm == "frozen":
+        freeze_batch_norm(teacher)
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -260,7 +274,8 @@ def run(args: argparse.Namespace) -> None:
                 micro_batches.append(None if batch["crops"] is None else [c.to(device, non_blocking=True) for c in batch["crops"]])
                 if batch["source"] is not None:
                     sources_seen.append(batch["source"])
-            result = learner.step(micro_batches, teacher_temp, momentum, freeze_last_layer=epoch < optim_cfg["freeze_last_layer"])
+            result = learner.step(micro_batches, teacher_temp, momentum, freeze_last_layer=epoch < optim_cfg["freeze_last_layer"],
+                                  freeze_backbone=step < optim_cfg["freeze_backbone_epochs"] * steps_per_epoch)
             step += 1
             batch_in_epoch += 1
             monitors = {}
