@@ -68,7 +68,8 @@ class CaseViewer:
             index.check_model(model)
         self.model, self.index, self.classifier, self.k, self.max_file_bytes = model, index, classifier, k, max_file_bytes
         self.model_name = model_name or model.config.name_or_path or "M-IDoL"
-        self.pictures = Path(tempfile.mkdtemp(prefix="midol-app-"))
+        self._pictures = tempfile.TemporaryDirectory(prefix="midol-app-")  # removed when the viewer goes or the app exits
+        self.pictures = Path(self._pictures.name)
 
     def analyse(self, path: str, name: str | None = None) -> CaseReport:
         from .explain import draw_class_heatmaps, encode_and_draw_routing_maps

@@ -203,6 +203,7 @@ def test_the_viewer_draws_a_class_heatmap_when_given_a_classifier(data_root):
     model = load_model("midol-micro")
     config = MIDoLConfig(**{**model.config.to_dict(), "num_labels": 2, "id2label": {0: "normal", 1: "disease"}})
     classifier = MIDoLForImageClassification(config).eval()
-    report = CaseViewer(model, classifier=classifier).analyse(str(data_root / OCT))
+    viewer = CaseViewer(model, classifier=classifier)  # its pictures live as long as it does
+    report = viewer.analyse(str(data_root / OCT))
     heatmap = Image.open(report.heatmap)
     assert report.neighbours == [] and heatmap.size[0] > 500 and np.asarray(heatmap.convert("L")).std() > 10

@@ -4,6 +4,7 @@ among them), indexed over QIDO-RS / WADO-RS and compared with the index of the s
 
 from __future__ import annotations
 
+import gc
 import http.server
 import json
 import os
@@ -183,6 +184,11 @@ def test_the_app_shows_pacs_cases_by_their_uids_with_thumbnails_fetched_over_wad
     stored = np.asarray(pydicom.dcmread(dicom_files / "DX.dcm").pixel_array, dtype=np.float32)
     expected = np.asarray(Image.fromarray(stored.astype(np.uint8)).resize(thumbnail.size, Image.Resampling.LANCZOS))
     assert np.abs(np.asarray(thumbnail, dtype=np.float32) - expected).mean() < 3  # the radiograph itself, from the PACS
+    pictures = viewer.pictures
+    assert Path(report.routing_map).parent.parent == pictures and Path(report.routing_map).is_file()
+    del viewer
+    gc.collect()
+    assert not pictures.exists()  # the routing maps it drew go with the viewer
 
 
 def test_qido_filters_choose_the_instances(pacs, credentials, dicom_files):

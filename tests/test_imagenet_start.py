@@ -118,8 +118,8 @@ def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_
     assert {lr[name] for name in lr if name.startswith("head.")} == {2.0}
     decays = {name: group_of[id(p)]["weight_decay"] for name, p in trained}
     assert decays["backbone.bn1.weight"] == 0.0 and decays["backbone.conv_stem.weight"] == 0.1  # the schedule reaches decayed groups only
-    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64"])
-    assert official["optim"]["layer_decay"] == 1.0
+    assert load_config(None)["optim"]["layer_decay"] == 1.0  # the official default: one lr
+    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=1.0"])
     plain = Learner(official, student, teacher, torch.device("cpu"))
     plain.set_schedules(2.0, 0.1)
     assert {g["lr"] for g in plain.optimizer.param_groups} == {2.0} and len(plain.optimizer.param_groups) == 2
