@@ -104,7 +104,7 @@ def test_precision_auto_follows_the_machine(monkeypatch):
 
 
 def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_full_lr():
-    config = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=0.5"])
+    config = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=0.5", "model.batch_norm=train"])
     student, teacher = pretrain.build_models(config, torch.device("cpu"))
     learner = Learner(config, student, teacher, torch.device("cpu"))
     learner.set_schedules(2.0, 0.1)
@@ -119,7 +119,7 @@ def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_
     decays = {name: group_of[id(p)]["weight_decay"] for name, p in trained}
     assert decays["backbone.bn1.weight"] == 0.0 and decays["backbone.conv_stem.weight"] == 0.1  # the schedule reaches decayed groups only
     assert load_config(None)["optim"]["layer_decay"] == 1.0  # the official default: one lr
-    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=1.0"])
+    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=1.0", "model.batch_norm=train"])
     plain = Learner(official, student, teacher, torch.device("cpu"))
     plain.set_schedules(2.0, 0.1)
     assert {g["lr"] for g in plain.optimizer.param_groups} == {2.0} and len(plain.optimizer.param_groups) == 2
@@ -183,14 +183,14 @@ def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp
     assert not torch.equal(exported["head.router.weight"], imagenet.state_dict()["head.router.weight"])
     assert head_first.config.pretraining["deviations_from_official"] == {
         "routing": "balanced", "balance": "tags_per_batch", "init": "imagenet", "batch_norm": "frozen",
-        "freeze_backbone_epochs": 1}
+        "layer_decay": 0.75, "freeze_backbone_epochs": 1}
     assert not any("Frozen" in type(m).__name__ for m in head_first.modules())  # plain batch norm again
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in head_first.backbone.modules())
 
-    frozen_norm = run("frozen-norm").state_dict()  # the backbone learns, its batch norms stay ImageNet's
+    frozen_norm = run("frozen-norm", "optim.freeze_backbone_epochs=0").state_dict()  # the backbone learns, its batch norms stay ImageNet's
     norms = [k for k in start if is_norm(k) and not k.endswith("num_batches_tracked")]
     assert len(norms) > 150 and all(torch.equal(frozen_norm[k], start[k]) for k in norms)
-    assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-3
+    assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-5  # rounding: 2e-7
     with pytest.raises(ConfigError, match="model.batch_norm must be 'train' or 'frozen', got 'fixed'"):
         pretrain.build_models(load_config(LITE, ["model.init=null", "model.batch_norm=fixed"]), torch.device("cpu"))
 
