@@ -144,7 +144,9 @@ def test_a_run_from_imagenet_records_the_start_and_exports(tmp_path, data_root):
     run = tmp_path / "run"
     code = pretrain.main(["--config", LITE, "--data", *data, "--output-dir", str(run), "--batch-size", "4",
                           "--max-steps", "2", "--set", "crops.global_size=64", "--set", "crops.local_size=32",
-                          "--set", "model.num_prototypes=256", "--set", "run.routing_every=0"])
+                          "--set", "model.num_prototypes=256", "--set", "run.routing_every=0", "--set", "optim.lr=0.5",
+                          "--set", "optim.warmup_epochs=0", "--set", "optim.layer_decay=1.0", "--set",
+                          "optim.freeze_backbone_epochs=0", "--set", "optim.momentum_teacher=0.9"])
     assert code == 0
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
@@ -155,7 +157,7 @@ def test_a_run_from_imagenet_records_the_start_and_exports(tmp_path, data_root):
     load_imagenet_backbone(imagenet)
     stem = "backbone.conv_stem.weight"
     moved = (model.state_dict()[stem] - imagenet.state_dict()[stem]).abs().max()
-    assert 0 < moved < 1e-2  # two small steps (EMA of the student) away from ImageNet, not random
+    assert 1e-4 < moved < 1e-2  # two small steps (EMA of the student) away from ImageNet, not random (rounding: 2e-7)
 
 
 @pytest.mark.slow
