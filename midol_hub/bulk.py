@@ -135,7 +135,7 @@ class _FileRows(torch.utils.data.IterableDataset):
             yield _Item("reused", path, sha256)
             return
         try:
-            for raw in file_frames(path, self.frames, data):
+            for raw in file_frames(path, self.frames, data, input_size=self.config.img_size):
                 plan = plan_row(self.config, self.forced, raw.dicom_modality)
                 pixels = preprocess_planned(self.config, [raw], [plan], WarningCollector())[0]
                 yield _Item("row", path, sha256, raw.frame, pixels, plan)

@@ -174,17 +174,17 @@ class _FrameReader:
     """Reads rows in order; the frames of one file come from one open file (see
     :func:`midol_hub.image_io.file_frames`), never by re-opening it for each frame."""
 
-    def __init__(self, frames: str | int | None, warn: WarningCollector) -> None:
-        self.frames, self.warn = frames, warn
+    def __init__(self, frames: str | int | None, warn: WarningCollector, input_size: int) -> None:
+        self.frames, self.warn, self.input_size = frames, warn, input_size
         self.index: int | None = None
         self.pages: Iterator[RawImage] | None = None
         self.error: ImageReadError | None = None
 
     def read(self, item: Any, index: int, frame: int | None) -> RawImage:
         if frame is None or not isinstance(item, (str, os.PathLike)):
-            return read_any(item, index, self.warn, frame)
+            return read_any(item, index, self.warn, frame, self.input_size)
         if index != self.index:
-            self.index, self.pages, self.error = index, file_frames(Path(item), self.frames), None
+            self.index, self.pages, self.error = index, file_frames(Path(item), self.frames, input_size=self.input_size), None
         if self.error is not None:
             raise self.error
         try:
@@ -336,7 +336,7 @@ def encode_rows(config: Any, provenance: Any, forward: Forward, images: Any, for
     failures: list[Failure] = []
     items = _as_items(images, preprocessed, config.img_size, channels_first)
     rows = expand_frames(items, frames, errors, failures, preprocessed)
-    reader = _FrameReader(frames, collector)
+    reader = _FrameReader(frames, collector, config.img_size)
     parts: list[Encoding] = []
     names: list[str] = []
     conflicts: list[tuple[str, str]] = []

@@ -57,7 +57,7 @@ class Preprocessor:
         """Preprocess images (as ``encode`` accepts them) into a normalised (B, 3, S, S) float32 batch."""
         items = split_images(images, channels_first)
         collector = warn or WarningCollector()
-        raws = [read_any(item, index, collector) for index, item in enumerate(items)]
+        raws = [read_any(item, index, collector, input_size=self.profile.size) for index, item in enumerate(items)]
         out = self.from_raw(raws, collector)
         if warn is None:
             collector.emit()

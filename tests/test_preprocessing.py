@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from midol_hub import ImageReadError, MIDoLInputWarning, get_transform
-from midol_hub.image_io import read_file
+from midol_hub import ImageReadError, MIDoLInputWarning, get_transform, load_model
+from midol_hub.image_io import JPEG_OVERSAMPLE, read_file
 from midol_hub.modalities import IMAGENET_MEAN, IMAGENET_STD, ModalityProfile
 from midol_hub.preprocessing import Preprocessor
+from training.imagenet import load_imagenet_backbone
+from training.shared_data import fullres_parts
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -54,6 +57,28 @@ def test_jpeg_is_close_to_the_lossless_original(micro, tmp_path, no_warnings):
     Image.fromarray(gradient).save(tmp_path / "g.jpg", quality=95)
     batch = micro.preprocess([gradient, tmp_path / "g.jpg"], "oct")
     assert (unnormalise(batch[0]) - unnormalise(batch[1])).abs().mean() < 0.01
+
+
+@pytest.mark.parametrize("name", ["midol-micro", "midol-lite"])
+def test_large_jpegs_are_decoded_smaller_and_embed_as_in_full(name, data_root):
+    """A JPEG file is decoded at the DCT scale its model's input allows (``JPEG_OVERSAMPLE``); on
+    real held-out full-resolution files the embedding stays that of the full decode (at twice the
+    input side, one ISIC photo's ImageNet feature moved by 0.02)."""
+    model = load_model(name, pretrained=name == "midol-micro")
+    if name == "midol-lite":
+        load_imagenet_backbone(model)
+    size, parts = model.config.img_size, fullres_parts(data_root, "test")
+    fundus = Path(parts["fundus"][0])
+    full, reduced = read_file(fundus).pixels, read_file(fundus, input_size=size).pixels
+    assert full.shape[:2] == (2848, 3409)
+    assert min(reduced.shape[:2]) >= JPEG_OVERSAMPLE * size and reduced.shape[0] * 4 <= full.shape[0]
+    for modality, files in (("fundus", parts["fundus"][:3]), ("dermoscopy", parts["dermoscopy"]), ("oct", parts["oct"][:8])):
+        from_files = model.encode(files, modality=modality, output=("embedding", "pooled"))
+        decoded_in_full = model.encode([read_file(Path(f)).pixels for f in files], modality=modality,
+                                       output=("embedding", "pooled"))
+        for output in ("embedding", "pooled"):
+            cosine = torch.nn.functional.cosine_similarity(getattr(from_files, output), getattr(decoded_in_full, output))
+            assert cosine.min() > 0.999, (modality, output, float(cosine.min()))
 
 
 def test_sixteen_bit_png_uses_the_images_own_range(micro, tmp_path, no_warnings):
