@@ -39,8 +39,17 @@ from midol_hub.calibration import (
     held_out_distances,
     two_fold,
 )
-from midol_hub.detection import DistanceAnswers, answer_by_distance, modality_distances, out_of_scope_score
+from midol_hub.detection import (
+    DistanceAnswers,
+    answer_by_distance,
+    in_scope_tail,
+    modality_distances,
+    nearest_margin,
+    nearest_right_probability,
+    out_of_scope_score,
+)
 from midol_hub.evaluation import calibration_error
+from midol_hub.modalities import UNKNOWN
 
 from training.shared_data import calibration_set, data_root, out_of_scope_set
 
@@ -109,11 +118,18 @@ VIEW_COMPONENTS, VIEW_QUANTILES = (32, 64), (0.95, 0.975)
 the row :func:`chosen_view` picks."""
 
 
-def compare(model, root: Path) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+def development_side(model, root: Path) -> tuple[dict, dict, list, np.ndarray]:
+    """Features of the calibration set and the out-of-scope set, the calibration set's groups and
+    kinds (labelled, file, crop, tile): everything the tables below are computed from."""
     calibration = calibration_set(root)
     train, outside = features(model, calibration.images), features(model, {"out of scope": out_of_scope_set(root)})
     groups = [(m, g) for m, ids in calibration.groups.items() for g in ids]
     kinds = np.array([k for ids in calibration.kinds.values() for k in ids])
+    return train, outside, groups, kinds
+
+
+def compare(model, root: Path, side: tuple | None = None) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    train, outside, groups, kinds = side or development_side(model, root)
     sides = two_fold(groups)
     halves = [np.flatnonzero(sides == 0), np.flatnonzero(sides == 1)]
     rows = []
@@ -225,6 +241,85 @@ def confidence_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def coherent_answers(calibration: dict, distances: torch.Tensor, slope: float = 1.0) -> tuple[list[str], torch.Tensor]:
+    """A candidate rule for a coherent ``auto`` (issue 28), not the shipped one: one distribution
+    over the calibrated modalities and ``"unknown"``; the answer is its most probable outcome and
+    the confidence that outcome's probability, so no answer is less probable than another.
+    P(in scope) = T^slope / (T^slope + outside_weight), T the nearest modality's in-scope tail
+    share; of it, the nearest modality takes its Platt-scaled P(right | margin) and the other
+    modalities the rest, in proportion to exp(-distance / 2); "unknown" takes 1 - P(in scope)."""
+    detector = calibration["out_of_scope"]
+    modalities = list(detector["modalities"])
+    distances = distances.double()
+    score, nearest = distances.min(dim=1)
+    tail = torch.empty_like(score)
+    for index, name in enumerate(modalities):
+        mine = nearest == index
+        if mine.any():
+            tail[mine] = in_scope_tail(detector["in_scope"][name], score[mine])
+    inside = tail**slope / (tail**slope + detector["outside_weight"])
+    right = nearest_right_probability(calibration, nearest_margin(distances))
+    rows = torch.arange(len(score))
+    others = torch.softmax(-(distances - score[:, None]) / 2, dim=1)
+    others[rows, nearest] = 0
+    others = others / others.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    probabilities = torch.cat([(inside * (1 - right))[:, None] * others, (1 - inside)[:, None]], dim=1)
+    probabilities[rows, nearest] = inside * right
+    confidence, answer = probabilities.max(dim=1)
+    names = modalities + [UNKNOWN]
+    return [names[i] for i in answer.tolist()], confidence
+
+
+COHERENT_SLOPES, COHERENT_WEIGHTS = (1.0, 2.0), (3e-2, 1e-2, 3e-3, 1e-3)
+
+
+def coherent_rows(side: tuple) -> list[dict]:
+    """The shipped rule (threshold, then a confidence) beside :func:`coherent_answers` for each
+    slope and outside_weight, on held-out whole training images (a fresh split, seed 99) and the
+    out-of-scope set: in-scope images called unknown, out-of-scope images caught, held-out
+    full-resolution files named right (worst modality), ECE and AUROC over all those rows, and the
+    share of answers whose own confidence is under 1/2."""
+    train, outside, groups, kinds = side
+    shipped = _shipped(train, groups)
+    held_out = _held_out(train, groups, COMPONENTS, 99)
+    outside_distances = modality_distances(shipped["out_of_scope"], torch.from_numpy(outside["stage_pooled"]))
+    whole, files, labels = np.isin(kinds, ("labelled", "file")), kinds == "file", train["labels"]
+
+    def row(rule: str, held: tuple[list[str], torch.Tensor], out: tuple[list[str], torch.Tensor]) -> dict:
+        said, said_outside = np.array(held[0]), np.array(out[0])
+        right = np.r_[said[whole] == labels[whole], said_outside == UNKNOWN]
+        confidence = np.r_[held[1].numpy()[whole], out[1].numpy()]
+        return {"rule": rule, "in_scope_called_unknown": float((said[whole] == UNKNOWN).mean()),
+                "out_of_scope_called_unknown": float((said_outside == UNKNOWN).mean()),
+                "worst_files_named_right": min(float((said[files & (labels == m)] == m).mean())
+                                               for m in dict.fromkeys(labels) if (files & (labels == m)).any()),
+                "ece": calibration_error(confidence, right), "auroc": float(roc_auc_score(right, confidence)),
+                "answers_under_one_half": float((confidence < 0.5).mean()), "rows": len(right)}
+
+    def shipped_rule(distances: torch.Tensor) -> tuple[list[str], torch.Tensor]:
+        answers = answer_by_distance(shipped, distances)
+        return answers.modality, answers.confidence
+
+    rows = [row(f"shipped: threshold at the {QUANTILE} quantile, outside_weight {OUTSIDE_WEIGHT:g}",
+                shipped_rule(held_out), shipped_rule(outside_distances))]
+    for slope in COHERENT_SLOPES:
+        for weight in COHERENT_WEIGHTS:
+            calibration = {**shipped, "out_of_scope": {**shipped["out_of_scope"], "outside_weight": weight}}
+            rows.append(row(f"coherent, slope {slope:g}, outside_weight {weight:g}",
+                            coherent_answers(calibration, held_out, slope),
+                            coherent_answers(calibration, outside_distances, slope)))
+    return rows
+
+
+def coherent_markdown(rows: list[dict]) -> str:
+    lines = ["| rule | in-scope images called unknown | out-of-scope images called unknown | held-out full-res files "
+             "named right (worst modality) | ECE | AUROC right vs wrong | answers under 1/2 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['rule']} | {r['in_scope_called_unknown']:.3f} | {r['out_of_scope_called_unknown']:.3f} | "
+              f"{r['worst_files_named_right']:.3f} | {r['ece']:.3f} | {r['auroc']:.3f} | {r['answers_under_one_half']:.3f} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def worst(row: dict) -> float:
     """The worst of a calibration row's held-out full-resolution pathology and dermoscopy files named
     right and out-of-scope images caught (the hardest of the issue's targets on the development side)."""
@@ -293,10 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="midol-micro")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
-    rows, naming, views, confidence = compare(load_model(args.model), data_root())
+    model = load_model(args.model)
+    side = development_side(model, data_root())
+    rows, naming, views, confidence = compare(model, data_root(), side)
+    coherent = coherent_rows(side)
     if args.out:
         Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming, "views": views,
-                                              "confidence": confidence}, indent=2))
+                                              "confidence": confidence, "coherent": coherent}, indent=2))
     print(markdown(rows))
     print()
     print(naming_markdown(naming))
@@ -304,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     print(views_markdown(views))
     print()
     print(confidence_markdown(confidence))
+    print()
+    print(coherent_markdown(coherent))
     return 0
 
 

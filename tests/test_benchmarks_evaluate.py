@@ -124,9 +124,11 @@ def test_radiograph_probe_is_split_by_patient_with_real_projection_labels(data_r
 
 def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):
     paths = shared_data.out_of_scope_set(data_root)
-    assert len(paths) == len(set(paths)) == 32
+    assert len(paths) == len(set(paths)) == 35
     names = {Path(p).name for p in paths}
-    assert {"CT_small.dcm", "MR_small.dcm", "chelsea.png", "examples_palette.dcm", "JPEG2000.dcm"} <= names
+    assert {"CT_small.dcm", "MR_small.dcm", "chelsea.png", "examples_palette.dcm", "JPEG2000.dcm", "grace_hopper.jpg",
+            "china.jpg"} <= names
+    assert all(Path(p).is_file() for p in paths)
     assert "ihc.png" not in names and "retina.jpg" not in names and "cell.png" not in names
 
 
@@ -142,6 +144,34 @@ def test_calibration_rules_pick_the_worst_case_best_setting_and_the_best_calibra
     rounds = [(None, None, rows[:1]), (None, None, rows[:2]), (None, None, rows)]
     assert release.best_round(rounds) == 1 and release.best_round(rounds[:1]) == 0
     assert ood.chosen_weight([{"outside_weight": 0.05, "ece": 0.09}, {"outside_weight": 1e-3, "ece": 0.01}]) == 1e-3
+
+
+def test_the_coherent_candidate_answers_its_most_probable_outcome_where_the_shipped_rule_does_not():
+    """``ood.coherent_answers`` (issue 28's candidate for ``auto``): walking a point from a modality's
+    mean out of scope, the answer changes once, from the modality to unknown, and never carries
+    less than one half; the shipped rule calls the first points beyond its threshold unknown at a
+    confidence under one half (its own probability says the answer is probably wrong)."""
+    import torch
+
+    from midol_hub.calibration import fit_out_of_scope
+    from midol_hub.detection import answer_by_distance, modality_distances
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+    features = torch.from_numpy(np.concatenate([c + rng.normal(0, 1, (300, 8)) for c in centres]))
+    labels = [m for m in ("xray", "oct", "fundus") for _ in range(300)]
+    calibration = fit_out_of_scope(features, labels, components=4, repeats=1)
+    direction = torch.from_numpy(rng.normal(0, 1, 8))
+    walk = torch.from_numpy(centres[0]) + torch.linspace(0, 12, 400)[:, None].double() * direction / direction.norm()
+    distances = modality_distances(calibration["out_of_scope"], walk)
+    answers, confidence = ood.coherent_answers(calibration, distances)
+    assert answers[0] == "xray" and confidence[0] > 0.9 and answers[-1] == "unknown" and confidence[-1] > 0.99
+    switches = [i for i in range(1, len(answers)) if answers[i] != answers[i - 1]]
+    assert len(switches) == 1 and answers[switches[0]] == "unknown"
+    assert confidence.min() >= 0.5
+    shipped = answer_by_distance(calibration, distances)
+    beyond = shipped.outside.numpy()
+    assert beyond.any() and (shipped.confidence.numpy()[beyond] < 0.5).any()
 
 
 @pytest.mark.xfail(strict=True, reason="the batch-4 radiographs joined the calibration set after midol-micro v3 was "

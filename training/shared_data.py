@@ -327,11 +327,20 @@ PYDICOM_OUT_OF_SCOPE = ["693_J2KI.dcm", "CT_small.dcm", "MR_small.dcm", "example
 segmentation and a secondary capture."""
 
 
+PHOTOGRAPHS_OUT_OF_SCOPE = {("sklearn", "datasets/images"): ["china.jpg", "flower.jpg"],
+                            ("matplotlib", "mpl-data/sample_data"): ["grace_hopper.jpg"]}
+"""More natural photographs, a person among them: scikit-learn's sample images (Flickr, CC BY 2.0:
+china.jpg by danielbuechele, flower.jpg by vultilion) and matplotlib's portrait of Grace Hopper
+(U.S. Navy photograph, public domain)."""
+
+
 def out_of_scope_set(root: Path) -> list[str]:
     """Real images that are none of the five modalities, deduplicated by content: ``$MIDOL_DATA/other``,
-    scikit-image's photographs and pydicom's CT / MR / US / NM test files (installed with the
-    ``examples`` and ``dicom`` extras)."""
-    candidates = (image_files(root / "other") + _package_files("skimage", "data", SKIMAGE_OUT_OF_SCOPE)
+    scikit-image's, scikit-learn's and matplotlib's photographs and pydicom's CT / MR / US / NM test
+    files (installed with the ``examples``, ``eval``, ``plot`` and ``dicom`` extras)."""
+    photographs = [path for (package, folder), names in PHOTOGRAPHS_OUT_OF_SCOPE.items()
+                   for path in _package_files(package, folder, names)]
+    candidates = (image_files(root / "other") + _package_files("skimage", "data", SKIMAGE_OUT_OF_SCOPE) + photographs
                   + _package_files("pydicom", "data/test_files", PYDICOM_OUT_OF_SCOPE))
     seen, kept = set(), []
     for path in candidates:
