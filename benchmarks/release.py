@@ -45,14 +45,14 @@ import torch
 from benchmarks import ood
 from benchmarks.evaluate import COMPARED, comparison_table, evaluate, figure, modality_separation, model_at
 from midol_hub import calibrate, extract_features, few_shot, load_model
-from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
+from midol_hub.calibration import COMPONENTS, QUANTILE, SLOPE
 from midol_hub.features import weights_fingerprint
 from midol_hub.model_card import SEPARATION, separation_table
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import deviations_from_official
 from training.prepare_shared_data import prepare
-from training.shared_data import BENCHMARKS, calibration_set, data_root
+from training.shared_data import BENCHMARKS, CALIBRATION_CROPS, calibration_set, data_root
 
 CONFIG = Path(__file__).resolve().parents[1] / "training" / "configs" / "midol_micro_v3.yaml"
 PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "midol_hub" / "weights" / "midol-micro"
@@ -73,10 +73,11 @@ CHANGES = [
     "released is the one best on the development side (tables below).",
     "- **Out-of-scope detector.** v2's diagonal Gaussian on the pooled feature called 0.71-0.75 of a user's "
     "out-of-scope images unknown (issue 17's trial); v3 uses a tied-covariance Mahalanobis distance on all four "
-    "stages with a threshold per modality (comparison below, on training images and the out-of-scope set only).",
+    "stages, with P(in scope) 1/2 at a quantile of each modality's held-out scores (comparison below, on training "
+    "images and the out-of-scope set only).",
     "- **What the detector is calibrated on.** The labelled training images, every full-resolution training file "
-    "whole, four multi-scale crops of each, and the large pathology regions as the tiles pretraining saw "
-    "(`training.shared_data.calibration_set`); thresholds are held-out quantiles by patient, lesion, slide or file "
+    "whole (with the batch-4 radiographs), and the large pathology regions as the tiles pretraining saw "
+    "(`training.shared_data.calibration_set`); quantiles are held out by patient, lesion, slide or file "
     "over five two-fold splits. A first calibration held out single images, so a lesion's full-size file was scored "
     "with its small copy in the fitting half: its thresholds were too tight for new lesions, and its out-of-scope "
     "rate (0.906) came from one lucky split (0.750 for the same form and settings over five grouped splits). Settings chosen on "
@@ -85,7 +86,10 @@ CHANGES = [
     "classifier on the four stages, calibrated on training images) and embeds in its expert's subspace: on held-out "
     "training images it was right more often than the router's argmax (table below).",
     "- **Confidence.** v2's confidence was the router's probability (0.22-0.38 for every image; AUROC 0.37 as a "
-    "score for a right answer). v3's is a calibrated probability that the answer is right (see the evaluation).",
+    "score for a right answer). v3's is a calibrated probability that the answer is right (see the evaluation); "
+    "since issue 28 the answer is the most probable of the five modalities and unknown under that probability "
+    "(the first v3 calibration called images beyond a threshold unknown while their confidence said they were "
+    "probably in scope: 4.4% of its development-side answers were under 1/2).",
 ]
 
 
@@ -163,21 +167,21 @@ def measure_rounds(work: Path, runs: list[Path], root: Path) -> list[tuple]:
 def best_round(measured: list[tuple]) -> int:
     """The round to release (0-based): the highest worst figure at its chosen calibration settings,
     the earlier round on a tie."""
-    return max(range(len(measured)), key=lambda k: ood.worst(ood.chosen_view(measured[k][2])))
+    return max(range(len(measured)), key=lambda k: ood.worst(ood.chosen_setting(measured[k][2])))
 
 
 def round_rows(runs: list[Path], measured: list[tuple], released: int) -> list[str]:
     """The rounds table: routing of the tagged training images and, at each round's chosen
     calibration settings, the development figures whose worst decides the release."""
     lines = ["| round | teacher routing accuracy, tagged training images (last step) | settings chosen "
-             "(crops, components, quantile) | held-out full-res pathology / dermoscopy named right | out-of-scope "
+             "(crops, components, quantile, slope) | held-out full-res pathology / dermoscopy named right | out-of-scope "
              "images called unknown | held-out whole images called unknown | worst of the three |",
              "|---|---|---|---|---|---|---|"]
     for k, (run, compared) in enumerate(zip(runs, measured), 1):
-        curve, view = routing_curve(run), ood.chosen_view(compared[2])
+        curve, view = routing_curve(run), ood.chosen_setting(compared[2])
         named = view["full_resolution_named_right"]
         lines.append(f"| {k}{' (released)' if k == released else ''} | {curve[max(curve)]:.3f} | "
-                     f"{'with' if view['crops'] else 'without'} crops, {view['components']}, {view['quantile']} | "
+                     f"{'with' if view['crops'] else 'without'} crops, {view['components']}, {view['quantile']}, {view['slope']:g} | "
                      f"{named['pathology']:.3f} / {named['dermoscopy']:.3f} | {view['out_of_scope_called_unknown']:.3f} | "
                      f"{view['held_out_called_unknown']:.3f} | {ood.worst(view):.3f} |")
     return lines
@@ -247,30 +251,32 @@ def verdict(separation: dict) -> list[str]:
 
 
 def detector_notes(compared: tuple) -> list[str]:
-    """The detector, calibration-set and confidence tables of ``benchmarks.ood.compare``; refuses
-    when the shipped settings are not what their stated rules choose from these tables."""
-    detectors, naming, views, confidence = compared
-    view, weight = ood.chosen_view(views), ood.chosen_weight(confidence)
-    if (view["crops"], view["components"], view["quantile"], weight) != (True, COMPONENTS, QUANTILE, OUTSIDE_WEIGHT):
-        raise SystemExit(f"the calibration rules choose crops={view['crops']}, components={view['components']}, "
-                         f"quantile={view['quantile']}, outside_weight={weight:g}; midol_hub.calibration ships "
-                         f"{COMPONENTS}, {QUANTILE}, {OUTSIDE_WEIGHT:g} with crops: update one or the other")
+    """The detector and calibration-settings tables of ``benchmarks.ood.compare``; refuses when the
+    shipped settings are not what their stated rule chooses from these tables."""
+    detectors, naming, settings = compared
+    chosen = ood.chosen_setting(settings)
+    shipped = (CALIBRATION_CROPS > 0, COMPONENTS, QUANTILE, SLOPE)
+    if (chosen["crops"], chosen["components"], chosen["quantile"], chosen["slope"]) != shipped:
+        raise SystemExit(f"the calibration rule chooses crops={chosen['crops']}, components={chosen['components']}, "
+                         f"quantile={chosen['quantile']}, slope={chosen['slope']:g}; midol_hub.calibration and "
+                         f"training.shared_data.CALIBRATION_CROPS ship {shipped}: update one or the other")
     return ["### Out-of-scope detector, what it is calibrated on, and the confidence", "",
-            "Fitted on the calibration set only (training sides: labelled images, full-resolution files whole, four "
-            "crops of each, the large pathology regions as tiles), held out two-fold by patient, lesion, slide or file; "
-            "tested on the out-of-scope set: real images that are none of the five modalities (scikit-image's "
-            "photographs, textures, documents and CT phantom; `$MIDOL_DATA/other`; pydicom's CT, MR, ultrasound, "
-            "nuclear-medicine, segmentation and secondary-capture test files). No test image entered these choices; "
-            "`python -m benchmarks.ood --model midol-micro` reproduces every table here.", "",
+            "Fitted on the calibration set only (training sides: labelled images, full-resolution files whole, the "
+            "large pathology regions as tiles; the settings table also tries four crops of each file), held out "
+            "two-fold by patient, lesion, slide or file; tested on the out-of-scope set: real images that are none of "
+            "the five modalities (scikit-image's, scikit-learn's and matplotlib's photographs, textures, documents and "
+            "CT phantom; `$MIDOL_DATA/other`; pydicom's CT, MR, ultrasound, nuclear-medicine, segmentation and "
+            "secondary-capture test files). No test image entered these choices; `python -m benchmarks.ood --model "
+            "midol-micro` reproduces every table here.", "",
             ood.markdown(detectors), "", ood.naming_markdown(naming), "",
-            f"Shipped: the tied-covariance Mahalanobis distance on all four stages, {COMPONENTS} components, a "
-            f"threshold per modality at the {QUANTILE} quantile, calibrated with the crops: of the settings below, "
-            "the one whose worst of held-out full-resolution pathology and dermoscopy files named right and "
-            "out-of-scope images caught is highest, with held-out whole images called unknown at most 0.05 "
-            "(`benchmarks.ood.chosen_view`).",            "", ood.views_markdown(views), "",
-            f"Confidence: `outside_weight` {OUTSIDE_WEIGHT:g}, the lowest expected calibration error over held-out "
-            "whole training images and the out-of-scope set (see `midol_hub.detection`):", "",
-            ood.confidence_markdown(confidence)]
+            f"Shipped: the tied-covariance Mahalanobis distance on all four stages, {COMPONENTS} components, "
+            f"P(in scope) 1/2 at each modality's {QUANTILE} quantile with slope {SLOPE:g}, calibrated "
+            f"{'with' if CALIBRATION_CROPS else 'without'} crops; the answer is the most probable of the five "
+            "modalities and unknown, the confidence its probability (`midol_hub.detection`). Of the settings below, "
+            "among those whose held-out whole images are called unknown at most 0.05 of the time, the rule prefers "
+            "confidence ECE <= 0.05 and AUROC >= 0.90, then the highest worst of held-out full-resolution pathology "
+            "and dermoscopy files named right and out-of-scope images caught, then the lowest ECE "
+            "(`benchmarks.ood.chosen_setting`).", "", ood.settings_markdown(settings)]
 
 
 def comparison_notes(results: dict, choice: list[str], rounds: list[str], minutes: float, config_text: str,
@@ -299,7 +305,7 @@ def comparison_notes(results: dict, choice: list[str], rounds: list[str], minute
               f"Then {ROUNDS} one-epoch rounds in all, each started from the previous round's teacher with a fresh "
               "prototype layer (same recipe and seed). Each round's teacher is measured on the development side "
               "only (`benchmarks.ood.compare`, fp32 export; the calibration settings are chosen per round by "
-              "`benchmarks.ood.chosen_view`); the round with the highest worst figure is released:", "", *rounds, ""]
+              "`benchmarks.ood.chosen_setting`); the round with the highest worst figure is released:", "", *rounds, ""]
     lines += ["### Training", "",
               f"On a 2-core CPU (AMD EPYC), one thread: {minutes:.0f} min, in fp32, as v2 (whose AVX2 machine ran bf16 "
               "6-9x slower than fp32). Configuration (`training/configs/midol_micro_v3.yaml` over `defaults.yaml`):", "",
@@ -397,6 +403,45 @@ def lite_notes(results: dict, minutes: float, config_text: str) -> str:
     return "\n".join(lines)
 
 
+def recalibrate(install: Path, work: Path) -> None:
+    """Calibrate the model in ``install`` anew with the current rules (weights untouched): its
+    config's ``modality_calibration``, and the card's ``auto`` evaluation, targets and detector
+    sections, re-measured (``WORK/results-recalibrated-KEY.json``, ``WORK/ood-KEY.json``)."""
+    model = load_model(install)
+    root = data_root()
+    calibration = calibration_set(root)
+    calibrate(model, calibration.images, calibration.groups)
+    config_path = install / "config.json"
+    config = json.loads(config_path.read_text())
+    config.update(expert_modalities=model.config.expert_modalities, modality_calibration=model.config.modality_calibration)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    model = load_model(install)
+    work.mkdir(parents=True, exist_ok=True)
+    measured = work / f"results-recalibrated-{results_key(model)}.json"
+    if not measured.exists():
+        measured.write_text(json.dumps(modality_separation(model, root), indent=2))
+    compared_path = work / f"ood-{results_key(model)}.json"
+    if not compared_path.exists():
+        compared_path.write_text(json.dumps(ood.compare(model, root)))
+    separation, compared = json.loads(measured.read_text()), json.loads(compared_path.read_text())
+    card_path = install / "README.md"
+    card = card_path.read_text()
+    card = _replace_section(card, '`modality="auto"` on ', "### v3 against v2", separation_table(separation) + "\n\n")
+    card = _replace_section(card, "**Targets.**", "### `modality=\"auto\"` of v2", "\n".join(verdict(separation)) + "\n\n")
+    card = _replace_section(card, "### What changed from v2, and why", "### Where v3 starts",
+                            "\n".join(["### What changed from v2, and why", "", *CHANGES, "", *detector_notes(compared)])
+                            + "\n\n")
+    card_path.write_text(card)
+    print(separation_table(separation))
+    print("\n".join(verdict(separation)))
+
+
+def _replace_section(text: str, start: str, end: str, new: str) -> str:
+    """``text`` with the part from the first ``start`` up to the next ``end`` replaced by ``new``."""
+    first = text.index(start)
+    return text[:first] + new + text[text.index(end, first):]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.release", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -405,8 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", default=None, help="where the released model directory goes (default: the package's)")
     parser.add_argument("--init", default=None, help="midol-micro v2's model directory (default: WORK/v2, copied from "
                                                      "the package on the first run)")
+    parser.add_argument("--recalibrate", action="store_true", help="only calibrate the installed midol-micro anew "
+                                                                  "(weights untouched) and re-measure its card's auto sections")
     args = parser.parse_args(argv)
     work = Path(args.work_dir)
+    if args.recalibrate:
+        recalibrate(Path(args.install or PACKAGE_WEIGHTS), work)
+        return 0
     if args.model == "midol-lite":
         release_lite(work, Path(args.install or PACKAGE_WEIGHTS.with_name("midol-lite")))
         return 0

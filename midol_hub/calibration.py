@@ -8,8 +8,8 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
 - **Out-of-scope detector** (used by :mod:`midol_hub.detection`): class means of the
   ``stage_pooled`` features, their shared (tied) covariance as a probabilistic PCA (its
   ``components`` leading directions and variances, one variance for the rest), and per
-  modality the threshold that ``quantile`` of its held-out training images stay under. Held
-  out means two-fold, each half scored by a detector fitted on the other, repeated over
+  modality the score that ``quantile`` of its held-out training images stay under (where
+  P(in scope) is 1/2). Held out means two-fold, each half scored by a detector fitted on the other, repeated over
   ``repeats`` random splits (a threshold read from one split of a small modality moves with the
   split), and never splitting a ``group``: views of one patient, lesion, slide or file are held
   out together, or the held-out scores come out too good and the threshold too tight for new
@@ -19,12 +19,13 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
   per modality 0.048-0.067 each.)
 - **Confidence of the answer.** Platt scaling of the nearest modality's margin over the second
   nearest against "the nearest modality is the image's", on the same held-out scores, and the
-  ``outside_weight`` that turns a modality's in-scope score distribution into P(in scope).
+  ``slope`` with which P(in scope) falls past the ``quantile`` (:mod:`midol_hub.detection`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -35,15 +36,11 @@ from .modalities import SHARED, UNASSIGNED, canonical_modality
 from .modeling_midol import MIDoLModel
 
 SCORE_QUANTILES = 100  # stored points of the in-scope score distribution (levels 0, 0.01, ..., 0.99)
-QUANTILE, COMPONENTS, REPEATS, OUTSIDE_WEIGHT = 0.95, 64, 5, 3e-3
-"""Defaults of :func:`calibrate`: the share of held-out training images a threshold keeps in
-scope, the covariance's principal directions and the held-out splits. Chosen on midol-micro v3
-(``python -m benchmarks.ood``, training images and the out-of-scope set only) as the setting
-whose worst of held-out full-resolution H&E and dermoscopy files named right and out-of-scope
-images caught was highest (0.933), with held-out whole images called unknown under 0.05; and the
-confidence's ``outside_weight`` (see :mod:`midol_hub.detection`) as the one of ``1 - QUANTILE``
-(about 1/2 at the threshold, the first rule), 1e-2, 3e-3, 1e-3 and 1e-4 with the lowest
-expected calibration error on held-out whole training images and the out-of-scope set together."""
+QUANTILE, COMPONENTS, REPEATS, SLOPE = 0.975, 64, 5, 1.5
+"""Defaults of :func:`calibrate`: the share of held-out training images whose score keeps
+P(in scope) over 1/2, the covariance's principal directions, the held-out splits and how fast
+P(in scope) falls past the quantile. Chosen on midol-micro v3 by ``benchmarks.ood.chosen_setting``
+(training images and the out-of-scope set only; the rule and its table are in the model card)."""
 
 
 def fit_detector(features: torch.Tensor, labels: Sequence[str], components: int = COMPONENTS) -> dict:
@@ -118,7 +115,7 @@ def platt(score: np.ndarray, right: np.ndarray) -> dict:
 
 def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str, Sequence[str]] | None = None,
               quantile: float = QUANTILE, components: int = COMPONENTS, repeats: int = REPEATS,
-              outside_weight: float = OUTSIDE_WEIGHT, batch_size: int = 64) -> dict:
+              slope: float = SLOPE, batch_size: int = 64) -> dict:
     """Assign the experts of ``model`` to modalities from labelled ``images`` ({modality: images}),
     fit the out-of-scope detector and the confidence of ``auto``'s answers.
 
@@ -137,26 +134,33 @@ def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
-    if not outside_weight > 0:
-        raise ValueError(f"outside_weight must be positive, got {outside_weight}")
+    if not slope > 0:
+        raise ValueError(f"slope must be positive, got {slope}")
     for modality, ids in (groups or {}).items():
         if modality not in images or len(ids) != len(images[modality]):
             given = len(images[modality]) if modality in images else "no"
             raise ValueError(f"groups[{modality!r}] has {len(ids)} ids for {given} images; give one group per image "
                              "of the same modality")
-    previous, config.modality_calibration = config.modality_calibration, None  # route without the old detector
-    try:
-        calibration = _fit(model, images, groups or {}, quantile, components, repeats, outside_weight, batch_size)
-    except BaseException:
-        config.modality_calibration = previous
-        raise
+    with uncalibrated(model):  # route without the old detector
+        calibration = _fit(model, images, groups or {}, quantile, components, repeats, slope, batch_size)
     config.modality_calibration = calibration
     return calibration
 
 
+@contextmanager
+def uncalibrated(model: MIDoLModel) -> Iterator[MIDoLModel]:
+    """``model`` without its modality calibration for the block (``auto`` answers by the router),
+    restored afterwards: features for fitting a detector must not need the detector."""
+    previous, model.config.modality_calibration = model.config.modality_calibration, None
+    try:
+        yield model
+    finally:
+        model.config.modality_calibration = previous
+
+
 def fit_out_of_scope(features: torch.Tensor, labels: Sequence[str], groups: Sequence | None = None,
                      quantile: float = QUANTILE, components: int = COMPONENTS, repeats: int = REPEATS,
-                     outside_weight: float = OUTSIDE_WEIGHT) -> dict:
+                     slope: float = SLOPE) -> dict:
     """The ``out_of_scope`` detector and the ``nearest_confidence`` Platt scaling from labelled
     ``stage_pooled`` features (what :func:`calibrate` stores; usable without a model)."""
     detector = fit_detector(features, labels, components)
@@ -164,14 +168,14 @@ def fit_out_of_scope(features: torch.Tensor, labels: Sequence[str], groups: Sequ
                            for seed in range(repeats)])  # every image scored once per split
     scores, nearest = (values.numpy() for values in distances.min(dim=1))
     label_array = np.array(list(labels) * repeats)
-    detector.update(quantile=quantile, components=len(detector["variances"]), repeats=repeats, outside_weight=outside_weight,
+    detector.update(quantile=quantile, components=len(detector["variances"]), repeats=repeats, slope=slope,
                     in_scope={m: in_scope_scores(scores[label_array == m], quantile) for m in detector["modalities"]})
     right = np.array(list(dict.fromkeys(labels)))[nearest] == label_array
     return {"out_of_scope": detector, "nearest_confidence": platt(np.log1p(nearest_margin(distances).numpy()), right)}
 
 
 def _fit(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str, Sequence[str]], quantile: float,
-         components: int, repeats: int, outside_weight: float, batch_size: int) -> dict:
+         components: int, repeats: int, slope: float, batch_size: int) -> dict:
     config = model.config
     labels, image_groups, experts, features = [], [], [], []
     for modality, items in images.items():
@@ -191,7 +195,7 @@ def _fit(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str,
             expert_modalities[expert] = modality
     served = [i for i, label in enumerate(labels) if report["assignment"][label] is not None]
     fitted = fit_out_of_scope(torch.cat(features)[served], [labels[i] for i in served], [image_groups[i] for i in served],
-                              quantile, components, repeats, outside_weight)
+                              quantile, components, repeats, slope)
     calibration = {
         "method": "Hungarian assignment on argmax-routing counts of labelled training images",
         **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},

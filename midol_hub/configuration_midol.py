@@ -167,3 +167,9 @@ class MIDoLConfig(PreTrainedConfig):
         """sha256 of the canonical preprocessing settings, to key caches and provenance."""
         blob = json.dumps(self.preprocessing, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def calibration_hash(self) -> str:
+        """sha256 of the experts' modalities and the modality calibration: what ``auto``'s answers,
+        and so its embeddings, depend on besides the weights."""
+        blob = json.dumps([self.expert_modalities, self.modality_calibration], sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()

@@ -9,26 +9,27 @@ This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf
   covariance shared by all modalities (Lee et al., NeurIPS 2018: a tied covariance), is the
   score. The covariance is stored as a probabilistic PCA (Tipping & Bishop, 1999): its leading
   principal directions with their variances, and one variance for everything else, so a
-  deviation outside the leading directions still counts. Above the threshold of its nearest
-  modality (each modality's own, so that a small modality is not judged by the spread of the
-  large ones) the image is ``"unknown"``.
+  deviation outside the leading directions still counts. The score is read against the held-out
+  scores of the nearest modality (each modality's own, so that a small modality is not judged
+  by the spread of the large ones) to give P(in scope), below.
 - **Modality.** The modality whose mean is nearest under that covariance: a Gaussian
   classifier on the four stages, calibrated on labelled training images (Lee et al. classify by
   the same distance). It replaced the router's argmax as ``auto``'s answer when it named
   held-out training images right more often (midol-micro v3, two-fold, ``benchmarks.ood``:
   full-resolution dermoscopy 0.83 -> 0.99, pathology 0.89 -> 0.93); the embedding is then in
   that modality's expert subspace, and ``Encoding.routing`` keeps the router's own view.
-- **Confidence.** The probability that the answer is right, from two calibrated parts: the
-  probability that the image is in scope given its score, ``S / (S + w)`` with ``S`` the share
-  of that modality's held-out training images scoring at least as high (the empirical survival
-  function, continued by an exponential tail) and ``w`` the detector's ``outside_weight`` (how
-  common and how spread out-of-scope images are taken to be; chosen on held-out training images
-  and the out-of-scope development set, ``benchmarks.ood``), and, for an answered image, the
-  probability that the nearest modality is the right one given its margin over the second
-  nearest (Platt scaling on held-out training images). The threshold that decides ``"unknown"``
-  is a separate, more cautious choice: an image just above it is called unknown with a
-  confidence under 1/2, meaning "probably in scope, but unlike the training images of its
-  nearest modality".
+- **The answer and its confidence: one distribution** over the calibrated modalities and
+  ``"unknown"``. P(in scope) = ``T^s / (T^s + (1 - q)^s)``, with ``T`` the share of the nearest
+  modality's held-out training images scoring at least as high (the empirical survival function,
+  continued by an exponential tail), ``q`` the detector's ``quantile`` and ``s`` its ``slope``: 1/2
+  exactly at that modality's ``q`` quantile, falling the faster the larger ``s``. Of P(in scope),
+  the nearest modality takes the probability that the nearest is right given its margin over the
+  second nearest (Platt scaling on held-out training images), the other modalities the rest in
+  proportion to ``exp(-distance / 2)``; ``"unknown"`` takes ``1 - P(in scope)``. The answer is the
+  most probable outcome and ``confidence`` its probability, so no answer is less probable than
+  another outcome (issue 28: the earlier rule called an image unknown beyond a threshold while its
+  own confidence said it was probably in scope). ``q`` and ``s`` are chosen on held-out training
+  images and the out-of-scope development set (``benchmarks.ood``).
 """
 
 from __future__ import annotations
@@ -105,12 +106,13 @@ def in_scope_tail(scores: dict, score: torch.Tensor) -> torch.Tensor:
     return torch.where(score > quantiles[-1], tail, torch.where(score < quantiles[0], torch.ones_like(score), inside))
 
 
-def in_scope_probability(scores: dict, score: torch.Tensor, outside_weight: float) -> torch.Tensor:
-    """P(in scope | score) for one modality: ``S / (S + outside_weight)``, ``S`` the share of its
-    held-out training images scoring at least ``score``; towards 1 for typical scores, towards 0
-    far above all of them."""
-    tail = in_scope_tail(scores, score)
-    return tail / (tail + outside_weight)
+def in_scope_probability(detector: dict, modality: str, score: torch.Tensor) -> torch.Tensor:
+    """P(in scope | score) for an image nearest to ``modality``: ``T^s / (T^s + (1 - q)^s)``, ``T``
+    the share of that modality's held-out training images scoring at least ``score``; 1/2 at its
+    ``quantile`` ``q``, towards 1 for typical scores and towards 0 far above all of them."""
+    slope = detector["slope"]
+    tail = in_scope_tail(detector["in_scope"][modality], score) ** slope
+    return tail / (tail + (1 - detector["quantile"]) ** slope)
 
 
 def nearest_right_probability(calibration: dict, margin: torch.Tensor) -> torch.Tensor:
@@ -133,8 +135,8 @@ class Decisions:
 
 
 def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, features: torch.Tensor | None) -> Decisions:
-    """``auto``'s answer for every row from its image (``features``: ``stage_pooled``): the nearest
-    calibrated modality, or ``"unknown"`` when the image is unlike all of them. An uncalibrated
+    """``auto``'s answer for every row from its image (``features``: ``stage_pooled``): the most
+    probable of the calibrated modalities and ``"unknown"``, with its probability. An uncalibrated
     model answers by the router's argmax (``"unknown"`` for an unassigned expert)."""
     probs = routing_logits.float().softmax(dim=-1).cpu()
     top_p, top_i = probs.max(dim=-1)
@@ -148,43 +150,56 @@ def detect_modalities(config: MIDoLConfig, routing_logits: torch.Tensor, feature
         modality = [UNKNOWN if n == UNASSIGNED else n for n in names]
         reason = ["routed to an expert that serves no modality" if n == UNASSIGNED else None for n in names]
         return Decisions(modality, top_p, [ROUTER] * rows, reason, [-1] * rows)
-    if "outside_weight" not in detector or "nearest_confidence" not in config.modality_calibration:
+    if "slope" not in detector or "nearest_confidence" not in config.modality_calibration:
         raise ValueError("this model's out-of-scope detector was fitted by an older midol-hub; recalibrate it with "
                          "midol_hub.calibrate(model, images) to use modality='auto'")
     answers = answer_by_distance(config.modality_calibration, modality_distances(detector, features).cpu())
-    reason = [f"unlike every modality it was calibrated on, even the nearest, {name} (out-of-scope score "
-              f"{float(s):.0f} > {float(t):.0f})" if out else None
-              for name, out, s, t in zip(answers.nearest, answers.outside.tolist(), answers.score, answers.threshold)]
-    expert = [-1 if out else config.expert_for(name) for name, out in zip(answers.nearest, answers.outside.tolist())]
-    return Decisions(answers.modality, answers.confidence.float(), [ROUTER] * rows, reason, expert)
+    expert = [-1 if name == UNKNOWN else config.expert_for(name) for name in answers.modality]
+    return Decisions(answers.modality, answers.confidence.float(), [ROUTER] * rows, answers.reasons(), expert)
 
 
 @dataclass
 class DistanceAnswers:
-    """Per row: the nearest modality, its score and threshold, whether it is beyond it, the
-    answer (``"unknown"`` beyond) and the probability that the answer is right."""
+    """Per row: the nearest modality, P(in scope), P(the nearest is right | in scope), the answer
+    (the most probable of the modalities and ``"unknown"``) and its probability."""
 
     nearest: list[str]
-    score: torch.Tensor
-    threshold: torch.Tensor
-    outside: torch.Tensor
+    in_scope: torch.Tensor
+    nearest_right: torch.Tensor
     modality: list[str]
     confidence: torch.Tensor
 
+    def reasons(self) -> list[str | None]:
+        """Why each ``"unknown"`` answer is one (None for the others)."""
+        return [None if answer != UNKNOWN else
+                f"unlike every modality it was calibrated on, even the nearest, {name} (P(in scope) {inside:.2f})"
+                if inside < 0.5 else
+                f"probably in scope (P {inside:.2f}), but its nearest modality, {name}, is right with probability "
+                f"{right:.2f} only: no modality is more probable than unknown"
+                for answer, name, inside, right in zip(self.modality, self.nearest, self.in_scope.tolist(),
+                                                       self.nearest_right.tolist())]
+
 
 def answer_by_distance(calibration: dict, distances: torch.Tensor) -> DistanceAnswers:
-    """``auto``'s answers from (B, M) detector distances (columns in the detector's modality order)."""
+    """``auto``'s answers from (B, M) detector distances (columns in the detector's modality order):
+    the most probable outcome of the distribution in this module's docstring, and its probability."""
     detector = calibration["out_of_scope"]
+    modalities = list(detector["modalities"])
+    distances = distances.double()
     score, nearest = distances.min(dim=1)
+    inside = torch.empty_like(score)
+    for index, name in enumerate(modalities):  # one vectorised pass per modality, not per image
+        mine = nearest == index
+        if mine.any():
+            inside[mine] = in_scope_probability(detector, name, score[mine])
     right = nearest_right_probability(calibration, nearest_margin(distances))
-    names = [detector["modalities"][i] for i in nearest.tolist()]
-    in_scope = torch.empty(len(names), dtype=torch.float64)
-    threshold = torch.empty(len(names), dtype=torch.float64)
-    for name in set(names):  # one vectorised pass per modality, not per image
-        mine = torch.tensor([i for i, n in enumerate(names) if n == name])
-        in_scope[mine] = in_scope_probability(detector["in_scope"][name], score[mine], detector["outside_weight"])
-        threshold[mine] = detector["in_scope"][name]["threshold"]
-    outside = score > threshold
-    modality = [UNKNOWN if out else name for name, out in zip(names, outside.tolist())]
-    confidence = torch.where(outside, 1 - in_scope, in_scope * right)
-    return DistanceAnswers(names, score, threshold, outside, modality, confidence)
+    rows = torch.arange(len(score))
+    others = torch.softmax(-(distances - score[:, None]) / 2, dim=1)
+    others[rows, nearest] = 0
+    others = others / others.sum(dim=1, keepdim=True).clamp_min(1e-300)
+    probabilities = torch.cat([(inside * (1 - right))[:, None] * others, (1 - inside)[:, None]], dim=1)
+    probabilities[rows, nearest] = inside * right
+    confidence, answer = probabilities.max(dim=1)
+    outcomes = modalities + [UNKNOWN]
+    return DistanceAnswers([modalities[i] for i in nearest.tolist()], inside, right,
+                           [outcomes[i] for i in answer.tolist()], confidence)

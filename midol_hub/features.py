@@ -1,7 +1,8 @@
 """Frozen-feature extraction with an on-disk cache, so repeated probes never re-encode.
 
-The cache key covers the weights, the preprocessing, the modality, the output and the
-content of every image: change any of them and the features are computed afresh.
+The cache key covers the weights, the preprocessing, the modality calibration (which expert
+serves a modality, which modality ``"auto"`` names), the modality, the output and the content
+of every image: change any of them and the features are computed afresh.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def weights_fingerprint(model: MIDoLModel) -> str:
 
 def cache_key(model: MIDoLModel, images: Sequence[Any], modality: str, output: str) -> str:
     digest = hashlib.sha256()
-    for part in (weights_fingerprint(model), model.config.preprocessing_hash(), modality, output):
+    config = model.config  # the calibration maps modalities to experts: a recalibrated model embeds anew
+    for part in (weights_fingerprint(model), config.preprocessing_hash(), config.calibration_hash(), modality, output):
         digest.update(part.encode())
     for image in images:
         digest.update(content_sha256(image).encode())

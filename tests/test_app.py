@@ -128,7 +128,7 @@ def screenshot(browser, name: str, tmp_path: Path) -> Path:
 def test_fundus_and_oct_answers_and_their_neighbours_in_a_browser(app_url, browser, data_root, tmp_path):
     upload(browser, app_url, data_root / FUNDUS, data_root / OCT)
     wait_for(browser, ".case-summary", 2)
-    assert texts(browser, ".case-summary") == [f"{Path(FUNDUS).name}: fundus (from the model; confidence 0.97)",
+    assert texts(browser, ".case-summary") == [f"{Path(FUNDUS).name}: fundus (from the model; confidence 0.98)",
                                                f"{Path(OCT).name}: oct (from the model; confidence 0.99)"]
     thumbnails = wait_for(browser, ".neighbours img", 2 * K)
     assert len(thumbnails) == 2 * K and all(t.get_attribute("naturalWidth") not in (None, "0") for t in thumbnails)

@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks import evaluate, ood, release
 from midol_hub import calibrate, load_model
-from midol_hub.calibration import COMPONENTS, OUTSIDE_WEIGHT, QUANTILE
+from midol_hub.calibration import COMPONENTS, QUANTILE, SLOPE
 from midol_hub.evaluation import calibration_error
 from midol_hub.model_card import evaluation_table
 from training import shared_data
@@ -132,61 +132,32 @@ def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):
     assert "ihc.png" not in names and "retina.jpg" not in names and "cell.png" not in names
 
 
-def test_calibration_rules_pick_the_worst_case_best_setting_and_the_best_calibrated_weight():
-    def row(crops, pathology, dermoscopy, outside, unknown):
-        return {"crops": crops, "components": 32, "quantile": 0.95, "held_out_called_unknown": unknown,
+def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_then_the_lowest_ece():
+    def row(crops, pathology, dermoscopy, outside, unknown, ece=0.02, auroc=0.95):
+        return {"crops": crops, "components": 32, "quantile": 0.95, "slope": 1.5, "held_out_called_unknown": unknown,
                 "full_resolution_named_right": {"pathology": pathology, "dermoscopy": dermoscopy},
-                "out_of_scope_called_unknown": outside}
+                "out_of_scope_called_unknown": outside, "ece": ece, "auroc": auroc}
     rows = [row("a", 0.99, 0.99, 0.70, 0.02), row("b", 0.88, 0.92, 0.87, 0.04), row("c", 0.99, 0.99, 0.99, 0.08)]
-    assert ood.chosen_view(rows)["crops"] == "b"  # "c" calls too many held-out images unknown
+    assert ood.chosen_setting(rows)["crops"] == "b"  # "c" calls too many held-out images unknown
     assert ood.worst(rows[1]) == 0.87 and ood.worst(rows[0]) == 0.70
+    unsure = row("d", 0.99, 0.99, 0.95, 0.03, ece=0.07)  # better worst case, but a miscalibrated confidence
+    assert ood.chosen_setting(rows + [unsure])["crops"] == "b"
+    assert ood.chosen_setting([unsure, row("e", 0.99, 0.99, 0.95, 0.03, auroc=0.85)])["crops"] == "e"  # none meets: ECE
+    assert ood.chosen_setting([row("f", 0.9, 0.9, 0.9, 0.01, ece=0.04), row("g", 0.9, 0.9, 0.9, 0.01)])["crops"] == "g"
     # a training round is released by its chosen row's worst figure, the earlier one on a tie
     rounds = [(None, None, rows[:1]), (None, None, rows[:2]), (None, None, rows)]
     assert release.best_round(rounds) == 1 and release.best_round(rounds[:1]) == 0
-    assert ood.chosen_weight([{"outside_weight": 0.05, "ece": 0.09}, {"outside_weight": 1e-3, "ece": 0.01}]) == 1e-3
 
 
-def test_the_coherent_candidate_answers_its_most_probable_outcome_where_the_shipped_rule_does_not():
-    """``ood.coherent_answers`` (issue 28's candidate for ``auto``): walking a point from a modality's
-    mean out of scope, the answer changes once, from the modality to unknown, and never carries
-    less than one half; the shipped rule calls the first points beyond its threshold unknown at a
-    confidence under one half (its own probability says the answer is probably wrong)."""
-    import torch
-
-    from midol_hub.calibration import fit_out_of_scope
-    from midol_hub.detection import answer_by_distance, modality_distances
-
-    rng = np.random.default_rng(0)
-    centres = rng.normal(0, 3, (3, 8))
-    features = torch.from_numpy(np.concatenate([c + rng.normal(0, 1, (300, 8)) for c in centres]))
-    labels = [m for m in ("xray", "oct", "fundus") for _ in range(300)]
-    calibration = fit_out_of_scope(features, labels, components=4, repeats=1)
-    direction = torch.from_numpy(rng.normal(0, 1, 8))
-    walk = torch.from_numpy(centres[0]) + torch.linspace(0, 12, 400)[:, None].double() * direction / direction.norm()
-    distances = modality_distances(calibration["out_of_scope"], walk)
-    answers, confidence = ood.coherent_answers(calibration, distances)
-    assert answers[0] == "xray" and confidence[0] > 0.9 and answers[-1] == "unknown" and confidence[-1] > 0.99
-    switches = [i for i in range(1, len(answers)) if answers[i] != answers[i - 1]]
-    assert len(switches) == 1 and answers[switches[0]] == "unknown"
-    assert confidence.min() >= 0.5
-    shipped = answer_by_distance(calibration, distances)
-    beyond = shipped.outside.numpy()
-    assert beyond.any() and (shipped.confidence.numpy()[beyond] < 0.5).any()
-
-
-@pytest.mark.xfail(strict=True, reason="the batch-4 radiographs joined the calibration set after midol-micro v3 was "
-                   "calibrated: on it the rules now choose no crops and 32 components (measured); recalibrating "
-                   "midol-micro is part of issue 28's coherent-auto work")
 def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(data_root):
-    detectors, naming, views, confidence = ood.compare(load_model("midol-micro"), data_root)
-    view = ood.chosen_view(views)
-    assert (view["crops"], view["components"], view["quantile"]) == (True, COMPONENTS, QUANTILE)
-    assert ood.chosen_weight(confidence) == OUTSIDE_WEIGHT
-    assert detectors[-1]["out_of_scope_images"] == len(shared_data.out_of_scope_set(data_root))
-    by_weight = {r["outside_weight"]: r for r in confidence}
-    assert by_weight[OUTSIDE_WEIGHT]["ece"] < by_weight[1 - QUANTILE]["ece"] - 0.03  # 1/2 at the threshold: too unsure
-    # crops of the full-resolution files help the held-out full-resolution files at the same settings
-    plain = next(r for r in views if not r["crops"] and r["components"] == COMPONENTS and r["quantile"] == QUANTILE)
-    assert view["full_resolution_named_right"]["pathology"] > plain["full_resolution_named_right"]["pathology"]
+    detectors, naming, settings = ood.compare(load_model("midol-micro"), data_root)
+    chosen = ood.chosen_setting(settings)
+    shipped = (shared_data.CALIBRATION_CROPS > 0, COMPONENTS, QUANTILE, SLOPE)
+    assert (chosen["crops"], chosen["components"], chosen["quantile"], chosen["slope"]) == shipped
+    assert ood.meets_confidence_targets(chosen) and detectors[-1]["out_of_scope_images"] == 35
+    # the slope trades calibration against ranking: 1 is too unsure past the quantile, 2 ranks worse
+    same = {r["slope"]: r for r in settings if (r["crops"], r["components"], r["quantile"]) == shipped[:3]}
+    assert same[1.0]["ece"] > chosen["ece"] + 0.02 and same[2.0]["auroc"] < chosen["auroc"]
+    assert chosen["answers_under_one_half"] < 0.01  # the shipped threshold rule gave 4.4% (issue 28)
     assert {r["modality"] for r in naming if r["images"] == "full-resolution"} == {"xray", "fundus", "pathology",
                                                                                     "dermoscopy", "oct"}

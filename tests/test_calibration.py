@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from midol_hub import calibrate, routing_report
-from midol_hub.calibration import fit_detector, held_out_distances, in_scope_scores, platt, two_fold
+from midol_hub.calibration import fit_detector, fit_out_of_scope, held_out_distances, in_scope_scores, platt, two_fold
 from midol_hub.detection import (
+    answer_by_distance,
     detect_modalities,
     in_scope_probability,
     in_scope_tail,
@@ -50,7 +51,7 @@ def synthetic_detector(dim: int = 4) -> tuple[dict, torch.Tensor]:
     detector = fit_detector(features, ["xray"] * 100 + ["oct"] * 100, components=2)
     scores = out_of_scope_score(detector, features).numpy()
     detector["in_scope"] = {"xray": in_scope_scores(scores[:100], 0.975), "oct": in_scope_scores(scores[100:], 0.975)}
-    detector["outside_weight"] = 1e-3
+    detector.update(quantile=0.975, slope=1.5)
     return detector, features
 
 
@@ -67,24 +68,26 @@ def test_out_of_scope_score_is_the_whitened_distance_to_the_nearest_mean():
     assert float(out_of_scope_score(detector, features).mean()) == pytest.approx(4.0, rel=0.1)
 
 
-def test_in_scope_probability_is_one_half_where_the_in_scope_share_meets_the_outside_weight():
+def test_in_scope_probability_is_one_half_at_the_quantile_and_falls_faster_with_a_larger_slope():
     detector, _ = synthetic_detector()
     xray = detector["in_scope"]["xray"]
-    threshold = xray["threshold"]
+    threshold = xray["threshold"]  # the 0.975 quantile of 100 held-out scores
     scores = torch.tensor([0.0, threshold / 2, threshold, 2 * threshold, 10 * threshold], dtype=torch.float64)
     at_threshold = float(in_scope_tail(xray, torch.tensor([threshold], dtype=torch.float64)))
-    assert at_threshold == pytest.approx(0.025, abs=0.011)  # the 0.975 quantile of 100 held-out scores
-    probability = in_scope_probability(xray, scores, outside_weight=at_threshold)
-    assert float(probability[2]) == pytest.approx(0.5)
+    assert at_threshold == pytest.approx(0.025, abs=0.011)
+    probability = in_scope_probability(detector, "xray", scores)
+    tail = in_scope_tail(xray, scores)
+    torch.testing.assert_close(probability, tail**1.5 / (tail**1.5 + 0.025**1.5))
+    assert float(probability[2]) == pytest.approx(0.5, abs=0.2)  # 1/2 where the share is 1 - quantile
     assert torch.all(probability[:-1] >= probability[1:]) and probability[0] > 0.95 and probability[-1] < 1e-6
-    # a rarer out-of-scope world (a smaller weight): surer of typical scores, 1/2 further out
-    rare = in_scope_probability(xray, scores, outside_weight=1e-3)
-    assert torch.all(rare >= probability) and float(rare[2]) == pytest.approx(at_threshold / (at_threshold + 1e-3))
-    tail = in_scope_tail(xray, torch.tensor(xray["score_quantiles"], dtype=torch.float64))
-    torch.testing.assert_close(tail, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
+    steep = in_scope_probability({**detector, "slope": 3.0}, "xray", scores)
+    typical, beyond = scores < threshold, scores > threshold
+    assert torch.all(steep[typical] >= probability[typical]) and torch.all(steep[beyond] <= probability[beyond])
+    levels = in_scope_tail(xray, torch.tensor(xray["score_quantiles"], dtype=torch.float64))
+    torch.testing.assert_close(levels, 1 - torch.arange(100, dtype=torch.float64) / 100)  # the empirical levels
 
 
-def test_detection_names_the_nearest_modality_or_unknown_with_its_reason():
+def test_detection_names_the_most_probable_outcome_with_its_probability_and_reason():
     detector, _ = synthetic_detector(dim=256)
     config = make_micro().config
     config.expert_modalities = ["xray", "unassigned", "oct", "dermoscopy", "pathology"]
@@ -94,13 +97,36 @@ def test_detection_names_the_nearest_modality_or_unknown_with_its_reason():
     logits = torch.tensor([[0, 0, 5.0, 0, 0], [5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0]])  # the router says oct, xray, unassigned
     decided = detect_modalities(config, logits, torch.stack([near_xray, far, near_oct]))
     assert decided.modality == ["xray", "unknown", "oct"] and decided.source == ["router"] * 3
-    assert decided.expert == [0, -1, 2]  # the nearest modality's expert, whatever the router's argmax
+    assert decided.expert == [0, -1, 2]  # the named modality's expert, whatever the router's argmax
     assert decided.reason[0] is None and "even the nearest" in decided.reason[1] and decided.reason[2] is None
     distances = modality_distances(detector, near_xray[None].double())
-    in_scope = in_scope_probability(detector["in_scope"]["xray"], distances.min(dim=1).values, 1e-3)
+    in_scope = in_scope_probability(detector, "xray", distances.min(dim=1).values)
     right = torch.sigmoid(torch.log1p(nearest_margin(distances)))  # Platt scale 1, bias 0
     assert float(decided.confidence[0]) == pytest.approx(float(in_scope * right), rel=1e-5)
-    assert decided.confidence[1] > 0.5  # far beyond the threshold: surely out of scope
+    assert decided.confidence[1] > 0.99  # far beyond every training image: surely out of scope
+
+
+def test_auto_answers_its_most_probable_outcome_along_a_walk_out_of_scope():
+    """Walking a point from a modality's mean out of scope, the answer changes once, from the
+    modality to unknown, and no answer is less probable than one half: an answer never
+    contradicts its own confidence (issue 28; the threshold rule before it called the first
+    points beyond its threshold unknown at a confidence under one half)."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (3, 8))
+    features = torch.from_numpy(np.concatenate([c + rng.normal(0, 1, (300, 8)) for c in centres]))
+    calibration = fit_out_of_scope(features, [m for m in ("xray", "oct", "fundus") for _ in range(300)], components=4,
+                                   repeats=1)
+    direction = torch.from_numpy(rng.normal(0, 1, 8))
+    walk = torch.from_numpy(centres[0]) + torch.linspace(0, 12, 400)[:, None].double() * direction / direction.norm()
+    answers = answer_by_distance(calibration, modality_distances(calibration["out_of_scope"], walk))
+    assert answers.modality[0] == "xray" and answers.confidence[0] > 0.9
+    assert answers.modality[-1] == "unknown" and answers.confidence[-1] > 0.99
+    switches = [i for i in range(1, len(walk)) if answers.modality[i] != answers.modality[i - 1]]
+    assert len(switches) == 1 and answers.modality[switches[0]] == "unknown"
+    assert answers.confidence.min() >= 0.5
+    switch = switches[0]  # the answer turns where P(in scope) x P(right) falls under 1 - P(in scope)
+    before, after = (answers.in_scope[i] * answers.nearest_right[i] for i in (switch - 1, switch))
+    assert before >= 1 - answers.in_scope[switch - 1] and after < 1 - answers.in_scope[switch]
 
 
 def test_auto_embeds_in_the_nearest_modalitys_subspace_when_the_router_disagrees(data_root):
@@ -149,7 +175,7 @@ def test_calibration_on_real_training_images(training_images):
     served = {m for m in model.config.expert_modalities if m != "unassigned"}
     assert set(detector["modalities"]) == served and np.array(detector["basis"]).shape == (15 * 32, 16)
     assert set(detector["in_scope"]) == served and all(len(s["score_quantiles"]) == 100 for s in detector["in_scope"].values())
-    # on the images it was fitted to, about 1 - quantile of each modality are beyond its held-out threshold
+    # on the images it was fitted to, about 1 - quantile of each modality are beyond its held-out quantile
     for modality in served:
         encoding = model.encode(training_images[modality], modality="auto", output="stage_pooled")
         beyond = out_of_scope_score(detector, encoding.stage_pooled) > detector["in_scope"][modality]["threshold"]

@@ -22,6 +22,7 @@ from midol_hub import (
     load_model,
 )
 from midol_hub.features import weights_fingerprint
+from training import shared_data
 
 from .helpers import make_micro, microsoft_backbone, prefixed, tutel_state
 
@@ -188,6 +189,21 @@ def test_changed_weights_turn_the_provenance_modified_and_refresh_the_feature_ca
     reloaded = load_model(micro_dir)
     reloaded.load_state_dict(make_micro(seed=4).state_dict())
     assert reloaded.provenance.source == "modified"
+
+
+def test_a_recalibrated_model_refreshes_the_feature_cache(tmp_path, data_root):
+    """Which expert serves a modality (and which modality ``auto`` names) comes from the
+    calibration, so the feature cache is keyed by it too: after recalibration, no stale rows."""
+    model = load_model("midol-micro")
+    images = [items[0] for items in shared_data.labelled_splits(data_root, "test").values()]
+    assert "unknown" not in model.encode(images, modality="auto").modality  # each is embedded by its expert
+    before = {m: extract_features(model, images, m, cache_dir=tmp_path) for m in ("auto", "oct")}
+    model.config.expert_modalities = model.config.expert_modalities[1:] + model.config.expert_modalities[:1]
+    for modality, old in before.items():
+        new = extract_features(model, images, modality, cache_dir=tmp_path)
+        torch.testing.assert_close(new, model.encode(images, modality=modality).embedding)
+        assert (new - old).abs().max() > 1e-3  # the experts' modalities moved: other subspaces, not the cache
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
 
 
 def test_transformers_auto_model_gets_the_same_provenance(micro_dir):
