@@ -112,7 +112,7 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
     def bulk():
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "features.npz"
-            encode_files(model, paths, out, modality="auto", outputs=("embedding",), batch_size=batch, progress=False)
+            encode_files(model, paths, out, modality="auto", outputs=(model.config.default_feature,), batch_size=batch, progress=False)
             remove_parts(out)
 
     seconds = interleaved_medians({

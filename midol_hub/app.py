@@ -84,7 +84,8 @@ class CaseViewer:
             report = CaseReport(name, modality=encoding.modality[0], source=encoding.modality_source[0],
                                 confidence=float(encoding.confidence[0]), routing_map=str(maps[0]))
             if self.index is not None:
-                hits = self.index.search_vectors(encoding.embedding.numpy(), encoding.modality, self.k, include_unknown=True)[0]
+                vectors = getattr(encoding, self.index.output).numpy()
+                hits = self.index.search_vectors(vectors, encoding.modality, self.k, include_unknown=True)[0]
                 report.neighbours = [(_thumbnail(hit.path, hit.frame), _caption(hit)) for hit in hits]
                 report.neighbour_rows = [_row(hit) for hit in hits]
             if self.classifier is not None:

@@ -60,12 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     encode.add_argument("--model", default=DEFAULT_MODEL, help="registry name, model directory or Hub id")
     encode.add_argument("--modality", default=AUTO, help=f"{AUTO} or one of {', '.join(MODALITIES)} (aliases work)")
-    encode.add_argument("--out", required=True, help="output file: .npy (embeddings only), .npz or .safetensors")
+    encode.add_argument("--out", required=True, help="output file: .npy (one vector output), .npz or .safetensors")
     encode.add_argument("--batch-size", type=_positive, default=32)
     encode.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
                         help="compute precision; auto: bf16 where this device computes it natively, else fp32")
     encode.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    encode.add_argument("--output", default="embedding", help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)}")
+    encode.add_argument("--output", default=None, help=f"comma-separated, from {','.join(ENCODE_OUTPUTS)} "
+                                                        "(default: the model's default feature)")
     encode.add_argument("--errors", choices=("raise", "skip"), default="raise",
                         help="raise: stop at the first unreadable file; skip: leave unreadable files out and list them")
     encode.add_argument("--skip-errors", action="store_true", help=argparse.SUPPRESS)  # old spelling of --errors skip
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--uri", default=None, help="milvus: http://host:19530, or a local file such as cases.db (milvus-lite)")
     build.add_argument("--collection", default="midol", help="milvus: collection prefix, one collection per modality")
     build.add_argument("--milvus-index", default="FLAT", help="milvus: index type (FLAT: exact; HNSW, IVF_FLAT, AUTOINDEX)")
+    build.add_argument("--output", choices=("embedding", "pooled"), default=None,
+                       help="the vector indexed and searched: the expert's embedding or the backbone's pooled feature "
+                            "(default: the model's default feature)")
     _index_options(build)
     build.set_defaults(handler=run_index_build)
     grow = index_commands.add_parser("add", help="add images to an index (files it holds, by content, are skipped)")
@@ -252,12 +256,12 @@ def run_encode(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     check_writable(out, ENCODE_FORMATS)
-    outputs = [name.strip() for name in args.output.split(",") if name.strip()]
+    outputs = [name.strip() for name in (args.output or "").split(",") if name.strip()]  # none: the model's default
     unknown = sorted(set(outputs) - set(ENCODE_OUTPUTS))
     if unknown:
         raise CLIError(f"--output {','.join(unknown)}: choose from {','.join(ENCODE_OUTPUTS)}")
-    if out.suffix == ".npy" and outputs != ["embedding"]:
-        raise CLIError(f"{out}: .npy holds one array (the embeddings); use .npz or .safetensors for {args.output}")
+    if out.suffix == ".npy" and outputs and outputs not in (["embedding"], ["pooled"]):
+        raise CLIError(f"{out}: .npy holds one array (embedding or pooled); use .npz or .safetensors for {args.output}")
     if args.skip_errors:
         warnings.warn("--skip-errors is now spelled --errors skip", FutureWarning, stacklevel=2)
         args.errors = "skip"
@@ -282,6 +286,7 @@ def _encode_locked(args: argparse.Namespace, out: Path, outputs: list[str], file
         model = load_model(args.model, pretrained=not args.random_weights, device=device)
     if args.random_weights and rank == 0:
         print(f"NOTICE: {args.model} has random weights; the embeddings are meaningless", file=sys.stderr)
+    outputs = outputs or [model.config.default_feature]
     try:
         resumed = encode_files(model, files, out, modality=args.modality, outputs=outputs,
                                batch_size=args.batch_size, dtype=parse_dtype(args.dtype, device or "cpu"),
@@ -322,7 +327,8 @@ def write_features(out: Path, arrays: dict[str, np.ndarray], rows: list[dict], m
     if out.suffix == ".npy":
         with atomic_write(out) as tmp:
             with open(tmp, "wb") as handle:
-                np.save(handle, arrays["embedding"])
+                (vectors,) = arrays.values()  # run_encode allows .npy for one vector output only
+                np.save(handle, vectors)
     elif out.suffix == ".npz":
         with atomic_write(out) as tmp:
             with open(tmp, "wb") as handle:
@@ -675,7 +681,7 @@ def run_index_build(args: argparse.Namespace) -> None:
                 columns = read_labels(args.labels)[0] if args.labels else []
                 ImageIndex.create(directory, model, columns, args.exact_limit or EXACT_LIMIT, model_name=args.model,
                                   backend=args.backend, uri=args.uri, collection=args.collection,
-                                  milvus_index=args.milvus_index).close()
+                                  milvus_index=args.milvus_index, output=args.output).close()
         except (CLIError, ValueError) as error:
             problem = str(error)
     problem = from_rank_zero(problem, world)
@@ -701,7 +707,7 @@ def run_index_info(args: argparse.Namespace) -> None:
         print(json.dumps(info, indent=2))
         return
     print(f"{args.index}: {info['rows']} row(s), model {info['model']} (weights {info['weights_sha256'][:12]}, "
-          f"preprocessing {info['preprocessing_sha256'][:12]}), dimension {info['dim']}")
+          f"preprocessing {info['preprocessing_sha256'][:12]}), {info['output']} vectors of dimension {info['dim']}")
     for modality, about in info["modalities"].items():
         print(f"  {modality:<11} {about['rows']:>8}  {about['search']}")
     if info["label_columns"]:

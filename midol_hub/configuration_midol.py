@@ -67,7 +67,8 @@ class MIDoLConfig(PreTrainedConfig):
     Preprocessing:
         preprocessing: one :class:`~midol_hub.modalities.ModalityProfile` dict per modality,
             plus ``"auto"``.
-        default_output: the ``encode`` outputs returned when none are requested.
+        default_output: the ``encode`` outputs returned when none are requested; the first of
+            them that is a vector (``default_feature``) is also what ``midol index`` stores.
     Downstream tasks (:mod:`midol_hub.tasks`):
         task_modality: the modality whose expert and preprocessing a fine-tuned model uses.
         task_feature: ``"embedding"`` (the expert subspace) or ``"pooled"`` (the backbone).
@@ -148,6 +149,12 @@ class MIDoLConfig(PreTrainedConfig):
     def num_features(self) -> int:
         """Width of the pooled backbone feature (and of each expert embedding)."""
         return self.embed_dim * 2 ** (len(self.depths) - 1) if self.is_swin else int(self.feature_dim)
+
+    @property
+    def default_feature(self) -> str:
+        """The vector users get by default: the first ``"embedding"`` or ``"pooled"`` of
+        ``default_output`` (``"embedding"`` when it names neither)."""
+        return next((o for o in self.default_output if o in ("embedding", "pooled")), "embedding")
 
     def profile(self, modality: str) -> ModalityProfile:
         """The preprocessing profile of ``modality`` (a name, alias or ``"auto"``)."""

@@ -27,7 +27,7 @@ from .tasks import MIDoLForImageClassification
 
 
 def _encode_with_maps(model: MIDoLModel, images: Any, **encode_kwargs: Any) -> tuple[Encoding, torch.Tensor]:
-    encoding = model.encode(images, modality="auto", output=("embedding", "patch_tokens"), **encode_kwargs)
+    encoding = model.encode(images, modality="auto", output=("embedding", "pooled", "patch_tokens"), **encode_kwargs)
     weight = model.head.router.weight.detach().float().cpu()  # (E, D)
     return encoding, torch.einsum("bdhw,ed->behw", encoding.patch_tokens, weight)
 
@@ -48,7 +48,7 @@ def draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path, 
 def encode_and_draw_routing_maps(model: MIDoLModel, paths: list[str], out_dir: str | Path,
                                  **encode_kwargs: Any) -> tuple[Encoding, list[Path]]:
     """:func:`draw_routing_maps`, also returning the encoding the maps came from (with its
-    ``embedding``), so a caller that needs both runs the model once."""
+    ``embedding`` and ``pooled``), so a caller that needs both runs the model once."""
     plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

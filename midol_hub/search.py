@@ -43,6 +43,7 @@ from .utils import atomic_write, barrier, file_sha256, from_rank_zero, lock_for_
 
 INDEX_FORMAT = "midol-index"
 INDEX_VERSION = 1
+SEARCHABLE_OUTPUTS = ("embedding", "pooled")
 EXACT_LIMIT = 50_000
 """Rows of one modality up to which search is exact (FAISS ``IndexFlatIP``)."""
 MIN_EXACT_LIMIT = 16
@@ -398,13 +399,21 @@ class ImageIndex:
     @classmethod
     def create(cls, directory: str | Path, model: MIDoLModel, label_columns: Sequence[str] = (),
                exact_limit: int = EXACT_LIMIT, model_name: str | None = None, backend: str = "faiss",
-               uri: str | None = None, collection: str = "midol", milvus_index: str = "FLAT") -> ImageIndex:
+               uri: str | None = None, collection: str = "midol", milvus_index: str = "FLAT",
+               output: str | None = None) -> ImageIndex:
         """A new, empty index for ``model``'s embeddings. ``backend="milvus"`` keeps the rows in
         the Milvus at ``uri`` (a server address, or a local ``.db`` file for milvus-lite) in
-        collections named ``{collection}_{modality}``; the folder then holds the manifest."""
+        collections named ``{collection}_{modality}``; the folder then holds the manifest.
+        ``output`` is the vector indexed and searched: ``"embedding"`` (the expert's) or
+        ``"pooled"`` (the backbone's); default: the model's ``default_feature``."""
         directory = Path(directory)
         if (directory / "index.json").exists():
             raise FileExistsError(f"{directory}: an index is already there; add to it with `midol index add`")
+        output = output or model.config.default_feature
+        if output not in SEARCHABLE_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(SEARCHABLE_OUTPUTS)}, got {output!r}")
+        if output == "embedding" and model.config.backbone_only:
+            raise ValueError("a backbone-only model has no trained experts: index its 'pooled' output")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         if not isinstance(exact_limit, int) or isinstance(exact_limit, bool) or exact_limit < MIN_EXACT_LIMIT:
@@ -423,7 +432,7 @@ class ImageIndex:
             where = {"uri": uri, "collection": collection, "milvus_index": milvus_index}
         manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "backend": backend,
                     "model": model_name or (model.provenance.location if model.provenance is not None else None),
-                    **model_fingerprint(model), "dim": model.config.num_features,
+                    **model_fingerprint(model), "output": output, "dim": model.config.num_features,
                     "experts": list(model.config.expert_modalities), "label_columns": list(label_columns), **where}
         with atomic_write(directory / "index.json") as tmp:
             Path(tmp).write_text(json.dumps(manifest, indent=2))
@@ -431,6 +440,12 @@ class ImageIndex:
         if backend == "milvus":
             index.counts()  # connect now: a collection of other weights is refused at creation
         return index
+
+    @property
+    def output(self) -> str:
+        """The vector this index holds: ``"embedding"`` or ``"pooled"`` (indexes written before
+        the choice existed hold embeddings)."""
+        return self.manifest.get("output", "embedding")
 
     def __len__(self) -> int:
         return sum(self.counts().values())
@@ -481,7 +496,7 @@ class ImageIndex:
     def info(self) -> dict[str, Any]:
         """The manifest, the rows per modality, and how each modality is searched."""
         counts = self.counts()
-        return {**self.manifest, "rows": sum(counts.values()),
+        return {**self.manifest, "output": self.output, "rows": sum(counts.values()),
                 "modalities": {m: {"rows": n, "search": self.store.describe(n)} for m, n in counts.items()}}
 
     def search_vectors(self, vectors: np.ndarray, modalities: Sequence[str], k: int = 10,
@@ -508,8 +523,8 @@ class ImageIndex:
         modality each query was searched in)."""
         self.check_model(model)
         encoding = model.encode(queries, modality=AUTO if modality is None else canonical_modality(modality),
-                                batch_size=batch_size)
-        hits = self.search_vectors(encoding.embedding.numpy(), encoding.modality, k, include_unknown)
+                                output=self.output, batch_size=batch_size)
+        hits = self.search_vectors(getattr(encoding, self.output).numpy(), encoding.modality, k, include_unknown)
         return hits, list(encoding.modality)
 
 
@@ -651,7 +666,7 @@ def _commit_pending(index: ImageIndex, model: MIDoLModel, batch_size: int, worke
     pending, out = index.directory / "pending.json", index.directory / "pending.npz"
     state = json.loads(pending.read_text())
     if state["files"]:
-        encode_files(model, state["files"], out, modality=state["modality"], outputs=["embedding"],
+        encode_files(model, state["files"], out, modality=state["modality"], outputs=[index.output],
                      batch_size=batch_size, workers=workers, errors=errors, part_size=part_size, resume=resume,
                      rank=rank, world=world, progress=progress, frames=state.get("frames"))
     barrier(world)  # every rank's parts are written
@@ -659,10 +674,10 @@ def _commit_pending(index: ImageIndex, model: MIDoLModel, batch_size: int, worke
         return {}
     added, failures = 0, []
     if state["files"]:
-        merged = merge_parts(out, state["files"], ["embedding"])
+        merged = merge_parts(out, state["files"], [index.output])
         rows = [{**row, "labels": state["labels"].get(row["path"], {})} for row in merged.rows]
         if rows:
-            added = index.add_rows(rows, merged.arrays["embedding"])
+            added = index.add_rows(rows, merged.arrays[index.output])
         failures = merged.failures
         remove_parts(out)
     pending.unlink()
