@@ -201,8 +201,7 @@ def few_shot_results(model, root: Path, cache: Path) -> dict:
 
 def results_key(model) -> str:
     """What a kept measurement of ``model`` depends on: its weights and its calibration."""
-    calibration = json.dumps(model.config.modality_calibration, sort_keys=True)
-    return hashlib.sha256((weights_fingerprint(model) + calibration).encode()).hexdigest()[:12]
+    return hashlib.sha256((weights_fingerprint(model) + model.config.calibration_hash()).encode()).hexdigest()[:12]
 
 
 def evaluate_all(work: Path, models: dict) -> dict:
