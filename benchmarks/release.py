@@ -250,16 +250,23 @@ def verdict(separation: dict) -> list[str]:
     return lines
 
 
-def detector_notes(compared: tuple) -> list[str]:
-    """The detector and calibration-settings tables of ``benchmarks.ood.compare``; refuses when the
-    shipped settings are not what their stated rule chooses from these tables."""
+SHIPPED_SETTINGS = {"crops": CALIBRATION_CROPS > 0, "components": COMPONENTS, "quantile": QUANTILE, "slope": SLOPE}
+"""The calibration settings ``midol_hub.calibrate`` and ``calibration_set`` use by default."""
+
+
+def settings_of(row: dict) -> dict:
+    """The calibration settings of a ``benchmarks.ood`` settings row."""
+    return {key: row[key] for key in SHIPPED_SETTINGS}
+
+
+def detector_notes(compared: tuple, shipped: dict = SHIPPED_SETTINGS, name: str = "midol-micro") -> list[str]:
+    """The detector and calibration-settings tables of ``benchmarks.ood.compare`` for model ``name``;
+    refuses when the ``shipped`` settings are not what their stated rule chooses from these tables."""
     detectors, naming, settings = compared
-    chosen = ood.chosen_setting(settings)
-    shipped = (CALIBRATION_CROPS > 0, COMPONENTS, QUANTILE, SLOPE)
-    if (chosen["crops"], chosen["components"], chosen["quantile"], chosen["slope"]) != shipped:
-        raise SystemExit(f"the calibration rule chooses crops={chosen['crops']}, components={chosen['components']}, "
-                         f"quantile={chosen['quantile']}, slope={chosen['slope']:g}; midol_hub.calibration and "
-                         f"training.shared_data.CALIBRATION_CROPS ship {shipped}: update one or the other")
+    chosen = settings_of(ood.chosen_setting(settings))
+    if chosen != shipped:
+        raise SystemExit(f"the calibration rule chooses {chosen}; the model ships {shipped}: midol_hub.calibration "
+                         "and training.shared_data.CALIBRATION_CROPS give the defaults, update one or the other")
     return ["### Out-of-scope detector, what it is calibrated on, and the confidence", "",
             "Fitted on the calibration set only (training sides: labelled images, full-resolution files whole, the "
             "large pathology regions as tiles; the settings table also tries four crops of each file), held out "
@@ -267,11 +274,11 @@ def detector_notes(compared: tuple) -> list[str]:
             "the five modalities (scikit-image's, scikit-learn's and matplotlib's photographs, textures, documents and "
             "CT phantom; `$MIDOL_DATA/other`; pydicom's CT, MR, ultrasound, nuclear-medicine, segmentation and "
             "secondary-capture test files). No test image entered these choices; `python -m benchmarks.ood --model "
-            "midol-micro` reproduces every table here.", "",
+            f"{name}` reproduces every table here.", "",
             ood.markdown(detectors), "", ood.naming_markdown(naming), "",
-            f"Shipped: the tied-covariance Mahalanobis distance on all four stages, {COMPONENTS} components, "
-            f"P(in scope) 1/2 at each modality's {QUANTILE} quantile with slope {SLOPE:g}, calibrated "
-            f"{'with' if CALIBRATION_CROPS else 'without'} crops; the answer is the most probable of the five "
+            f"Shipped: the tied-covariance Mahalanobis distance on all four stages, {shipped['components']} components, "
+            f"P(in scope) 1/2 at each modality's {shipped['quantile']} quantile with slope {shipped['slope']:g}, "
+            f"calibrated {'with' if shipped['crops'] else 'without'} crops; the answer is the most probable of the five "
             "modalities and unknown, the confidence its probability (`midol_hub.detection`). Of the settings below, "
             "among those whose held-out whole images are called unknown at most 0.05 of the time, the rule prefers "
             "confidence ECE <= 0.05 and AUROC >= 0.90, then the highest worst of held-out full-resolution pathology "
@@ -329,12 +336,18 @@ LITE_COLUMNS = {"lite": (f"midol-lite `{LITE_FEATURE}` (this model's default)", 
 
 def release_lite(work: Path, install: Path) -> None:
     """midol-lite: one run of ``midol_lite.yaml`` from ImageNet (``WORK/lite``), exported calibrated
-    (fp16) into ``install``, and its card from :func:`lite_results` and the targets."""
+    (fp16) into ``install`` with the calibration settings chosen on its own development side, and
+    its card from :func:`lite_results` and the targets."""
     data = prepare(work / "data")
     run = work / "lite"
     train(run, data, config=LITE_CONFIG)
-    calibration = calibration_set(data_root())
-    export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16")
+    root = data_root()
+    compared = lite_development_side(work, run, root)
+    settings = settings_of(ood.chosen_setting(compared[2]))
+    calibration = calibration_set(root, crops=ood.VIEW_CROPS if settings["crops"] else 0)
+    calibrated = dict(calibrate=calibration.images, groups=calibration.groups, storage="fp16",
+                      calibration_settings={key: settings[key] for key in ("components", "quantile", "slope")})
+    export.export(run, install, **calibrated)
     model = load_model(install)
     unserved = sorted(set(calibration.images) - set(model.config.expert_modalities))
     if unserved:  # the router did not learn the modalities: nothing to release, say why
@@ -343,12 +356,25 @@ def release_lite(work: Path, install: Path) -> None:
                          + ", ".join(f"{m} {a:.2f}" for m, a in accuracy.items()) + "); the router did not specialise, "
                          f"so {install} is not a release: train longer or with another recipe")
     results = lite_results(work, model)
-    notes = lite_notes(results, training_minutes([run]), LITE_CONFIG.read_text())
+    notes = lite_notes(results, training_minutes([run]), LITE_CONFIG.read_text(), detector_notes(compared, settings,
+                                                                                                  "midol-lite"))
     card = {key: value for key, value in results["lite"].items() if key != "few-shot"}
-    exported = export.export(run, install, calibrate=calibration.images, groups=calibration.groups, storage="fp16",
-                             results=card, card_notes=notes)
+    exported = export.export(run, install, **calibrated, results=card, card_notes=notes)
     print(notes)
     print(f"installed {install}; fp16 storage moves embeddings by at most {exported.fp16_error:.2e}")
+
+
+def lite_development_side(work: Path, run: Path, root: Path) -> tuple:
+    """``benchmarks.ood.compare`` of the run's teacher (exported uncalibrated to ``WORK/lite-uncalibrated``;
+    development side only), kept in ``WORK/ood-lite-KEY.json``: midol-lite's calibration settings
+    are chosen on it by the rule that chose midol-micro's."""
+    path = work / "lite-uncalibrated"
+    export.export(run, path)
+    model = load_model(path)
+    kept = work / f"ood-lite-{results_key(model)}.json"
+    if not kept.exists():
+        kept.write_text(json.dumps(ood.compare(model, root)))
+    return tuple(json.loads(kept.read_text()))
 
 
 def lite_results(work: Path, model) -> dict:
@@ -387,15 +413,15 @@ def lite_targets(results: dict) -> list[str]:
     return lines
 
 
-def lite_notes(results: dict, minutes: float, config_text: str) -> str:
-    """The lite card's comparison, targets and training sections."""
+def lite_notes(results: dict, minutes: float, config_text: str, detector: list[str]) -> str:
+    """The lite card's comparison, targets, detector (:func:`detector_notes`) and training sections."""
     lines = ["### Against its ImageNet start, random initialisation and midol-micro (test splits)", "",
              "Linear probe accuracy / kNN accuracy (k = 20) / precision@10 of test queries against the training "
              "images, each column's own feature, the same splits (`benchmarks.evaluate`, training sets capped at 3,000 "
              "and test sets at 2,000 images).", "",
              comparison_table({heading: results[label] for label, (heading, _) in LITE_COLUMNS.items()}), "",
              f"**Feature targets** (the default `{LITE_FEATURE}` against the ImageNet start's pooled feature):", "",
-             *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "",
+             *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "", *detector, "",
              "### Training", "",
              f"On a 2-core CPU (AMD EPYC with AVX-512 BF16), bf16 autocast: {minutes:.0f} min. Configuration "
              "(`training/configs/midol_lite.yaml` over `defaults.yaml`):", "", "```yaml", config_text.strip(), "```", "",

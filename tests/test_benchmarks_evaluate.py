@@ -155,6 +155,12 @@ def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(da
     shipped = (shared_data.CALIBRATION_CROPS > 0, COMPONENTS, QUANTILE, SLOPE)
     assert (chosen["crops"], chosen["components"], chosen["quantile"], chosen["slope"]) == shipped
     assert ood.meets_confidence_targets(chosen) and detectors[-1]["out_of_scope_images"] == 35
+    assert release.settings_of(chosen) == release.SHIPPED_SETTINGS
+    other = {**release.SHIPPED_SETTINGS, "slope": 2.0}  # a model calibrated otherwise must say why
+    with pytest.raises(SystemExit, match="the calibration rule chooses"):
+        release.detector_notes((detectors, naming, settings), other)
+    notes = "\n".join(release.detector_notes((detectors, naming, settings), release.settings_of(chosen), "midol-lite"))
+    assert f"with slope {SLOPE:g}" in notes and "--model midol-lite` reproduces" in notes
     # the slope trades calibration against ranking: 1 is too unsure past the quantile, 2 ranks worse
     same = {r["slope"]: r for r in settings if (r["crops"], r["components"], r["quantile"]) == shipped[:3]}
     assert same[1.0]["ece"] > chosen["ece"] + 0.02 and same[2.0]["auroc"] < chosen["auroc"]

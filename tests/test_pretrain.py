@@ -97,8 +97,11 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     assert record["init"] == "dino-e1"  # the model's name, not this machine's path
     loaded = load_model(tmp_path / "model")
     assert loaded.config.modality_calibration == calibration and loaded.head.prototypes is None
-    half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16)
+    half = export.export(tmp_path / "run", tmp_path / "model_fp16", calibrate=[retina], storage="fp16", max_per_modality=16,
+                         calibration_settings={"quantile": 0.9, "components": 8, "slope": 2.0})
     assert half.fp16_error <= 1e-3
+    detector = load_model(tmp_path / "model_fp16").config.modality_calibration["out_of_scope"]
+    assert (detector["quantile"], detector["components"], detector["slope"]) == (0.9, 8, 2.0)  # a model's own settings
     from safetensors import safe_open
 
     with safe_open(tmp_path / "model_fp16" / "model.safetensors", "pt") as stored:

@@ -40,10 +40,11 @@ class Exported:
 
 def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Mapping[str, Sequence] | None = None,
            keep_prototypes: bool = False, max_per_modality: int = 500, storage: str = "fp32",
-           groups: Mapping[str, Sequence[str]] | None = None, **card: object) -> Exported:
+           groups: Mapping[str, Sequence[str]] | None = None, calibration_settings: Mapping[str, float] | None = None,
+           **card: object) -> Exported:
     """Write the last checkpoint's teacher to ``model_dir``; optionally calibrate its experts on
-    ``calibrate``: ``MODALITY=PATH`` roots, or images by modality (with their ``groups``, see
-    :func:`midol_hub.calibrate`).
+    ``calibrate``: ``MODALITY=PATH`` roots, or images by modality (with their ``groups`` and
+    ``calibration_settings``: ``quantile``, ``components``, ``slope``, see :func:`midol_hub.calibrate`).
 
     ``storage="fp16"`` halves the file; it is refused unless embeddings of the calibration
     images stay within 1e-3 of fp32. ``card`` goes to ``save_pretrained`` (``results``,
@@ -74,7 +75,7 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Ma
         if config.expert_modalities == [SHARED]:
             raise DatasetError("a one-expert (dino objective) model has no experts to calibrate")
         images = calibrate if isinstance(calibrate, Mapping) else calibration_images(calibrate, max_per_modality)
-        midol_calibrate(model, images, groups)
+        midol_calibrate(model, images, groups, **(calibration_settings or {}))
         samples = torch.cat([model.preprocess(group[:8], "auto") for group in images.values()])
     fp16_error = None
     if storage == "fp16":
