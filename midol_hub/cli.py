@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .configuration_midol import VECTOR_OUTPUTS
 from .dtypes import parse_dtype, supported_precisions
 from .errors import DICOMwebError
 from .modalities import AUTO, MODALITIES, UNKNOWN
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--uri", default=None, help="milvus: http://host:19530, or a local file such as cases.db (milvus-lite)")
     build.add_argument("--collection", default="midol", help="milvus: collection prefix, one collection per modality")
     build.add_argument("--milvus-index", default="FLAT", help="milvus: index type (FLAT: exact; HNSW, IVF_FLAT, AUTOINDEX)")
-    build.add_argument("--output", choices=("embedding", "pooled"), default=None,
+    build.add_argument("--output", choices=VECTOR_OUTPUTS, default=None,
                        help="the vector indexed and searched: the expert's embedding or the backbone's pooled feature "
                             "(default: the model's default feature)")
     _index_options(build)
@@ -191,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(handler=run_search)
 
     plot = commands.add_parser("plot", help="2-D map of encoded features coloured by modality or label")
-    plot.add_argument("features", help=".npz written by `midol encode` (or with 'embedding' and 'labels')")
+    plot.add_argument("features", help=".npz written by `midol encode` (or with 'pooled' or 'embedding', and 'labels')")
+    plot.add_argument("--output", choices=VECTOR_OUTPUTS, default=None,
+                      help="the vector to map (default: the one the file holds; pooled when it holds both)")
     plot.add_argument("--by", default="modality",
                       help="modality (forced, from the DICOM header or the router's), source (which of those three), label, or folder (each file's top folder below the "
                            "files' common root: the true groups); comma-separated for panels side by side, e.g. folder,modality")
@@ -761,10 +764,13 @@ def run_plot(args: argparse.Namespace) -> None:
     unknown = sorted(set(panels) - set(PLOT_GROUPS))
     if unknown or not panels:
         raise CLIError(f"--by {args.by}: choose from {', '.join(PLOT_GROUPS)} (comma-separated for several panels)")
-    if "embedding" not in data:
-        raise CLIError(f"{path}: has no 'embedding' array (it has {', '.join(data.files)})")
+    held = [name for name in ("pooled", "embedding") if name in data]
+    vector = args.output or (held[0] if held else "pooled")
+    if vector not in data:
+        raise CLIError(f"{path}: has no {vector!r} array (it has {', '.join(data.files)}); "
+                       f"encode with `midol encode --output {vector}`")
     groupings = {name: plot_groups(data, name, path) for name in panels}
-    features = data["embedding"].astype(np.float64)
+    features = data[vector].astype(np.float64)
     if len(features) < 3:
         raise CLIError(f"{path}: needs at least 3 rows to draw a map, has {len(features)}")
     points, method = project_2d(features, args.method)
@@ -773,7 +779,7 @@ def run_plot(args: argparse.Namespace) -> None:
         for group in sorted(set(groups)):
             mask = groups == group
             axes.scatter(points[mask, 0], points[mask, 1], s=12, label=f"{group} ({mask.sum()})")
-        axes.set_title(f"{path.name}: {method.upper()} by {name}")
+        axes.set_title(f"{path.name} ({vector}): {method.upper()} by {name}")
         axes.legend(fontsize=8, markerscale=1.5)
     figure.tight_layout()
     with atomic_write(out) as tmp:
@@ -781,7 +787,7 @@ def run_plot(args: argparse.Namespace) -> None:
     plt.close(figure)
     summary = "; ".join(f"{name}: " + ", ".join(f"{g} ({(groups == g).sum()})" for g in sorted(set(groups)))
                         for name, groups in groupings.items())
-    print(f"wrote {out} ({method}, {len(features)} points; {summary})")
+    print(f"wrote {out} ({method} of {vector}, {len(features)} points; {summary})")
 
 
 PLOT_GROUPS = ("modality", "source", "label", "folder")

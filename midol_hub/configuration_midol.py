@@ -20,6 +20,9 @@ from .modalities import (
     expert_index_for,
 )
 
+VECTOR_OUTPUTS = ("embedding", "pooled")
+"""The outputs that are one vector per image: what an index holds, ``.npy`` files and maps draw."""
+
 
 class MIDoLConfig(PreTrainedConfig):
     r"""Everything needed to rebuild an M-IDoL model and feed it correctly.
@@ -133,7 +136,7 @@ class MIDoLConfig(PreTrainedConfig):
             if name != AUTO:
                 canonical_modality(name)
             ModalityProfile.from_dict(profile)
-        if self.task_feature not in ("embedding", "pooled"):
+        if self.task_feature not in VECTOR_OUTPUTS:
             raise ValueError(f"task_feature must be 'embedding' or 'pooled', got {self.task_feature!r}")
         if self.backbone_only and "embedding" in self.default_output:
             raise ValueError("a backbone-only model has no trained experts: its default_output cannot hold 'embedding'")
@@ -154,7 +157,7 @@ class MIDoLConfig(PreTrainedConfig):
     def default_feature(self) -> str:
         """The vector users get by default: the first ``"embedding"`` or ``"pooled"`` of
         ``default_output`` (``"embedding"`` when it names neither)."""
-        return next((o for o in self.default_output if o in ("embedding", "pooled")), "embedding")
+        return next((o for o in self.default_output if o in VECTOR_OUTPUTS), "embedding")
 
     def profile(self, modality: str) -> ModalityProfile:
         """The preprocessing profile of ``modality`` (a name, alias or ``"auto"``)."""

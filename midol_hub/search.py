@@ -37,13 +37,13 @@ import numpy as np
 from .bulk import model_fingerprint
 from .dicomweb import instance_uids, is_dicomweb
 from .errors import IndexDamagedError, IndexMismatchError, NonFiniteError, WriterBusyError
+from .configuration_midol import VECTOR_OUTPUTS
 from .modalities import AUTO, UNKNOWN, canonical_modality
 from .modeling_midol import MIDoLModel
 from .utils import atomic_write, barrier, file_sha256, from_rank_zero, lock_for_ranks
 
 INDEX_FORMAT = "midol-index"
 INDEX_VERSION = 1
-SEARCHABLE_OUTPUTS = ("embedding", "pooled")
 EXACT_LIMIT = 50_000
 """Rows of one modality up to which search is exact (FAISS ``IndexFlatIP``)."""
 MIN_EXACT_LIMIT = 16
@@ -410,8 +410,8 @@ class ImageIndex:
         if (directory / "index.json").exists():
             raise FileExistsError(f"{directory}: an index is already there; add to it with `midol index add`")
         output = output or model.config.default_feature
-        if output not in SEARCHABLE_OUTPUTS:
-            raise ValueError(f"output must be one of {', '.join(SEARCHABLE_OUTPUTS)}, got {output!r}")
+        if output not in VECTOR_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(VECTOR_OUTPUTS)}, got {output!r}")
         if output == "embedding" and model.config.backbone_only:
             raise ValueError("a backbone-only model has no trained experts: index its 'pooled' output")
         if backend not in BACKENDS:

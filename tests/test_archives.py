@@ -164,7 +164,7 @@ def test_midol_encode_expands_frames_and_records_source_and_frame(archive, tmp_p
     assert [r["modality_source"] for r in rows] == ["dicom"] * 8
     assert rows[1]["modality"] == "unknown" and rows[1]["unknown_reason"] == "DICOM Modality US is not one of the five"
     data = np.load(out)
-    assert data["embedding"].shape == (8, 256) and list(data["frames"]) == [-1, -1, 0, 1, 2, 3, 4, 5]
+    assert data["pooled"].shape == (8, 256) and list(data["frames"]) == [-1, -1, 0, 1, 2, 3, 4, 5]
     assert list(data["source"]) == ["dicom"] * 8
 
 

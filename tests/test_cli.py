@@ -89,18 +89,20 @@ def test_encode_npy_and_safetensors(capsys, tmp_path, image_dirs):
 
 
 def test_encode_writes_the_models_default_feature_unless_told(capsys, tmp_path, image_dirs):
-    """``--output`` defaults to the model's ``default_feature`` (midol-micro's expert embedding;
-    midol-lite's backbone feature, the better of the two on its kNN and retrieval measurements)."""
+    """``--output`` defaults to the model's ``default_feature``: the backbone's pooled feature for
+    both midol-micro and midol-lite, the better of their two vectors on kNN and retrieval."""
     model = load_model("midol-micro")
-    for output in ("pooled", None):
+    for output in ("embedding", None):
         target = tmp_path / f"{output}.npy"
         code, _, _ = cli(capsys, "encode", image_dirs[0], "--out", str(target), *(["--output", output] if output else []))
         paths = [row["path"] for row in json.loads((tmp_path / f"{output}.npy.manifest.json").read_text())["rows"]]
-        expected = getattr(model.encode(paths, output=output or "embedding"), output or "embedding")
+        expected = getattr(model.encode(paths, output=output or "pooled"), output or "pooled")
         cosine = torch.nn.functional.cosine_similarity(torch.from_numpy(np.load(target)).float(), expected)
         assert code == 0 and len(paths) == 4 and cosine.min() > 0.99  # the CLI may run in bf16
     from midol_hub.registry import get_entry
-    assert model.config.default_feature == "embedding" and get_entry("midol-lite").make_config().default_feature == "pooled"
+    assert model.config.default_feature == "pooled" and get_entry("midol-lite").make_config().default_feature == "pooled"
+    encoded = model.encode(paths)  # encode() still returns the expert embedding beside it
+    assert encoded.pooled.shape == (4, 256) and encoded.embedding.shape == (4, 256)
 
 
 def test_encode_skip_errors_lists_failures(capsys, tmp_path, data_root):
@@ -205,7 +207,7 @@ def test_cache_prefetch_and_ls_offline(capsys, tmp_path, micro_dir):
 def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
     cli(capsys, "encode", *image_dirs, "--out", str(tmp_path / "f.npz"), "--random-weights")
     code, out, _ = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "map.png"), "--method", "pca")
-    assert code == 0 and "pca, 19 points" in out
+    assert code == 0 and "pca of pooled, 19 points" in out  # midol-micro's default feature
     with Image.open(tmp_path / "map.png") as image:
         assert image.size == (720, 600)
     code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "m.png"), "--by", "label")
@@ -217,6 +219,16 @@ def test_plot_draws_a_map_by_modality(capsys, tmp_path, image_dirs):
         assert image.size == (1440, 600)  # two panels side by side
     code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "x.png"), "--by", "colour")
     assert code == 1 and "--by colour: choose from modality, source, label, folder" in err
+    code, _, err = cli(capsys, "plot", str(tmp_path / "f.npz"), "--out", str(tmp_path / "e.png"), "--output", "embedding")
+    assert code == 1 and "has no 'embedding' array (it has " in err and "midol encode --output embedding" in err
+    cli(capsys, "encode", *image_dirs, "--out", str(tmp_path / "both.npz"), "--random-weights", "--output",
+        "embedding,pooled")
+    both = np.load(tmp_path / "both.npz")
+    for vector in ("embedding", None):  # the file's pooled feature unless told
+        code, out, _ = cli(capsys, "plot", str(tmp_path / "both.npz"), "--out", str(tmp_path / f"{vector}.png"),
+                           "--method", "pca", *(["--output", vector] if vector else []))
+        assert code == 0 and f"pca of {vector or 'pooled'}, 19 points" in out
+    assert not np.allclose(both["embedding"], both["pooled"])
 
 
 def test_explain_writes_one_routing_map_per_image(tmp_path, data_root):

@@ -47,7 +47,7 @@ def copy_images(data_root: Path, target: Path, count: int, folder: str = OCT, pr
 
 
 def fresh(model, paths) -> np.ndarray:
-    return model.encode([str(p) for p in paths], batch_size=16).embedding.numpy()
+    return getattr(model.encode([str(p) for p in paths], batch_size=16), model.config.default_feature).numpy()
 
 
 def assert_encode_output_binds(model, out: Path, expected_paths: list[str]) -> None:
@@ -56,7 +56,7 @@ def assert_encode_output_binds(model, out: Path, expected_paths: list[str]) -> N
     rows = json.loads(Path(f"{out}.manifest.json").read_text())["rows"]
     assert data["paths"].tolist() == expected_paths == [r["path"] for r in rows]
     assert [r["sha256"] for r in rows] == [file_sha256(p) for p in expected_paths]
-    np.testing.assert_allclose(data["embedding"], fresh(model, expected_paths), atol=1e-5)
+    np.testing.assert_allclose(data[model.config.default_feature], fresh(model, expected_paths), atol=1e-5)
 
 
 def index_rows(directory: Path) -> list[tuple[str, str, np.ndarray]]:
@@ -69,7 +69,9 @@ def assert_index_binds(model, directory: Path) -> list[str]:
     paths = [p for p, _, _ in rows]
     assert all(Path(p).is_absolute() for p in paths)
     assert [s for _, s, _ in rows] == [file_sha256(p) for p in paths]
-    np.testing.assert_allclose(np.stack([e for _, _, e in rows]), fresh(model, paths), atol=1e-5)
+    expected = fresh(model, paths)  # an index holds unit vectors (the pooled feature is not one)
+    np.testing.assert_allclose(np.stack([e for _, _, e in rows]), expected / np.linalg.norm(expected, axis=1, keepdims=True),
+                               atol=1e-5)
     return paths
 
 
@@ -80,8 +82,8 @@ def test_a_resume_binds_rows_to_paths_when_files_appear_change_and_vanish(model,
     folder, out = tmp_path / "in", tmp_path / "feats.npz"
     files = [str(p) for p in copy_images(data_root, folder, 24)]
     # a run killed after two parts of eight: parts on disk, no output
-    encode_files(model, files[:16], out, modality="auto", outputs=["embedding"], dtype=torch.float32, workers=0,
-                 part_size=8, progress=False)
+    encode_files(model, files[:16], out, modality="auto", outputs=[model.config.default_feature], dtype=torch.float32,
+                 workers=0, part_size=8, progress=False)
     shutil.copy(image_files(data_root / OCT)[30], folder / "000-new.jpeg")  # sorts first: every position shifts
     shutil.copy(image_files(data_root / OCT)[31], files[3])  # changed content under an encoded path
     os.unlink(files[5])  # an encoded file vanishes
@@ -95,8 +97,8 @@ def test_a_resume_binds_rows_to_paths_when_files_appear_change_and_vanish(model,
 def test_a_resume_with_other_weights_outputs_or_precision_is_refused(model, data_root, tmp_path):
     folder, out = tmp_path / "in", tmp_path / "feats.npz"
     files = [str(p) for p in copy_images(data_root, folder, 6)]
-    encode_files(model, files[:4], out, modality="auto", outputs=["embedding"], dtype=torch.float32, workers=0,
-                 part_size=2, progress=False)
+    encode_files(model, files[:4], out, modality="auto", outputs=[model.config.default_feature], dtype=torch.float32,
+                 workers=0, part_size=2, progress=False)
     parts = sorted(p.name for p in Path(f"{out}.parts").iterdir())
     for extra, named in ((["--random-weights"], "--model (weights)"), (["--output", "embedding,pooled"], "--output"),
                          (["--dtype", "bf16"], "--dtype"), (["--modality", "oct"], "--modality")):

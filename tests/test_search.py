@@ -93,25 +93,26 @@ def test_unknown_images_are_stored_but_searched_only_when_asked(built, archive):
     assert hits[0][0].path == photo and abs(hits[0][0].score - 1) < 1e-5
 
 
-def test_an_index_of_pooled_features_scores_by_their_cosine(faiss_index, archive, tmp_path):
-    """``--output pooled`` indexes the backbone's feature instead of the expert embedding: the
-    scores are the cosines of the pooled features, and search encodes queries the same way."""
+def test_an_index_of_expert_embeddings_scores_by_their_cosine(faiss_index, archive, tmp_path):
+    """``--output embedding`` indexes the expert embedding instead of the default (midol-micro's
+    pooled backbone feature): the scores are the embeddings' cosines, and search encodes queries
+    the same way."""
     images = sorted((archive / "images").glob("oct-*")) + sorted((archive / "images").glob("fundus-*"))
-    result = midol("index", "build", *map(str, images), "--index", str(tmp_path / "pooled"), "--output", "pooled",
+    result = midol("index", "build", *map(str, images), "--index", str(tmp_path / "embedded"), "--output", "embedding",
                    "--workers", "0")
     assert result.returncode == 0, result.stderr[-2000:]
-    index, model = ImageIndex(tmp_path / "pooled"), load_model("midol-micro")
-    assert index.output == "pooled" and ImageIndex(faiss_index).output == model.config.default_feature == "embedding"
-    shown = midol("index", "info", str(tmp_path / "pooled"))
-    assert "pooled vectors of dimension 256" in shown.stdout
+    index, model = ImageIndex(tmp_path / "embedded"), load_model("midol-micro")
+    assert index.output == "embedding" and ImageIndex(faiss_index).output == model.config.default_feature == "pooled"
+    shown = midol("index", "info", str(tmp_path / "embedded"))
+    assert "embedding vectors of dimension 256" in shown.stdout
     query = str(images[0])
     hits, modalities = index.search(model, [query], k=4)
-    pooled = model.encode([query] + [hit.path for hit in hits[0]], output="pooled").pooled
-    cosines = torch.nn.functional.normalize(pooled, dim=-1) @ torch.nn.functional.normalize(pooled[0], dim=0)
+    embedded = model.encode([query] + [hit.path for hit in hits[0]], output="embedding").embedding
+    cosines = torch.nn.functional.normalize(embedded, dim=-1) @ torch.nn.functional.normalize(embedded[0], dim=0)
     assert hits[0][0].path == query and modalities == ["oct"]
     np.testing.assert_allclose([hit.score for hit in hits[0]], cosines[1:].numpy(), atol=1e-5)
-    embedded = ImageIndex(faiss_index).search(model, [query], k=4)[0][0]
-    assert [hit.score for hit in embedded] != pytest.approx([hit.score for hit in hits[0]], abs=1e-4)
+    pooled = ImageIndex(faiss_index).search(model, [query], k=4)[0][0]
+    assert [hit.score for hit in pooled] != pytest.approx([hit.score for hit in hits[0]], abs=1e-4)
     with pytest.raises(ValueError, match="output must be one of embedding, pooled"):
         ImageIndex.create(tmp_path / "bad", model, output="patch_tokens")
 
