@@ -358,7 +358,9 @@ def array_to_unit(array: np.ndarray, source: str, warn: Warn | None) -> np.ndarr
     if array.dtype == np.uint8:
         if warn is not None and 0 < array.max() <= 1:
             warn("uint8-range", f"{source}: uint8 image with values only in 0..1 (a mask or pre-scaled image?)")
-        return array.astype(np.float32) / 255.0
+        unit = array.astype(np.float32)
+        unit /= 255.0  # in place: one float copy of a full-resolution image, not two
+        return unit
     if np.issubdtype(array.dtype, np.integer):
         return _minmax(array)
     if np.issubdtype(array.dtype, np.floating):

@@ -74,8 +74,10 @@ class Preprocessor:
         for index, square in enumerate(squares):
             groups[tuple(square.shape)].append(index)
         for shape, indices in groups.items():
-            stacked = torch.stack([squares[i] for i in indices])
-            if shape[-2:] != (size, size):
+            # (B, h, w, C) in memory, viewed as (B, C, h, w): resized channels-last, without a strided copy
+            stacked = (squares[indices[0]][None] if len(indices) == 1 else torch.stack([squares[i] for i in indices]))
+            stacked = stacked.permute(0, 3, 1, 2)
+            if shape[:2] != (size, size):
                 stacked = F.interpolate(stacked, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             out[indices] = stacked.expand(-1, 3, -1, -1)
         return out.sub_(self.mean).div_(self.std)
@@ -90,7 +92,7 @@ class Preprocessor:
         return pixels
 
     def _square(self, pixels: np.ndarray, source: str, warn: WarningCollector) -> torch.Tensor:
-        """Crop to the square that will be resized, as a (C, h, w) tensor; C is 1 or 3."""
+        """Crop to the square that will be resized, as an (h, w, C) tensor; C is 1 or 3."""
         if self.profile.crop_border:
             pixels = _remove_black_border(pixels, self.profile.border_threshold)
         height, width = pixels.shape[:2]
@@ -105,7 +107,7 @@ class Preprocessor:
                 f"{source}: a {width}x{height} image is upscaled {self.profile.size / shortest:.1f}x to "
                 f"{self.profile.size} px; fine detail cannot be recovered, consider a model with a smaller input",
             )
-        return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(pixels))
 
 
 def _remove_black_border(pixels: np.ndarray, threshold: float) -> np.ndarray:

@@ -81,6 +81,24 @@ def test_large_jpegs_are_decoded_smaller_and_embed_as_in_full(name, data_root):
             assert cosine.min() > 0.999, (modality, output, float(cosine.min()))
 
 
+def test_resize_is_torchs_antialiased_bilinear_of_the_square(data_root):
+    """Squares are resized channels-last (no strided copy of a full-resolution image), with the
+    numbers of the plain (B, C, H, W) resize, alone or batched with images of the same shape."""
+    path = fullres_parts(data_root, "test")["dermoscopy"][0]
+    pixels = read_file(path, input_size=224).pixels
+    profile = ModalityProfile(size=224, resize="crop")
+    side = min(pixels.shape[:2])
+    top, left = (pixels.shape[0] - side) // 2, (pixels.shape[1] - side) // 2
+    square = torch.from_numpy(pixels[top : top + side, left : left + side].copy()).permute(2, 0, 1)[None].contiguous()
+    expected = torch.nn.functional.interpolate(square, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    expected = (expected - torch.tensor(profile.mean).view(1, 3, 1, 1)) / torch.tensor(profile.std).view(1, 3, 1, 1)
+    alone = Preprocessor(profile).batch(pixels)
+    batched = Preprocessor(profile).batch([pixels[::-1].copy(), pixels, pixels[:, ::-1].copy()])
+    assert side > 224 and alone.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(alone, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(batched[1:2], alone, rtol=0, atol=0)
+
+
 def test_sixteen_bit_png_uses_the_images_own_range(micro, tmp_path, no_warnings):
     ramp = np.linspace(1000, 5000, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "ramp16.png")
