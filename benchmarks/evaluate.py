@@ -47,7 +47,8 @@ from training.shared_data import (
 )
 
 
-def _cap(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImages:
+def capped(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledImages:
+    """A seeded random subset of at most ``limit`` images (all of them when ``limit`` is None)."""
     if limit is None or len(data) <= limit:
         return data
     return data.subset(sorted(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
@@ -80,7 +81,7 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
             raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
         modality, load = BENCHMARKS[name]
         train, test = load(root)
-        train, test = _cap(train, max_train), _cap(test, max_test)
+        train, test = capped(train, max_train), capped(test, max_test)
         train_x = features_of(model, train.images, modality, feature, cache_dir, progress)
         test_x = features_of(model, test.images, modality, feature, cache_dir, progress)
         probe = linear_probe(train_x, train.labels, test_x)

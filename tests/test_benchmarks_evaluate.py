@@ -167,3 +167,19 @@ def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(da
     assert chosen["answers_under_one_half"] < 0.01  # the shipped threshold rule gave 4.4% (issue 28)
     assert {r["modality"] for r in naming if r["images"] == "full-resolution"} == {"xray", "fundus", "pathology",
                                                                                     "dermoscopy", "oct"}
+
+
+def test_ihc_restaining_moves_blood_smears_across_their_classes(data_root):
+    """On BloodMNIST (Wright-Giemsa blood smears, tagged pathology in pretraining) IHC re-staining
+    removes the eosin that tells eosinophils apart: a probe on the ImageNet start's feature, fit on
+    the originals, loses most of its accuracy on re-stained test images (0.78 -> 0.42 at 1000/400)."""
+    from benchmarks.augmentations import information_left
+
+    start = evaluate.model_at("midol-lite", "imagenet")
+    results = information_left(start, "BloodMNIST", ["IHC re-staining"], max_train=300, max_test=150)
+    assert list(results) == ["none", "IHC re-staining"]
+    assert results["none"]["moved"] == results["none"]["left"] > 0.6
+    assert results["IHC re-staining"]["moved"] < results["none"]["moved"] - 0.2
+    assert results["IHC re-staining"]["moved"] < results["IHC re-staining"]["left"] < results["none"]["left"]
+    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) 'sepia'; choose from"):
+        information_left(start, "BloodMNIST", ["sepia"])

@@ -54,6 +54,10 @@ class StainJitter:
         return torch.exp(-jittered).clamp(0, 1).permute(2, 0, 1).contiguous()
 
 
+COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
+"""DINO's colour jitter (``torchvision`` ``ColorJitter`` arguments), applied to a crop with probability 0.8."""
+
+
 class MultiCrop:
     """Two global crops at ``size`` pixels and ``local_number`` local crops.
 
@@ -83,7 +87,7 @@ class MultiCrop:
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(**COLOUR_JITTER)], p=0.8),
             v2.RandomGrayscale(p=0.2),
         ]
         normalize = [v2.Normalize(mean, std)]
