@@ -60,11 +60,12 @@ def kill_after_parts(cli_args: list[str], parts: Path, count: int) -> int:
     import time
 
     process = subprocess.Popen([sys.executable, "-m", "midol_hub.cli", *cli_args], cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(parts.glob("*.npz")) if parts.exists() else []) < count:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # the run and its decoding workers, which else hold its lock a moment longer
     process.wait()
     return len(list(parts.glob("*.npz")))
 
