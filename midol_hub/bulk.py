@@ -78,22 +78,37 @@ class _Item:
 
 
 class _FileRows(torch.utils.data.IterableDataset):
-    """The rows of files (or DICOMweb instances), each read once, hashed and decoded from the
-    same bytes in a worker; ``done`` maps path -> content hash of files that earlier parts
-    already hold. A DICOMweb instance already held is not fetched again: DICOM gives changed
-    content a new SOP Instance UID, so its URL names its content."""
+    """Batches of ``batch_size`` rows of files (or DICOMweb instances), each file read once,
+    hashed and decoded from the same bytes in a worker; ``done`` maps path -> content hash of
+    files that earlier parts already hold. A DICOMweb instance already held is not fetched
+    again: DICOM gives changed content a new SOP Instance UID, so its URL names its content.
+    A batch is counted in rows, not items: every file also sends a closing item, so batches of
+    items would halve the forward's batch."""
 
     def __init__(self, files: Sequence[str], config: Any, forced: str | None, frames: str | int | None,
-                 done: dict[str, str]) -> None:
+                 done: dict[str, str], batch_size: int) -> None:
         super().__init__()
         self.files, self.config, self.forced, self.frames, self.done = list(files), config, forced, frames, done
+        self.batch_size = batch_size
         self._services: dict[str, DICOMwebSource] = {}
 
-    def __iter__(self) -> Iterator[_Item]:
+    def __iter__(self) -> Iterator[list[_Item]]:
         info = torch.utils.data.get_worker_info()
         share = self.files if info is None else self.files[info.id :: info.num_workers]
+        batch: list[_Item] = []
+        rows = 0
         for path in share:
-            yield from self._file(path)
+            for item in self._file(path):
+                is_row = item.kind == "row"
+                # a full batch goes when the next row comes, so the closing items that follow its
+                # rows go with it; closing items alone (files reused on resume) go in batch_size's too
+                if (is_row and rows == self.batch_size) or len(batch) - rows == self.batch_size:
+                    yield batch
+                    batch, rows = [], 0
+                batch.append(item)
+                rows += is_row
+        if batch:
+            yield batch
 
     def _file(self, path: str) -> Iterator[_Item]:
         if is_dicomweb(path):
@@ -264,7 +279,7 @@ def encode_files(model: MIDoLModel, files: Sequence[str], out: Path, *, modality
             done[path] = sha256
     mine = [path for position, path in enumerate(files) if position % world == rank]
     forced = None if canonical_modality(modality, allow_auto=True) == AUTO else canonical_modality(modality)
-    loader = torch.utils.data.DataLoader(_FileRows(mine, model.config, forced, frames, done), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(_FileRows(mine, model.config, forced, frames, done, batch_size), batch_size=None,
                                          collate_fn=_collate, num_workers=default_workers() if workers is None else workers)
     encode_outputs = [o for o in outputs if o != "routing"] or ["embedding"]
     writer = uuid.uuid4().hex[:8]

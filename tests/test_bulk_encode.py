@@ -62,3 +62,27 @@ def test_two_ranks_give_what_one_process_gives(straight, data_root, tmp_path):
     torchrun("-m", "midol_hub.cli", "encode", str(data_root / "oct"), "--out", str(out), "--output", "embedding,pooled,routing",
              "--batch-size", "4", "--part-size", "8", "--workers", "0")
     same_outputs(out, straight)
+
+
+def test_forward_batches_hold_batch_size_rows_across_files_and_frames(micro, data_root, tmp_path, monkeypatch):
+    """Every file also sends a closing item; batches counted in items halved the forward's batch
+    (``--batch-size 4`` gave forwards of 2 images). A multi-frame file's rows may span batches."""
+    from PIL import Image
+
+    from midol_hub import bulk
+
+    files = sorted(str(p) for p in (data_root / "oct").rglob("*.jpeg"))[:10]
+    stack = tmp_path / "stack.tif"
+    pages = [Image.open(path).convert("L") for path in files[:6]]
+    pages[0].save(stack, save_all=True, append_images=pages[1:])
+    sizes = []
+    encode_planned = bulk.encode_planned
+    monkeypatch.setattr(bulk, "encode_planned", lambda model, pixels, *rest, **kw: sizes.append(len(pixels)) or encode_planned(model, pixels, *rest, **kw))
+    out = tmp_path / "feats.npz"
+    bulk.encode_files(micro, [*files, str(stack)], out, modality="oct", outputs=("embedding",), batch_size=4,
+                      workers=0, frames="all", progress=False)
+    merged = bulk.merge_parts(out, [*files, str(stack)], ("embedding",))
+    assert sizes == [4, 4, 4, 4]  # 10 files + 6 frames
+    assert [(r["path"], r["frame"]) for r in merged.rows] == [(f, None) for f in files] + [(str(stack), i) for i in range(6)]
+    one_by_one = micro.encode([*files, stack], modality="oct", frames="all", batch_size=1).embedding
+    np.testing.assert_allclose(merged.arrays["embedding"], one_by_one.numpy(), atol=1e-5)
