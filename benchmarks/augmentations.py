@@ -27,7 +27,7 @@ from midol_hub import DatasetError, ModelNotFoundError, classification_metrics, 
 from midol_hub.image_io import read_any
 from midol_hub.utils import run_command
 
-from training.augment import COLOUR_JITTER, StainJitter
+from training.augment import StainJitter, colour_jitter
 from training.imagenet import ImageNetWeightsError
 from training.shared_data import BENCHMARKS, data_root
 
@@ -36,7 +36,7 @@ from .evaluate import INITS, capped, features_of, model_at
 AUGMENTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "stain jitter (HED-light, no re-staining)": StainJitter(restain_p=0.0),
     "IHC re-staining": StainJitter(restain_p=1.0),
-    "colour jitter (DINO's)": v2.ColorJitter(**COLOUR_JITTER),
+    "colour jitter (DINO's)": colour_jitter(),
     "grayscale": v2.Grayscale(num_output_channels=3),
     "solarize": v2.RandomSolarize(0.5, p=1.0),
 }

@@ -177,6 +177,7 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_under_ddp_and_export(tmp_pa
         (["--set", "optim.precision=fp16"], "fp16 needs CUDA"),
         (["--set", "model.arch=midol-huge"], "not a registry name"),
         (["--set", "crops.ihc_patterns=[membrane]"], "crops: IHC re-staining patterns (ihc_patterns) must be a non-empty subset"),
+        (["--set", "crops.colour_jitter={hew: 0}"], "crops: colour_jitter takes brightness, contrast, saturation, hue, got hew"),
     ],
 )
 def test_bad_runs_fail_with_one_line(tmp_path, capsys, retina, args, message):

@@ -12,7 +12,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from training.augment import HED_FROM_RGB, RGB_FROM_HED, MultiCrop, StainJitter
+from midol_hub.modalities import IMAGENET_MEAN, IMAGENET_STD
+from training.augment import HED_FROM_RGB, RGB_FROM_HED, MultiCrop, StainJitter, colour_jitter
 from training.config import ConfigError, load_config
 from training.data import (
     DatasetError,
@@ -189,3 +190,27 @@ def test_only_tagged_sources_get_stain_jitter(data_root):
         return augment(image, tag)
     assert all(torch.equal(a, b) for a, b in zip(crops(plain, "xray"), crops(stained, "xray")))
     assert not all(torch.equal(a, b) for a, b in zip(crops(plain, "pathology"), crops(stained, "pathology")))
+
+
+def test_colour_invariances_are_settings(data_root):
+    """DINO's colour jitter and grayscale take away what tells blood cells apart (benchmarks.augmentations):
+    their strengths and probabilities are crops settings, partial strengths keep DINO's others."""
+    blood = np.load(data_root / "pathology/bloodmnist/bloodmnist.npz")["train_images"][0]
+    image = torch.from_numpy(blood).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def gray(crop: torch.Tensor) -> bool:
+        pixels = crop * std + mean
+        return bool((pixels - pixels[:1]).abs().max() < 1e-5)
+
+    torch.manual_seed(0)
+    assert all(gray(crop) for crop in MultiCrop(64, local_number=2, grayscale_p=1.0)(image))
+    torch.manual_seed(0)
+    assert not any(gray(crop) for crop in MultiCrop(64, local_number=2, colour_jitter_p=0.0, grayscale_p=0.0)(image))
+    assert torch.equal(colour_jitter({"brightness": 0, "contrast": 0, "saturation": 0, "hue": 0})(image), image)
+    no_hue = colour_jitter({"hue": 0})
+    assert no_hue.hue is None and no_hue.brightness == (0.6, 1.4) and no_hue.saturation == (0.8, 1.2)
+    with pytest.raises(ValueError, match="colour_jitter takes brightness, contrast, saturation, hue, got hew"):
+        colour_jitter({"hew": 0})
+    config = load_config(CONFIGS / "midol_lite.yaml", ["crops.colour_jitter={hue: 0, saturation: 0}", "crops.grayscale_p=0"])
+    assert config["crops"]["colour_jitter"] == {"hue": 0, "saturation": 0} and config["crops"]["grayscale_p"] == 0.0

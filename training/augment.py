@@ -58,6 +58,14 @@ COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0
 """DINO's colour jitter (``torchvision`` ``ColorJitter`` arguments), applied to a crop with probability 0.8."""
 
 
+def colour_jitter(overrides: dict[str, float] | None = None) -> v2.ColorJitter:
+    """DINO's colour jitter with ``overrides`` of some of its strengths (e.g. ``{"hue": 0}``)."""
+    unknown = set(overrides or {}) - set(COLOUR_JITTER)
+    if unknown:
+        raise ValueError(f"colour_jitter takes {', '.join(COLOUR_JITTER)}, got {', '.join(sorted(unknown))}")
+    return v2.ColorJitter(**{**COLOUR_JITTER, **(overrides or {})})
+
+
 class MultiCrop:
     """Two global crops at ``size`` pixels and ``local_number`` local crops.
 
@@ -67,7 +75,10 @@ class MultiCrop:
     from the inference network), without it they stay small, as DINO's 96 px local crops for a
     CNN, which takes any size (and costs a fifth as much on them). Images whose tag
     is in ``stain_tags`` get :class:`StainJitter` (drawn once per image, shared by its crops,
-    with probability ``stain_p``) before cropping.
+    with probability ``stain_p``) before cropping. Each crop gets DINO's colour jitter (strengths
+    ``colour_jitter_strength`` over :data:`COLOUR_JITTER`) with probability ``colour_jitter_p``
+    and grayscale with probability ``grayscale_p``: invariances that cost colour-coded medical
+    classes (blood cells, stains, pigment) are settings, not constants.
     """
 
     def __init__(
@@ -84,11 +95,14 @@ class MultiCrop:
         stain_sigma: float = 0.05,
         ihc_patterns: str | tuple[str, ...] = ("nuclear",),
         local_upsample: bool = True,
+        colour_jitter_strength: dict[str, float] | None = None,
+        colour_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
     ) -> None:
         flip_and_color = [
             v2.RandomHorizontalFlip(),
-            v2.RandomApply([v2.ColorJitter(**COLOUR_JITTER)], p=0.8),
-            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([colour_jitter(colour_jitter_strength)], p=colour_jitter_p),
+            v2.RandomGrayscale(p=grayscale_p),
         ]
         normalize = [v2.Normalize(mean, std)]
         blur = v2.GaussianBlur(kernel_size=max(3, size // 10 * 2 + 1), sigma=(0.1, 2.0))

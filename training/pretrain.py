@@ -209,7 +209,8 @@ def run(args: argparse.Namespace) -> None:
         augment = MultiCrop(image_size, crops["global_scale"], crops["local_scale"], crops["local_number"],
                             crops["local_size"], normalisation.mean, normalisation.std, stain_tags=tuple(crops["stain_tags"]),
                             stain_p=crops["stain_p"], stain_sigma=crops["stain_sigma"], ihc_patterns=crops["ihc_patterns"],
-                            local_upsample=crops["local_upsample"])
+                            local_upsample=crops["local_upsample"], colour_jitter_strength=crops["colour_jitter"],
+                            colour_jitter_p=crops["colour_jitter_p"], grayscale_p=crops["grayscale_p"])
     except ValueError as error:
         raise ConfigError(f"crops: {error}") from None
     global_batch = optim_cfg["batch_size"]
