@@ -159,6 +159,8 @@ def test_resume_finishes_the_interrupted_add_then_adds_the_new_folder(model, dat
 
 
 def test_two_adds_at_once_never_mix_rows(model, data_root, tmp_path):
+    """The loser of the race is refused with the lock message, which names the writer's pid or, in the moment
+    before the writer records it, says so (seen once in 439 tests); never a mixed or deleted index."""
     first, second, directory = tmp_path / "a", tmp_path / "b", tmp_path / "idx"
     copy_images(data_root, first, 30)
     copy_images(data_root, second, 30, folder="pathology/crc_val_he_7k_examples")
@@ -167,7 +169,7 @@ def test_two_adds_at_once_never_mix_rows(model, data_root, tmp_path):
     results = [(run.wait(timeout=600), run.stdout.read(), run.stderr.read()) for run in runs]
     assert any(code == 0 for code, _, _ in results), results
     for code, _, stderr in results:
-        assert code == 0 or ("being written by another process (pid" in stderr and "delete" not in stderr), stderr
+        assert code == 0 or ("being written by another process (" in stderr and "delete" not in stderr), stderr
     paths = assert_index_binds(model, directory)
     indexed = [folder for folder, (code, _, _) in zip((first, second), results) if code == 0]
     assert sorted(paths) == sorted(str(p) for folder in indexed for p in image_files(folder))
