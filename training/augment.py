@@ -55,7 +55,7 @@ class StainJitter:
 
 
 COLOUR_JITTER = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1}
-"""DINO's colour jitter (``torchvision`` ``ColorJitter`` arguments), applied to a crop with probability 0.8."""
+"""DINO's colour jitter strengths (``torchvision`` ``ColorJitter`` arguments); how often: ``MultiCrop(colour_jitter_p=)``."""
 
 
 def colour_jitter(overrides: dict[str, float] | None = None) -> v2.ColorJitter:
