@@ -5,7 +5,9 @@ loader_vs_step_ratio: images/s the loader delivers on midol-micro's training dat
 every modality in every batch, decode + 2 global + 2 local crops + stain jitter, 2 DataLoader
 workers) over images/s of one midol-micro training step on the same machine (above 1: the
 loader keeps up). shard_vs_folder_ratio: the shard loader against the folder loader on the
-same 515 real JPEG and TIFF files and workers.
+same 515 real JPEG and TIFF files and workers. separable_blur_speedup_ratio: torchvision's 2-D
+Gaussian blur of a 160 px crop (midol-lite's global size, 33 taps) over
+``training.augment.SeparableGaussianBlur``'s two 1-D passes, on one thread as in a worker.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
-from training.augment import MultiCrop
+from training.augment import MultiCrop, SeparableGaussianBlur
 from training.config import load_config
 from training.data import MapData, open_source
 from training.learner import Learner
@@ -38,6 +41,17 @@ def images_per_second(data, batches: int) -> float:
     for _ in range(batches):
         next(loader)
     return batches * BATCH / (time.perf_counter() - started)
+
+
+def separable_blur_speedup(repeats: int = 20) -> float:
+    crop, threads = torch.rand(3, 160, 160), torch.get_num_threads()
+    full, separable = v2.GaussianBlur(33, sigma=(0.1, 2.0)), SeparableGaussianBlur(33, sigma=(0.1, 2.0))
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        times = interleaved_medians({"2d": lambda: full(crop), "separable": lambda: separable(crop)}, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return times["2d"] / times["separable"]
 
 
 def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
@@ -65,6 +79,7 @@ def measure(batches: int = 12, workers: int = 2) -> dict[str, float]:
     step = interleaved_medians({"step": lambda: learner.step([crops], 0.04, 0.99, False)}, repeats=3)["step"]
     step_ips = BATCH / step
     return {"loader_vs_step_ratio": training_ips / step_ips, "shard_vs_folder_ratio": shard_ips / folder_ips,
+            "separable_blur_speedup_ratio": separable_blur_speedup(),
             "training_data_loader_images_per_s": training_ips, "shard_loader_images_per_s": shard_ips,
             "folder_loader_images_per_s": folder_ips,
             "train_step_images_per_s": step_ips}

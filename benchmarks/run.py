@@ -31,6 +31,7 @@ TARGETS = {
     "train_step_midol_vs_dino_ratio": ("<=", 1.10),
     "loader_vs_step_ratio": (">=", 1.0),
     "shard_vs_folder_ratio": (">=", 0.9),
+    "separable_blur_speedup_ratio": (">=", 3.0),
     "onnxruntime_vs_torch_ratio": (">=", 0.9),
     "onnxruntime_max_abs_diff": ("<=", 1e-4),
     "ann_recall_at_10": (">=", 0.95),

@@ -13,7 +13,9 @@ import webdataset as wds
 from PIL import Image
 
 from midol_hub.modalities import IMAGENET_MEAN, IMAGENET_STD
-from training.augment import HED_FROM_RGB, RGB_FROM_HED, MultiCrop, StainJitter, colour_jitter
+from torchvision.transforms import v2
+
+from training.augment import HED_FROM_RGB, RGB_FROM_HED, MultiCrop, SeparableGaussianBlur, StainJitter, colour_jitter
 from training.config import ConfigError, load_config
 from training.data import (
     DatasetError,
@@ -190,6 +192,19 @@ def test_only_tagged_sources_get_stain_jitter(data_root):
         return augment(image, tag)
     assert all(torch.equal(a, b) for a, b in zip(crops(plain, "xray"), crops(stained, "xray")))
     assert not all(torch.equal(a, b) for a, b in zip(crops(plain, "pathology"), crops(stained, "pathology")))
+
+
+@pytest.mark.parametrize("side, kernel", [(160, 33), (64, 33), (224, 45), (40, 9)])
+def test_separable_blur_is_torchvisions_blur(data_root, side, kernel):
+    """Two 1-D passes give torchvision's 2-D blur of a real fundus photo: the same sigma draw, kernel and borders."""
+    with Image.open(data_root / "fundus/idrid_segmentation_train_cropped/IDRiD_01.jpg") as photo:
+        image = torch.from_numpy(np.asarray(photo.convert("RGB").resize((side + 7, side)))).permute(2, 0, 1).float() / 255
+    torch.manual_seed(3)
+    expected = v2.GaussianBlur(kernel, sigma=(1.0, 2.0))(image)
+    torch.manual_seed(3)
+    separable = SeparableGaussianBlur(kernel, sigma=(1.0, 2.0))(image)
+    assert separable.shape == image.shape and (separable - image).abs().max() > 0.01  # it blurred
+    torch.testing.assert_close(separable, expected, atol=2e-6, rtol=0)
 
 
 def test_colour_invariances_are_settings(data_root):
