@@ -2,7 +2,7 @@
 
 Front matter comes from ``huggingface_hub.ModelCardData`` (licence, library, pipeline tag,
 tags, datasets, base model, and a ``model-index`` of the evaluation results, so the Hub shows
-them); the text from ``model_cards/``: one template per registry model plus ``midol.md`` for
+them); the text from ``midol_hub/model_cards/``: one template per registry model plus ``midol.md`` for
 any other, each embedding the shared ``common.md``.
 """
 

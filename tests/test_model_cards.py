@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from importlib import resources
+from pathlib import Path
 
 import pytest
 import yaml
 from huggingface_hub import ModelCard
 
+import midol_hub
 from midol_hub import get_entry, list_models
 from midol_hub.model_card import (
     card_templates,
@@ -60,6 +63,13 @@ def test_every_template_renders_valid_yaml_that_matches_the_config(template):
 def test_all_registry_models_have_a_template():
     assert card_templates() == sorted(["midol", *list_models()])
     assert "midol-lite" in card_templates()
+
+
+def test_templates_live_inside_the_package():
+    """A source checkout on PYTHONPATH (no install) must find them: a mapped top-level folder is found only once installed."""
+    templates = Path(str(resources.files("midol_hub.model_cards")))
+    assert templates == Path(midol_hub.__file__).parent / "model_cards"
+    assert (templates / "midol-lite.md").is_file()
 
 
 def test_save_pretrained_fills_the_evaluation_table_from_a_json_file(tmp_path):
