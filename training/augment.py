@@ -73,12 +73,17 @@ class SeparableGaussianBlur(v2.GaussianBlur):
     blur was most of the data loaders' time."""
 
     def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
-        size, sigma, channels = self.kernel_size[0], params["sigma"][0], inpt.shape[-3]
-        offsets = torch.arange(size, dtype=inpt.dtype) - (size - 1) / 2
-        kernel = torch.softmax(-(offsets / sigma) ** 2 / 2, dim=0)
-        padded = F.pad(inpt[None], [size // 2] * 4, mode="reflect")
-        rows = F.conv2d(padded, kernel.view(1, 1, 1, size).expand(channels, 1, 1, size), groups=channels)
-        return F.conv2d(rows, kernel.view(1, 1, size, 1).expand(channels, 1, size, 1), groups=channels)[0]
+        (width, height), channels = self.kernel_size, inpt.shape[-3]
+
+        def kernel(size: int, sigma: float) -> torch.Tensor:
+            offsets = torch.arange(size, dtype=inpt.dtype) - (size - 1) / 2
+            return torch.softmax(-(offsets / sigma) ** 2 / 2, dim=0)
+
+        padded = F.pad(inpt[None], [width // 2, width // 2, height // 2, height // 2], mode="reflect")
+        rows = F.conv2d(padded, kernel(width, params["sigma"][0]).view(1, 1, 1, width).expand(channels, 1, 1, width),
+                        groups=channels)
+        return F.conv2d(rows, kernel(height, params["sigma"][1]).view(1, 1, height, 1).expand(channels, 1, height, 1),
+                        groups=channels)[0]
 
 
 class MultiCrop:
