@@ -1,11 +1,15 @@
 """Encode speed: overhead over the raw forward, CPU efficiency, bf16 speed-up and accuracy,
 and end-to-end folder encoding against the forward pass alone; for midol-lite (a CNN backbone),
 encode against timm's own forward of the same backbone and ``midol encode`` of the
-full-resolution test files against that forward, with midol-micro's speed beside it."""
+full-resolution test files against that forward, with midol-micro's speed beside it; and the
+speed-up of :func:`midol_hub.allocator.keep_freed_memory` over glibc's default settings."""
 
 from __future__ import annotations
 
 import itertools
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -91,7 +95,8 @@ def measure(arch: str = "midol-swin-base", batch: int = 8, repeats: int = 5) -> 
 def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, files: int = 64) -> dict[str, float]:
     """``name`` (its shipped weights where it has them) against timm's forward of the same backbone:
     ``model.encode`` of preprocessed batches, and ``midol encode``'s path (``midol_hub.bulk``: decode
-    in workers, JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files."""
+    in workers, JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files,
+    with its default forward streams and with one (``midol_hub.bulk.default_streams``)."""
     from midol_hub.bulk import encode_files, remove_parts
 
     with warnings.catch_warnings():
@@ -109,10 +114,11 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
         with torch.inference_mode():
             backbone(pixels)
 
-    def bulk():
+    def bulk(streams: int | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "features.npz"
-            encode_files(model, paths, out, modality="auto", outputs=(model.config.default_feature,), batch_size=batch, progress=False)
+            encode_files(model, paths, out, modality="auto", outputs=(model.config.default_feature,), batch_size=batch,
+                         progress=False, streams=streams)
             remove_parts(out)
 
     seconds = interleaved_medians({
@@ -120,6 +126,7 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
         "encode": lambda: model.encode(pixels, modality="oct", preprocessed=True, batch_size=batch),
         "micro": lambda: micro.encode(micro_pixels, modality="oct", preprocessed=True, batch_size=batch),
         "bulk": bulk,  # side by side with the forward it is compared with: this machine's speed drifts
+        "bulk_one_stream": lambda: bulk(streams=1),  # one forward at a time, as before default_streams
     }, repeats=repeats)
     folder = seconds["bulk"]
     forward_images_per_s = batch / seconds["timm"]
@@ -129,6 +136,7 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
         "micro_encode_images_per_s": batch / seconds["micro"],
         "midol_encode_fullres_vs_forward_ratio": len(paths) / folder / forward_images_per_s,
         "midol_encode_fullres_images_per_s": len(paths) / folder,
+        "midol_encode_fullres_one_stream_vs_forward_ratio": len(paths) / seconds["bulk_one_stream"] / forward_images_per_s,
     }
 
 
@@ -153,3 +161,36 @@ def measure_frames(pages: tuple[int, int] = (30, 3000), size: int = 32) -> dict[
     small, large = pages
     return {f"tiff_frame_ms_{small}_pages": 1e3 * per_frame[small], f"tiff_frame_ms_{large}_pages": 1e3 * per_frame[large],
             "tiff_frame_time_ratio": per_frame[large] / per_frame[small]}
+
+
+ALLOCATOR_PROBE = """
+import sys, time, warnings
+import torch
+from midol_hub import load_model
+from midol_hub.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+warnings.simplefilter("ignore")
+model = load_model(sys.argv[2], pretrained=False)
+pixels = torch.randn(int(sys.argv[3]), 3, model.config.img_size, model.config.img_size)
+model.encode(pixels, modality="oct", preprocessed=True)
+start = time.perf_counter()
+for _ in range(4):
+    model.encode(pixels, modality="oct", preprocessed=True)
+print(4 * len(pixels) / (time.perf_counter() - start))
+"""
+
+
+def measure_allocator(name: str = "midol-lite", batch: int = 16, repeats: int = 3) -> dict[str, float]:
+    """``model.encode`` images/s in fresh processes with glibc's default allocator settings and
+    with :func:`midol_hub.allocator.keep_freed_memory`, alternated: the setting is process-wide
+    and cannot be undone, so each side gets its own processes."""
+    rates: dict[str, list[float]] = {"default": [], "keep": []}
+    for _ in range(repeats):
+        for mode, values in rates.items():
+            result = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, mode, name, str(batch)],
+                                    capture_output=True, text=True, check=True)
+            values.append(float(result.stdout.split()[-1]))
+    default, keep = statistics.median(rates["default"]), statistics.median(rates["keep"])
+    return {"allocator_speedup_ratio": keep / default, "allocator_default_images_per_s": default,
+            "allocator_kept_images_per_s": keep}

@@ -32,6 +32,7 @@ from midol_hub import (
     load_model,
     routing_report,
 )
+from midol_hub.allocator import keep_freed_memory
 from midol_hub.evaluation import calibration_error
 from midol_hub.modalities import UNKNOWN
 from midol_hub.model_card import SEPARATION, evaluation_table
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure how modality='auto' answers (test splits, full-resolution test parts, "
                              "out-of-scope set, confidence calibration)")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # thousands of images encoded: see midol_hub.allocator
 
     def body() -> None:
         root = data_root()

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .adapters import load_lora, lora_classifier, save_lora
+from .allocator import keep_freed_memory
 from .calibration import calibrate
 from .configuration_midol import MIDoLConfig
 from .convert import convert_checkpoint
@@ -133,4 +134,5 @@ __all__: list[Any] = [
     "run_command",
     "export_onnx",
     "OnnxEncoder",
+    "keep_freed_memory",
 ]

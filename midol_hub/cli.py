@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .allocator import keep_freed_memory
 from .configuration_midol import VECTOR_OUTPUTS
 from .dtypes import parse_dtype, supported_precisions
 from .errors import DICOMwebError
@@ -48,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # encoding and training many batches: see midol_hub.allocator
     # every failure becomes one line unless --debug
     return run_command("midol", lambda: args.handler(args), (Exception,), debug=args.debug)
 
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-frame DICOM, multi-page TIFF and animated images: one row per frame (all), the "
                              "middle frame, or frame INDEX; without it such files are an error")
     encode.add_argument("--random-weights", action="store_true", help="the architecture with random weights (no trained weights needed)")
-    encode.add_argument("--workers", type=_non_negative, default=None, help="DataLoader workers that decode (default: free cores, up to 8)")
+    encode.add_argument("--workers", type=_non_negative, default=None, help="DataLoader worker processes that decode (default: the cores beyond two, up to 8; 0: the main thread decodes)")
     encode.add_argument("--part-size", type=_positive, default=1024, help="images per part written as the run goes")
     encode.add_argument("--resume", action="store_true", help="continue a killed run: skip files its parts already hold")
     encode.set_defaults(handler=run_encode)

@@ -248,7 +248,7 @@ def encode(
     """
     config, device_arg = model.config, device
     forced, requested = check_encode_args(config, modality, output, errors, batch_size)
-    device = _device_of(model)
+    device = device_of(model)
     model_dtype = next(model.parameters()).dtype
     auto = isinstance(dtype, str) and dtype.strip().lower() == "auto"
     compute_dtype = model_dtype if auto and model_dtype != torch.float32 else parse_dtype(dtype, device)
@@ -390,7 +390,7 @@ def encode_planned(model: MIDoLModel, batch: torch.Tensor, plans: list[Plan], re
                    dtype: torch.dtype | None = None) -> Encoding:
     """Encode an already-preprocessed batch whose rows were planned with :func:`plan_row` (the
     path of ``midol encode``, whose workers read and preprocess)."""
-    forward = torch_forward(model, _device_of(model), next(model.parameters()).dtype, dtype)
+    forward = torch_forward(model, device_of(model), next(model.parameters()).dtype, dtype)
     part = run_planned(model.config, forward, batch, plans, requested, normalize, indices, frames)
     return concat_encodings([part], model.config, requested, model.provenance)
 
@@ -533,7 +533,7 @@ def _guard_modality(result: Encoding, names: list[str], conflicts: list[tuple[st
         warnings.warn(message, ModalityMismatchWarning, stacklevel=5)
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 

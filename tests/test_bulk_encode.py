@@ -86,3 +86,30 @@ def test_forward_batches_hold_batch_size_rows_across_files_and_frames(micro, dat
     assert [(r["path"], r["frame"]) for r in merged.rows] == [(f, None) for f in files] + [(str(stack), i) for i in range(6)]
     one_by_one = micro.encode([*files, stack], modality="oct", frames="all", batch_size=1).embedding
     np.testing.assert_allclose(merged.arrays["embedding"], one_by_one.numpy(), atol=1e-5)
+
+
+def test_forward_streams_give_what_one_forward_gives(micro, data_root, tmp_path, monkeypatch):
+    """Forwards run in ``streams`` threads, each with its share of torch's threads; results are
+    taken in the loader's order, so rows match one forward at a time, and torch's thread count
+    is restored afterwards."""
+    import torch
+
+    from midol_hub import bulk
+
+    files = sorted(str(p) for p in (data_root / "oct").rglob("*.jpeg"))[:22]
+    threads_seen = []
+    encode_planned = bulk.encode_planned
+    monkeypatch.setattr(bulk, "encode_planned", lambda *args, **kw: threads_seen.append(torch.get_num_threads()) or encode_planned(*args, **kw))
+    threads = torch.get_num_threads()
+    merged = {}
+    for streams in (1, 3):
+        out = tmp_path / f"streams-{streams}.npz"
+        bulk.encode_files(micro, files, out, modality="auto", outputs=("embedding", "routing"), batch_size=4, workers=0,
+                          part_size=8, progress=False, streams=streams)
+        assert [p.name.split("-")[3] for p in sorted(bulk.parts_dir(out).iterdir()) if p.suffix == ".npz"] == ["000000", "000001", "000002"]
+        merged[streams] = bulk.merge_parts(out, files, ("embedding", "routing"))
+        assert torch.get_num_threads() == threads
+    assert threads_seen == [threads] * 6 + [max(1, threads // 3)] * 6  # 22 files in batches of 4
+    assert merged[1].rows == merged[3].rows and len(merged[1].rows) == 22
+    for name in ("embedding", "routing"):
+        np.testing.assert_allclose(merged[3].arrays[name], merged[1].arrays[name], atol=1e-5)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from timm.utils.model import freeze_batch_norm_2d
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
+from midol_hub.allocator import keep_freed_memory
 from midol_hub.errors import DatasetError
 from midol_hub.modalities import SHARED
 from midol_hub.utils import join_torchrun, run_command, state_sha256
@@ -172,6 +173,7 @@ def _architecture(model_config: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    keep_freed_memory()  # CPU steps stop faulting their activations in anew (midol_hub.allocator)
     try:
         return run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
     finally:
