@@ -119,7 +119,8 @@ def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
 
     - ``auto routing``: up to ``per_modality`` test-split images per modality: the share named
       correctly (``"unknown"`` counts as wrong), the share called unknown, their macro means, the
-      modality x expert confusion, NMI and the cosine silhouette of the embeddings by modality.
+      modality x expert confusion, NMI and the cosine silhouette of the model's default feature
+      (``config.default_feature``: midol-micro's expert embedding, midol-lite's pooled) by modality.
     - ``full resolution``: the same on the full-resolution test parts, with every miss named.
     - ``out of scope``: the share of the out-of-scope set called ``"unknown"``, and each answer.
     - ``confidence``: over all of these rows, the expected calibration error of ``confidence``
@@ -132,11 +133,12 @@ def modality_separation(model, root: Path, per_modality: int = 200) -> dict:
     tests = labelled_splits(root, "test")
     names = list(tests)
     paths, labels = _sample(tests, per_modality)
-    encoding = model.encode(paths, modality="auto", batch_size=64)
+    feature = model.config.default_feature
+    encoding = model.encode(paths, modality="auto", batch_size=64, output=feature)
     report = routing_report(labels, encoding.expert_index.numpy(), model.config.num_experts)
     scores: dict = {
         "nmi": report["nmi"],
-        "silhouette": float(silhouette_score(encoding.embedding.numpy(), labels, metric="cosine")),
+        "silhouette": float(silhouette_score(getattr(encoding, feature).numpy(), labels, metric="cosine")),
         "confusion": {"modalities": report["modalities_order"], "experts": list(model.config.expert_modalities),
                       "counts": report["confusion"]},
     }

@@ -75,6 +75,18 @@ def test_modality_separation_of_a_calibrated_model(data_root):
     assert np.array(uncalibrated["auto routing"]["confusion"]["counts"]).sum() == 25
 
 
+def test_modality_separation_measures_the_default_feature(data_root):
+    """midol-lite's default output is the pooled feature: the silhouette is measured on it (asking
+    for the expert embedding there raised AttributeError and stopped the release's evaluation)."""
+    from sklearn.metrics import silhouette_score
+
+    model = make_micro(default_output=["pooled"])
+    scores = evaluate.modality_separation(model, data_root, per_modality=5)["auto routing"]
+    paths, labels = evaluate._sample(shared_data.labelled_splits(data_root, "test"), 5)
+    pooled = model.encode(paths, modality="auto").pooled
+    assert scores["silhouette"] == pytest.approx(silhouette_score(pooled.numpy(), labels, metric="cosine"), abs=1e-5)
+
+
 def test_expected_calibration_error_by_hand():
     # two bins: 0.9-confidence answers right 3 times in 4, 0.3-confidence answers right 1 time in 2
     confidence, right = [0.9, 0.9, 0.9, 0.9, 0.3, 0.3], [1, 1, 1, 0, 1, 0]
