@@ -3,8 +3,11 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
 
 - **Experts.** The router learns its split of the images without labels, so an expert has
   no modality until labelled images are routed through the model. Experts are matched
-  one-to-one to modalities by Hungarian assignment on the argmax-routing counts (the rule
-  ``modality="auto"`` answers by); an expert that no modality reaches stays ``"unassigned"``.
+  one-to-one to modalities by Hungarian assignment on the argmax-routing counts; an expert
+  that no modality reaches stays ``"unassigned"``, and a modality that reaches no expert of its
+  own (the router put it with another; midol-lite's ninth run sends dermoscopy to pathology's
+  expert) shares the expert most of its images go to (``shared_experts``). ``auto`` names
+  modalities by the detector below, not by the router, so every calibrated modality is named.
 - **Out-of-scope detector** (used by :mod:`midol_hub.detection`): class means of the
   ``stage_pooled`` features, their shared (tied) covariance as a probabilistic PCA (its
   ``components`` leading directions and variances, one variance for the rest), and per
@@ -124,7 +127,8 @@ def calibrate(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping
     Without it every image is its own group. Updates ``model.config.expert_modalities`` and
     ``model.config.modality_calibration`` in place and returns the calibration: per-modality
     routing ``accuracy`` and its mean ``macro_accuracy``, the modality x expert ``confusion``
-    counts, ``nmi``, the ``out_of_scope`` detector and ``nearest_confidence``. Use training
+    counts, ``nmi``, the ``shared_experts`` ({modality: expert} of modalities without an expert of
+    their own), the ``out_of_scope`` detector and ``nearest_confidence``. Use training
     images only: evaluate on held-out ones.
     """
     config = model.config
@@ -193,12 +197,13 @@ def _fit(model: MIDoLModel, images: Mapping[str, Sequence], groups: Mapping[str,
     for modality, expert in report["assignment"].items():
         if expert is not None:
             expert_modalities[expert] = modality
-    served = [i for i, label in enumerate(labels) if report["assignment"][label] is not None]
-    fitted = fit_out_of_scope(torch.cat(features)[served], [labels[i] for i in served], [image_groups[i] for i in served],
-                              quantile, components, repeats, slope)
+    counts = dict(zip(report["modalities_order"], np.array(report["confusion"])))
+    shared_experts = {m: int(counts[m].argmax()) for m, expert in report["assignment"].items() if expert is None}
+    fitted = fit_out_of_scope(torch.cat(features), labels, image_groups, quantile, components, repeats, slope)
     calibration = {
         "method": "Hungarian assignment on argmax-routing counts of labelled training images",
         **{key: report[key] for key in ("accuracy", "macro_accuracy", "confusion", "modalities_order", "nmi")},
+        "shared_experts": shared_experts,
         "images_per_modality": {m: labels.count(m) for m in report["modalities_order"]},
         **fitted,
     }

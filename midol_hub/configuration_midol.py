@@ -55,7 +55,8 @@ class MIDoLConfig(PreTrainedConfig):
             expert that calibration found serving no modality.
         modality_calibration: ``None`` until experts were assigned to modalities by routing
             labelled images (:func:`midol_hub.calibrate`); then the routing accuracy per
-            modality, the confusion matrix and the out-of-scope detector that makes
+            modality, the confusion matrix, the ``shared_experts`` of modalities without an
+            expert of their own and the out-of-scope detector that makes
             ``modality="auto"`` answer ``"unknown"``. Only a calibrated model warns when an
             image looks like another modality.
         mismatch_threshold: router probability above which a calibrated model considers an
@@ -170,8 +171,14 @@ class MIDoLConfig(PreTrainedConfig):
         return ModalityProfile.from_dict(self.preprocessing[key])
 
     def expert_for(self, modality: str) -> int:
-        """Index of the expert that serves ``modality`` (a one-expert head serves them all)."""
-        return expert_index_for(self.expert_modalities, modality)
+        """Index of the expert that serves ``modality`` (a one-expert head serves them all; a
+        modality calibration gave no expert of its own shares the one its images are routed to)."""
+        return expert_index_for(self.expert_modalities, modality, self.shared_experts)
+
+    @property
+    def shared_experts(self) -> dict[str, int]:
+        """{modality: expert} of calibrated modalities without an expert of their own."""
+        return dict((self.modality_calibration or {}).get("shared_experts", {}))
 
     def preprocessing_hash(self) -> str:
         """sha256 of the canonical preprocessing settings, to key caches and provenance."""

@@ -133,7 +133,8 @@ def plan_row(config: Any, forced: str | None, dicom_code: str | None) -> Plan:
         return Plan(forced, config.expert_for(forced), FORCED, forced, conflict=conflict)
     if header == UNKNOWN:
         return Plan(AUTO, -1, DICOM, UNKNOWN, f"DICOM Modality {dicom_code} is not one of the five")
-    if header is not None and not config.backbone_only and header in config.expert_modalities:
+    if header is not None and not config.backbone_only and (header in config.expert_modalities
+                                                            or header in config.shared_experts):
         return Plan(header, config.expert_for(header), DICOM, header)
     return Plan(AUTO, -1, ROUTER)
 

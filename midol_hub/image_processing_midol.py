@@ -27,6 +27,8 @@ class MIDoLImageProcessor(BaseImageProcessor):
     Args:
         preprocessing: one :class:`~midol_hub.modalities.ModalityProfile` dict per modality, plus ``"auto"``.
         expert_modalities: the modality of each expert, as in the model config.
+        shared_experts: {modality: expert} of modalities without an expert of their own, as in
+            the model config.
         default_modality: the modality used when a call names none (``"auto"``, or a fine-tuned
             model's task modality).
     """
@@ -34,7 +36,7 @@ class MIDoLImageProcessor(BaseImageProcessor):
     model_input_names = ["pixel_values"]
 
     def __init__(self, preprocessing: dict | None = None, expert_modalities: list[str] | None = None,
-                 default_modality: str = AUTO, **kwargs: Any) -> None:
+                 default_modality: str = AUTO, shared_experts: dict[str, int] | None = None, **kwargs: Any) -> None:
         kwargs.pop("image_processor_type", None)
         super().__init__(**kwargs)
         if preprocessing is None or expert_modalities is None:
@@ -42,12 +44,13 @@ class MIDoLImageProcessor(BaseImageProcessor):
             preprocessing, expert_modalities = config.preprocessing, config.expert_modalities
         self.preprocessing = {name: ModalityProfile.from_dict(p).to_dict() for name, p in preprocessing.items()}
         self.expert_modalities = list(expert_modalities)
+        self.shared_experts = dict(shared_experts or {})
         self.default_modality = canonical_modality(default_modality, allow_auto=True)
 
     @classmethod
     def from_config(cls, config: MIDoLConfig) -> MIDoLImageProcessor:
         """The processor of a model with this config (a task model defaults to its task modality)."""
-        return cls(config.preprocessing, config.expert_modalities, config.task_modality or AUTO)
+        return cls(config.preprocessing, config.expert_modalities, config.task_modality or AUTO, config.shared_experts)
 
     def preprocess(self, images: Any, modality: str | None = None, return_tensors: str | None = "pt",
                    channels_first: bool | None = None, **kwargs: Any) -> BatchFeature:
@@ -63,7 +66,7 @@ class MIDoLImageProcessor(BaseImageProcessor):
         pixels = Preprocessor(ModalityProfile.from_dict(self.preprocessing[key])).batch(images, channels_first=channels_first)
         data = {"pixel_values": pixels}
         if key != AUTO:
-            expert = expert_index_for(self.expert_modalities, key)
+            expert = expert_index_for(self.expert_modalities, key, self.shared_experts)
             data["expert_index"] = torch.full((pixels.shape[0],), expert, dtype=torch.long)
         return BatchFeature(data=data)
 

@@ -90,11 +90,14 @@ def canonical_modality(name: str, *, allow_auto: bool = False) -> str:
     )
 
 
-def expert_index_for(expert_modalities: list[str], modality: str) -> int:
-    """Index of the expert that serves ``modality`` (a one-expert head serves them all)."""
+def expert_index_for(expert_modalities: list[str], modality: str, shared_experts: dict[str, int] | None = None) -> int:
+    """Index of the expert that serves ``modality`` (a one-expert head serves them all): its own,
+    else the one it shares with another modality (``shared_experts``, found by calibration)."""
     key = canonical_modality(modality)
     if list(expert_modalities) == [SHARED]:
         return 0
+    if key not in expert_modalities and key in (shared_experts or {}):
+        return int(shared_experts[key])
     if key not in expert_modalities:
         served = ", ".join(m for m in expert_modalities if m != UNASSIGNED)
         raise ValueError(

@@ -104,7 +104,9 @@ def _calibration_summary(config: MIDoLConfig) -> str:
     if "macro_accuracy" not in calibration:
         return "yes"
     accuracy = ", ".join(f"{m} {a:.2f}" for m, a in calibration["accuracy"].items())
-    return f"yes, on training images: routing accuracy {accuracy} (macro {calibration['macro_accuracy']:.2f})"
+    shared = "".join(f"; {m} has no expert of its own and shares expert {e} ({config.expert_modalities[e]})"
+                     for m, e in config.shared_experts.items())
+    return f"yes, on training images: routing accuracy {accuracy} (macro {calibration['macro_accuracy']:.2f}){shared}"
 
 
 def _pretraining_summary(config: MIDoLConfig) -> str:

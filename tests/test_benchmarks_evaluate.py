@@ -13,6 +13,7 @@ from benchmarks import evaluate, ood, release
 from midol_hub import calibrate, load_model
 from midol_hub.calibration import COMPONENTS, QUANTILE, SLOPE
 from midol_hub.evaluation import calibration_error
+from midol_hub.modalities import MODALITIES
 from midol_hub.model_card import evaluation_table
 from training import shared_data
 
@@ -73,6 +74,21 @@ def test_modality_separation_of_a_calibrated_model(data_root):
     uncalibrated = evaluate.modality_separation(make_micro(), data_root, per_modality=5)
     assert "accuracy" not in uncalibrated["auto routing"] and "full resolution" not in uncalibrated
     assert np.array(uncalibrated["auto routing"]["confusion"]["counts"]).sum() == 25
+
+
+def test_calibrate_flag_measures_auto_on_a_candidate_exported_uncalibrated(tmp_path, data_root, capsys):
+    candidate = tmp_path / "candidate"
+    make_micro(seed=3).save_pretrained(candidate)  # as training.export writes a run without --calibrate
+    out = tmp_path / "calibrated.json"
+    argv = ["--model", str(candidate), "--datasets", "Kermany OCT", "--separation", "--calibrate", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    calibrated = json.loads(out.read_text())[evaluate.SEPARATION]
+    # uncalibrated, auto answers by the router's argmax and has no accuracy per modality (see the test above)
+    assert set(calibrated["auto routing"]["accuracy"]) == set(MODALITIES)
+    assert calibrated["out of scope"]["images"] == len(shared_data.out_of_scope_set(data_root))
+    assert min(calibrated["auto routing"]["accuracy"].values()) > 0.5  # a random Swin's stages still tell them apart
+    printed = capsys.readouterr().out
+    assert "`modality=\"auto\"` on" in printed and "\n".join(evaluate.verdict(calibrated)) in printed
 
 
 def test_modality_separation_measures_the_default_feature(data_root):

@@ -1,4 +1,4 @@
-"""Expert calibration: Hungarian assignment on argmax counts, unassigned modalities, and the
+"""Expert calibration: Hungarian assignment on argmax counts, shared experts, and the
 out-of-scope detector behind ``modality="auto"`` answering ``"unknown"``."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from midol_hub import calibrate, routing_report
+from midol_hub.image_processing_midol import MIDoLImageProcessor
+from midol_hub.model_card import render_model_card
 from midol_hub.calibration import fit_detector, fit_out_of_scope, held_out_distances, in_scope_scores, platt, two_fold
 from midol_hub.detection import (
     answer_by_distance,
@@ -172,11 +174,12 @@ def test_calibration_on_real_training_images(training_images):
         else:
             assert calibration["accuracy"][modality] == 0.0
     detector = calibration["out_of_scope"]
-    served = {m for m in model.config.expert_modalities if m != "unassigned"}
-    assert set(detector["modalities"]) == served and np.array(detector["basis"]).shape == (15 * 32, 16)
-    assert set(detector["in_scope"]) == served and all(len(s["score_quantiles"]) == 100 for s in detector["in_scope"].values())
+    calibrated = set(training_images)  # every modality, served by an expert of its own or not
+    assert set(detector["modalities"]) == calibrated and np.array(detector["basis"]).shape == (15 * 32, 16)
+    assert set(detector["in_scope"]) == calibrated and all(len(s["score_quantiles"]) == 100 for s in detector["in_scope"].values())
+    assert set(calibration["shared_experts"]) == calibrated - set(model.config.expert_modalities)
     # on the images it was fitted to, about 1 - quantile of each modality are beyond its held-out quantile
-    for modality in served:
+    for modality in calibrated:
         encoding = model.encode(training_images[modality], modality="auto", output="stage_pooled")
         beyond = out_of_scope_score(detector, encoding.stage_pooled) > detector["in_scope"][modality]["threshold"]
         assert float(beyond.float().mean()) <= 0.05 + 0.05
@@ -219,3 +222,29 @@ def test_calibration_set_keeps_every_lesion_slide_patient_and_region_on_one_side
     assert all(g.startswith("oct patient ") for g in calibration.groups["oct"])
     assert not (set(calibration.groups["oct"]) & {shared_data.group_of(data_root, p)
                                                   for p in shared_data.fullres_parts(data_root, "test")["oct"]})
+
+
+def test_a_modality_the_router_merged_with_another_is_still_named_and_shares_its_expert(data_root, training_images):
+    # a router that sends every image to expert 0 (equal logits: the first wins): one modality gets it, the other four none of their own
+    model = make_micro(seed=5)
+    with torch.no_grad():
+        model.head.router.weight.zero_()
+    calibration = calibrate(model, training_images, components=16)
+    first, *merged = calibration["modalities_order"]
+    assert model.config.expert_modalities.count("unassigned") == 4 and model.config.expert_modalities[0] == first
+    assert calibration["shared_experts"] == {m: 0 for m in merged}
+    assert calibration["out_of_scope"]["modalities"] == calibration["modalities_order"]  # all five are in the detector
+    test = {m: items[:20] for m, items in shared_data.labelled_splits(data_root, "test").items()}
+    for modality in merged:
+        auto = model.encode(test[modality], modality="auto", output="embedding")
+        assert sum(name == modality for name in auto.modality) >= 15, (modality, auto.modality)
+        assert set(auto.expert_index.tolist()) == {0}
+        forced = model.encode(test[modality][:2], modality=modality, output="embedding")
+        assert forced.expert_index.tolist() == [0, 0]
+        assert model.config.expert_for(modality) == 0
+    card = str(render_model_card(model.config))
+    assert f"{merged[0]} has no expert of its own and shares expert 0 ({first})" in card
+    processor = MIDoLImageProcessor.from_config(model.config)
+    assert processor(test[merged[0]][:1], modality=merged[0])["expert_index"].tolist() == [0]
+    with pytest.raises(ValueError, match="no expert for 'oct'"):
+        make_micro(expert_modalities=["xray", "fundus", "pathology", "dermoscopy", "unassigned"]).config.expert_for("oct")
