@@ -43,8 +43,9 @@ def main() -> None:
 
     images, names = (args.images, args.images) if args.images else bundled_images()
     encoding = model.encode(images, modality=args.modality)
-    for name, modality, confidence, row in zip(names, encoding.modality, encoding.confidence, encoding.embedding):
-        print(f"{name}: modality={modality} confidence={confidence:.2f} embedding shape={tuple(row.shape)}")
+    feature = model.config.default_feature  # the vector the model serves best ("pooled" or "embedding")
+    for name, modality, confidence, row in zip(names, encoding.modality, encoding.confidence, getattr(encoding, feature)):
+        print(f"{name}: modality={modality} confidence={confidence:.2f} {feature} shape={tuple(row.shape)}")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ sure ``modality="auto"`` may be. Fitted on labelled training images only.
   no modality until labelled images are routed through the model. Experts are matched
   one-to-one to modalities by Hungarian assignment on the argmax-routing counts; an expert
   that no modality reaches stays ``"unassigned"``, and a modality that reaches no expert of its
-  own (the router put it with another; midol-lite's ninth run sends dermoscopy to pathology's
-  expert) shares the expert most of its images go to (``shared_experts``). ``auto`` names
+  own (the router put its images with another modality's) shares the expert most of its
+  images go to (``shared_experts``). ``auto`` names
   modalities by the detector below, not by the router, so every calibrated modality is named.
 - **Out-of-scope detector** (used by :mod:`midol_hub.detection`): class means of the
   ``stage_pooled`` features, their shared (tied) covariance as a probabilistic PCA (its

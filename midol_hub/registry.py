@@ -88,10 +88,11 @@ _ENTRIES = (
         name="midol-lite",
         description="EfficientNet-Lite0 from ImageNet (224 px, 1280-d), 5 MoE experts; the recipe training/configs/"
                     "midol_lite.yaml, no released weights yet.",
-        # the backbone's pooled feature by default: in all four measured runs it matched the expert embedding's
-        # linear probes and beat its kNN accuracy and precision@10 (README, "midol-lite: the ImageNet start")
+        # the backbone's pooled feature first: in all four measured runs it matched the expert embedding's
+        # linear probes and beat its kNN accuracy and precision@10 (README, "midol-lite: the ImageNet start");
+        # encode still returns the embedding beside it, as midol-micro's does
         config=dict(backbone="tf_efficientnet_lite0", feature_dim=1280, img_size=224, hidden_dim=512, num_prototypes=4096,
-                    default_output=["pooled"],
+                    default_output=["pooled", "embedding"],
                     preprocessing={name: profile.to_dict() for name, profile in
                                    default_profiles(224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)).items()}),
         datasets=("MedMNIST v2 (PneumoniaMNIST, RetinaMNIST, PathMNIST, BloodMNIST)", "Kermany OCT 2017", "ISIC Archive UDA-1",

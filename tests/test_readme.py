@@ -26,6 +26,15 @@ def test_quickstart_prints_what_the_readme_shows():
     assert printed == shown
 
 
+def test_quickstart_prints_each_models_default_feature():
+    # midol-lite serves the pooled feature: the quickstart once asked every model for the expert embedding
+    printed = subprocess.run([sys.executable, str(README.parent / "examples/quickstart.py"), "--model", "midol-lite"],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert printed[0].startswith("NOTICE: midol-lite has no published weights yet")
+    assert [line.split(": modality=")[0] for line in printed[1:]] == ["skimage retina.jpg (fundus)", "skimage ihc.png (pathology)"]
+    assert all(line.endswith(" pooled shape=(1280,)") for line in printed[1:])
+
+
 def test_use_with_transformers_snippets_run(tmp_path, monkeypatch, data_root):
     blocks = snippets("Use with transformers")
     assert len(blocks) == 2
