@@ -396,6 +396,7 @@ def describe_model(spec: str) -> dict[str, Any]:
         },
         "parameters": {"backbone": backbone, "head": head, "total": backbone + head},
         "experts": {str(i): m for i, m in enumerate(config.expert_modalities)},
+        "shared_experts": config.shared_experts,
         "top_k": config.top_k,
         "calibration": config.modality_calibration,
         "preprocessing": config.preprocessing,
@@ -416,7 +417,8 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"  backbone     {arch['backbone']}: {swin}{arch['img_size']} px")
     print(f"  parameters   {params['total'] / 1e6:.2f} M (backbone {params['backbone'] / 1e6:.2f} M, head {params['head'] / 1e6:.2f} M)")
     print(f"  embedding    {arch['embedding_dim']}-d")
-    print(f"  experts      {', '.join(f'{i}: {m}' for i, m in info['experts'].items())} (top-k {info['top_k']})")
+    shared = "".join(f"; {m} shares {e}" for m, e in info["shared_experts"].items())
+    print(f"  experts      {', '.join(f'{i}: {m}' for i, m in info['experts'].items())} (top-k {info['top_k']}){shared}")
     print(f"  calibrated   {'yes' if info['calibration'] else 'no'}")
     for modality, profile in info["preprocessing"].items():
         print(f"  {modality:<12} {profile['channels']}, {profile['resize']}, {profile['size']} px"

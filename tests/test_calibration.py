@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from midol_hub import calibrate, routing_report
+from midol_hub.cli import main
 from midol_hub.image_processing_midol import MIDoLImageProcessor
 from midol_hub.model_card import render_model_card
 from midol_hub.calibration import fit_detector, fit_out_of_scope, held_out_distances, in_scope_scores, platt, two_fold
@@ -224,7 +225,8 @@ def test_calibration_set_keeps_every_lesion_slide_patient_and_region_on_one_side
                                                   for p in shared_data.fullres_parts(data_root, "test")["oct"]})
 
 
-def test_a_modality_the_router_merged_with_another_is_still_named_and_shares_its_expert(data_root, training_images):
+def test_a_modality_the_router_merged_with_another_is_still_named_and_shares_its_expert(data_root, training_images,
+                                                                                         tmp_path, capsys):
     # a router that sends every image to expert 0 (equal logits: the first wins): one modality gets it, the other four none of their own
     model = make_micro(seed=5)
     with torch.no_grad():
@@ -244,6 +246,11 @@ def test_a_modality_the_router_merged_with_another_is_still_named_and_shares_its
         assert model.config.expert_for(modality) == 0
     card = str(render_model_card(model.config))
     assert f"{merged[0]} has no expert of its own and shares expert 0 ({first})" in card
+    model.save_pretrained(tmp_path / "merged")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "merged")]) == 0
+    experts = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  experts"))
+    assert all(f"; {modality} shares 0" in experts for modality in merged)
     processor = MIDoLImageProcessor.from_config(model.config)
     assert processor(test[merged[0]][:1], modality=merged[0])["expert_index"].tolist() == [0]
     with pytest.raises(ValueError, match="no expert for 'oct'"):
