@@ -16,7 +16,10 @@ calibration settings (with or without the crops of full-resolution files, its nu
 the quantile where P(in scope) is 1/2 and the slope past it): held-out whole full-resolution files
 named right per modality, held-out whole images and out-of-scope images called unknown, and the
 confidence's calibration error and AUROC; :func:`chosen_setting` states the rule that picks the
-shipped settings from it.
+shipped settings from it. A third asks what users' own images meet, images from a dataset the
+calibration never saw: for each modality calibrated from several datasets, the shipped form is
+fitted without one of them, then names that dataset's images (beside the same images' answers
+when only their own patient, lesion or slide was held out).
 """
 
 from __future__ import annotations
@@ -116,19 +119,22 @@ full-resolution file); the shipped ones are the row :func:`chosen_setting` picks
 
 def development_side(model, root: Path) -> tuple[dict, dict, list, np.ndarray]:
     """Features of the calibration set and the out-of-scope set, the calibration set's groups and
-    kinds (labelled, file, crop, tile): everything the tables below are computed from."""
+    kinds (labelled, file, crop, tile): everything the tables below are computed from. The
+    training features carry ``sources`` (each image's dataset)."""
     calibration = calibration_set(root, crops=VIEW_CROPS)
     with uncalibrated(model):
         train, outside = features(model, calibration.images), features(model, {"out of scope": out_of_scope_set(root)})
+    train["sources"] = np.array([s for ids in calibration.sources.values() for s in ids])
     groups = [(m, g) for m, ids in calibration.groups.items() for g in ids]
     kinds = np.array([k for ids in calibration.kinds.values() for k in ids])
     return train, outside, groups, kinds
 
 
-def compare(model, root: Path, side: tuple | None = None) -> tuple[list[dict], list[dict], list[dict]]:
-    """The detector, naming and calibration-settings tables (``side``: :func:`development_side`'s
-    features, computed here when not given). All but the settings table are computed on what the
-    shipped calibration is fitted on (``CALIBRATION_CROPS`` crops of each full-resolution file)."""
+def compare(model, root: Path, side: tuple | None = None) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """The detector, naming, calibration-settings and new-dataset tables (``side``:
+    :func:`development_side`'s features, computed here when not given). All but the settings table
+    are computed on what the shipped calibration is fitted on (``CALIBRATION_CROPS`` crops of each
+    full-resolution file)."""
     all_train, outside, all_groups, all_kinds = side or development_side(model, root)
     train, groups, kinds = _with_crops(all_train, all_groups, all_kinds, CALIBRATION_CROPS > 0)
     sides = two_fold(groups)
@@ -149,7 +155,43 @@ def compare(model, root: Path, side: tuple | None = None) -> tuple[list[dict], l
     rows.append(_shipped_row(shipped, first_split, train, outside))
     settings = [row for crops in (False, True) for components in VIEW_COMPONENTS
                 for row in _settings_rows(all_train, outside, all_groups, all_kinds, crops, components)]
-    return rows, naming_rows(model, train, first_split, kinds == "file"), settings
+    return rows, naming_rows(model, train, first_split, kinds == "file"), settings, new_source_rows(train, groups, kinds,
+                                                                                                  first_split)
+
+
+def new_source_rows(train: dict, groups: list, kinds: np.ndarray, group_held_out: DistanceAnswers) -> list[dict]:
+    """Per modality calibrated from more than one dataset, per dataset: the shipped form fitted on
+    everything but that dataset (and any group it shares with another), and the share of its whole
+    images (labelled images, full-resolution files, region tiles; not crops) named right, called
+    unknown and named another modality; beside them the same images' answers under
+    ``group_held_out`` (only their own group held out)."""
+    labels, sources = train["labels"], train["sources"]
+    whole, before = kinds != "crop", np.array(group_held_out.modality)
+    rows = []
+    for modality in dict.fromkeys(labels):
+        for source in dict.fromkeys(sources[labels == modality]):
+            held = {g for g, s in zip(groups, sources) if s == source}
+            kept = np.array([g not in held for g in groups])
+            if not (kept & (labels == modality)).any():
+                continue
+            scored = np.flatnonzero(~kept & whole & (sources == source))
+            fitted = _shipped({key: value[kept] for key, value in train.items()}, [g for g, k in zip(groups, kept) if k])
+            said = np.array(answer_by_distance(fitted, modality_distances(
+                fitted["out_of_scope"], torch.from_numpy(train["stage_pooled"][scored]))).modality)
+            rows.append({"modality": modality, "source": str(source), "images": len(scored),
+                         "named_right": float((said == modality).mean()), "unknown": float((said == UNKNOWN).mean()),
+                         "named_other": {str(m): int((said == m).sum()) for m in sorted(set(said) - {modality, UNKNOWN})},
+                         "named_right_group_held_out": float((before[scored] == modality).mean())})
+    return rows
+
+
+def new_source_markdown(rows: list[dict]) -> str:
+    lines = ["| modality | dataset left out of calibration | its images | named right | called unknown | named another "
+             "modality | named right with only their own group held out |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['modality']} | {r['source']} | {r['images']} | {r['named_right']:.3f} | {r['unknown']:.3f} | "
+              f"{', '.join(f'{m} {n}' for m, n in r['named_other'].items()) or '-'} | "
+              f"{r['named_right_group_held_out']:.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _with_crops(train: dict, groups: list, kinds: np.ndarray, crops: bool) -> tuple[dict, list, np.ndarray]:
@@ -304,14 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
     model = load_model(args.model)
-    rows, naming, settings = compare(model, data_root())
+    rows, naming, settings, new_sources = compare(model, data_root())
     if args.out:
-        Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming, "settings": settings}, indent=2))
+        Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming, "settings": settings,
+                                              "new_sources": new_sources}, indent=2))
     print(markdown(rows))
     print()
     print(naming_markdown(naming))
     print()
     print(settings_markdown(settings))
+    print()
+    print(new_source_markdown(new_sources))
     chosen = chosen_setting(settings)
     print(f"\nchosen (benchmarks.ood.chosen_setting): crops {chosen['crops']}, {chosen['components']} components, "
           f"quantile {chosen['quantile']}, slope {chosen['slope']:g}")

@@ -160,6 +160,32 @@ def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):
     assert "ihc.png" not in names and "retina.jpg" not in names and "cell.png" not in names
 
 
+def test_new_dataset_table_leaves_the_whole_dataset_out_of_calibration():
+    """A modality seen in two datasets far apart: with only its own group held out an image is named
+    right (its dataset is in the fit); with its whole dataset left out it is called unknown."""
+    rng = np.random.default_rng(0)
+    dims, per = 80, 120
+
+    def cloud(shift: float, axis: int) -> np.ndarray:
+        centre = np.zeros(dims)
+        centre[axis] = shift
+        return centre + rng.normal(size=(per, dims))
+
+    features = np.concatenate([cloud(0, 0), cloud(40, 0), cloud(-40, 1)])
+    train = {"stage_pooled": features, "labels": np.array(["xray"] * 2 * per + ["oct"] * per),
+             "sources": np.array(["near"] * per + ["far"] * per + ["Kermany"] * per)}
+    groups = [("xray" if i < 2 * per else "oct", i // 2) for i in range(3 * per)]  # pairs stay together
+    kinds = np.array(["labelled"] * (2 * per - 10) + ["crop"] * 10 + ["file"] * per)  # crops: fitted on, not scored
+    first = ood.answer_by_distance(ood._shipped(train, groups), ood._held_out(train, groups, COMPONENTS, 0))
+    rows = {r["source"]: r for r in ood.new_source_rows(train, groups, kinds, first)}
+    assert set(rows) == {"near", "far"}  # OCT comes from one dataset: nothing to leave out
+    assert rows["near"]["images"] == per and rows["far"]["images"] == per - 10
+    for row in rows.values():
+        assert row["named_right_group_held_out"] >= 0.9 and row["named_right"] <= 0.05 and row["unknown"] >= 0.95
+    table = ood.new_source_markdown(list(rows.values()))
+    assert table.count("\n") == 3 and "| xray | far | 110 |" in table
+
+
 def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_then_the_lowest_ece():
     def row(crops, pathology, dermoscopy, outside, unknown, ece=0.02, auroc=0.95):
         return {"crops": crops, "components": 32, "quantile": 0.95, "slope": 1.5, "held_out_called_unknown": unknown,
@@ -178,7 +204,7 @@ def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_the
 
 
 def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(data_root):
-    detectors, naming, settings = ood.compare(load_model("midol-micro"), data_root)
+    detectors, naming, settings, new_sources = ood.compare(load_model("midol-micro"), data_root)
     chosen = ood.chosen_setting(settings)
     shipped = (shared_data.CALIBRATION_CROPS > 0, COMPONENTS, QUANTILE, SLOPE)
     assert (chosen["crops"], chosen["components"], chosen["quantile"], chosen["slope"]) == shipped
@@ -195,6 +221,17 @@ def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(da
     assert chosen["answers_under_one_half"] < 0.01  # the shipped threshold rule gave 4.4% (issue 28)
     assert {r["modality"] for r in naming if r["images"] == "full-resolution"} == {"xray", "fundus", "pathology",
                                                                                     "dermoscopy", "oct"}
+    # images of a dataset calibration never saw (README: midol-micro names held-out IDRiD photos right 1.000 of
+    # the time when only their own file is left out, 0.316 when the whole dataset is)
+    left_out = {(r["modality"], r["source"]): r for r in new_sources}
+    assert set(left_out) == {("xray", "PneumoniaMNIST"), ("xray", "Hannover COVID-19 CXR"), ("xray", "NIH ChestX-ray14"),
+                             ("fundus", "RetinaMNIST"), ("fundus", "IDRiD"), ("pathology", "BloodMNIST"),
+                             ("pathology", "CRC-VAL-HE-7K"), ("pathology", "Kather 2016"), ("pathology", "OpenSlide H&E"),
+                             ("pathology", "OpenSlide Ki67 IHC")}
+    for r in new_sources:
+        assert r["named_right"] + r["unknown"] + sum(r["named_other"].values()) / r["images"] == pytest.approx(1)
+    idrid = left_out[("fundus", "IDRiD")]
+    assert idrid["images"] == 38 and idrid["named_right_group_held_out"] == 1 and idrid["named_right"] < 0.5
 
 
 def test_ihc_restaining_moves_blood_smears_across_their_classes(data_root):

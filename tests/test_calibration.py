@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from midol_hub import calibrate, routing_report
+from midol_hub import DatasetError, calibrate, routing_report
 from midol_hub.cli import main
 from midol_hub.image_processing_midol import MIDoLImageProcessor
 from midol_hub.model_card import render_model_card
@@ -223,6 +223,23 @@ def test_calibration_set_keeps_every_lesion_slide_patient_and_region_on_one_side
     assert all(g.startswith("oct patient ") for g in calibration.groups["oct"])
     assert not (set(calibration.groups["oct"]) & {shared_data.group_of(data_root, p)
                                                   for p in shared_data.fullres_parts(data_root, "test")["oct"]})
+    # every image knows its dataset; one dataset in several folders or sizes is one source
+    assert all(len(calibration.sources[m]) == len(images) for m, images in calibration.images.items())
+    assert {m: set(s) for m, s in calibration.sources.items()} == {
+        "xray": {"PneumoniaMNIST", "Hannover COVID-19 CXR", "NIH ChestX-ray14"}, "fundus": {"RetinaMNIST", "IDRiD"},
+        "pathology": {"BloodMNIST", "CRC-VAL-HE-7K", "Kather 2016", "OpenSlide H&E", "OpenSlide Ki67 IHC"},
+        "dermoscopy": {"ISIC UDA-1"}, "oct": {"Kermany OCT 2017"}}
+    ki67 = [s for s, g in zip(calibration.sources["pathology"], calibration.groups["pathology"]) if "ki67" in g]
+    assert len(ki67) == 50 and set(ki67) == {"OpenSlide Ki67 IHC"}
+
+
+def test_every_shared_image_belongs_to_a_named_source(data_root):
+    folders = {str(p.parent.relative_to(data_root)) for p in data_root.rglob("*.*")
+               if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".npz") and p.relative_to(data_root).parts[0] != "other"}
+    assert len(folders) >= 20
+    assert {shared_data.source_of(f) for f in folders} == set(shared_data.SOURCES.values())
+    with pytest.raises(DatasetError, match="xray/new_hospital is in no known source; add its folder"):
+        shared_data.source_of("xray/new_hospital")
 
 
 def test_a_modality_the_router_merged_with_another_is_still_named_and_shares_its_expert(data_root, training_images,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,27 @@ def test_use_with_transformers_snippets_run(tmp_path, monkeypatch, data_root):
     answer = second["classify"]("chest.png")
     assert {a["label"] for a in answer} == {"normal", "pneumonia"}
     assert (tmp_path / "runs/cxr/model/preprocessor_config.json").is_file()
+
+
+def test_calibrating_on_your_own_images_snippet_runs(tmp_path, monkeypatch, data_root):
+    from collections import Counter
+
+    from midol_hub import load_model
+    from training.shared_data import fullres_parts, group_of
+
+    block = textwrap.dedent(next(b for b in snippets("The encode contract") if "calibrate(" in b))  # in a list item
+    monkeypatch.chdir(tmp_path)
+    train, test = fullres_parts(data_root, "train"), fullres_parts(data_root, "test")
+    given = {"fundus_files": train["fundus"], "oct_files": train["oct"],
+             "fundus_patients": [group_of(data_root, p) for p in train["fundus"]],
+             "oct_patients": [group_of(data_root, p) for p in train["oct"]]}
+    exec(block, given)
+    assert given["report"]["images_per_modality"] == {"fundus": 38, "oct": 72}
+    model = load_model("models/micro-our-clinic")
+    assert sorted(set(model.config.expert_modalities)) == ["fundus", "oct", "unassigned"]
+    said = {m: Counter(model.encode(test[m], modality="auto").modality) for m in ("fundus", "oct", "pathology")}
+    # the README's figures: every fundus and OCT test file named right, 14 of 15 H&E files unknown
+    assert said["fundus"] == {"fundus": 16} and said["oct"] == {"oct": 28} and said["pathology"]["unknown"] >= 13
 
 
 def test_dicom_header_example_shows_what_encode_returns():

@@ -122,6 +122,36 @@ def hannover_splits(root: Path) -> tuple[LabelledImages, LabelledImages]:
     return train, test
 
 
+SOURCES = {
+    "xray/pneumoniamnist": "PneumoniaMNIST",
+    "xray/hannover_covid19_cxr": "Hannover COVID-19 CXR",
+    "xray/nih_chestxray14": "NIH ChestX-ray14",
+    "fundus/retinamnist": "RetinaMNIST",
+    "fundus/idrid": "IDRiD",
+    "fundus/skimage_examples": "scikit-image",
+    "pathology/skimage_examples": "scikit-image",
+    "pathology/bloodmnist": "BloodMNIST",
+    "pathology/pathmnist": "CRC-VAL-HE-7K",  # PathMNIST's test split is CRC-VAL-HE-7K at 28 px
+    "pathology/crc_val_he_7k": "CRC-VAL-HE-7K",
+    "pathology/kather2016": "Kather 2016",
+    "pathology/openslide_os1_he": "OpenSlide H&E",
+    "pathology/openslide_os2_ki67_ihc": "OpenSlide Ki67 IHC",
+    "dermoscopy/isic_uda1": "ISIC UDA-1",
+    "oct/kermany_oct2017": "Kermany OCT 2017",
+}
+"""Folder-name prefix (below ``$MIDOL_DATA``) -> the dataset its images come from (PROVENANCE.md):
+one dataset at several sizes or in several folders is one source."""
+
+
+def source_of(relative: str | Path) -> str:
+    """The dataset (:data:`SOURCES`) of a path or folder below ``$MIDOL_DATA``."""
+    relative = str(relative)
+    found = [name for prefix, name in SOURCES.items() if relative.startswith(prefix)]
+    if not found:
+        raise DatasetError(f"{relative} is in no known source; add its folder to training.shared_data.SOURCES")
+    return found[0]
+
+
 BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, LabelledImages]]]] = {
     "PneumoniaMNIST": ("xray", _npz("xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz", ["normal", "pneumonia"])),
     "RetinaMNIST": ("fundus", _npz("fundus/retinamnist/retinamnist.npz", [f"grade {i}" for i in range(5)])),
@@ -134,6 +164,10 @@ BENCHMARKS: dict[str, tuple[str, Callable[[Path], tuple[LabelledImages, Labelled
     "Hannover CXR AP vs PA": ("xray", hannover_splits),
 }
 """Labelled sets: name -> (modality, root -> (train, test))."""
+BENCHMARK_SOURCES = {"PneumoniaMNIST": "PneumoniaMNIST", "RetinaMNIST": "RetinaMNIST", "BloodMNIST": "BloodMNIST",
+                     "PathMNIST (subset)": "CRC-VAL-HE-7K", "ISIC nevus vs melanoma": "ISIC UDA-1",
+                     "Kermany OCT": "Kermany OCT 2017", "Hannover CXR AP vs PA": "Hannover COVID-19 CXR"}
+"""The dataset (:data:`SOURCES`) each labelled set's images come from."""
 
 
 TRAINING_ARRAYS = {"xray": "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz",
@@ -145,24 +179,33 @@ FILE_FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_ex
 
 def labelled_splits(root: Path, part: str) -> dict[str, list]:
     """Every labelled set's ``part`` ("train" or "test") images, pooled per modality."""
+    return labelled_sources(root, part)[0]
+
+
+def labelled_sources(root: Path, part: str) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """:func:`labelled_splits` and, for each image, the dataset it comes from (:data:`BENCHMARK_SOURCES`)."""
     index = {"train": 0, "test": 1}[part]
     images: dict[str, list] = {}
-    for modality, load in BENCHMARKS.values():
-        images.setdefault(modality, []).extend(load(root)[index].images)
-    return images
+    sources: dict[str, list[str]] = {}
+    for name, (modality, load) in BENCHMARKS.items():
+        loaded = load(root)[index].images
+        images.setdefault(modality, []).extend(loaded)
+        sources.setdefault(modality, []).extend([BENCHMARK_SOURCES[name]] * len(loaded))
+    return images, sources
 
 
 @dataclass
 class CalibrationSet:
     """What midol-micro is calibrated on: ``images`` {modality: images} and, for each image, the
     ``groups`` {modality: ids} that held-out scoring keeps together (patient, lesion, slide or
-    source file; see :func:`midol_hub.calibrate`) and ``kinds`` {modality: "labelled" | "file" |
+    source file; see :func:`midol_hub.calibrate`), ``kinds`` {modality: "labelled" | "file" |
     "crop" | "tile"}: a labelled set's image, a whole full-resolution file, a crop of one, a tile
-    of a large region."""
+    of a large region, and ``sources`` {modality: dataset} (:data:`SOURCES`)."""
 
     images: dict[str, list]
     groups: dict[str, list[str]]
     kinds: dict[str, list[str]]
+    sources: dict[str, list[str]]
 
 
 def calibration_set(root: Path, per_modality: int = 500, crops: int = CALIBRATION_CROPS, seed: int = 0) -> CalibrationSet:
@@ -176,11 +219,16 @@ def calibration_set(root: Path, per_modality: int = 500, crops: int = CALIBRATIO
     images: dict[str, list] = {}
     groups: dict[str, list[str]] = {}
     kinds: dict[str, list[str]] = {}
-    for modality, items in labelled_splits(root, "train").items():
-        picks = [items[i] for i in sorted(rng.permutation(len(items))[:per_modality])]
+    sources: dict[str, list[str]] = {}
+    labelled, labelled_from = labelled_sources(root, "train")
+    for modality, items in labelled.items():
+        chosen = sorted(rng.permutation(len(items))[:per_modality])
+        picks = [items[i] for i in chosen]
         paths = {item for item in picks if isinstance(item, str)}  # OCT's labelled split is its full-resolution files
         files = [p for p in full.get(modality, []) if p not in paths and str(Path(p).parent) not in regions]
         images[modality] = picks + files
+        sources[modality] = [labelled_from[modality][i] for i in chosen]
+        sources[modality] += [source_of(Path(p).relative_to(root)) for p in files]
         groups[modality] = [group_of(root, item) if isinstance(item, str) else f"array {i}" for i, item in enumerate(picks)]
         groups[modality] += [group_of(root, p) for p in files]
         whole_files = set(full.get(modality, []))  # OCT's labelled images are its full-resolution files
@@ -197,7 +245,8 @@ def calibration_set(root: Path, per_modality: int = 500, crops: int = CALIBRATIO
             images[modality] += views
             groups[modality] += [group_of(root, path)] * len(views)
             kinds[modality] += [kind] * len(views)
-    return CalibrationSet(images, groups, kinds)
+            sources[modality] += [source_of(Path(path).relative_to(root))] * len(views)
+    return CalibrationSet(images, groups, kinds, sources)
 
 
 def random_crops(image: Image.Image, count: int, rng: np.random.Generator) -> list[Image.Image]:
