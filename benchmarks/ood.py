@@ -175,6 +175,8 @@ def new_source_rows(train: dict, groups: list, kinds: np.ndarray, group_held_out
             if not (kept & (labels == modality)).any():
                 continue
             scored = np.flatnonzero(~kept & whole & (sources == source))
+            if not len(scored):
+                continue
             fitted = _shipped({key: value[kept] for key, value in train.items()}, [g for g, k in zip(groups, kept) if k])
             said = np.array(answer_by_distance(fitted, modality_distances(
                 fitted["out_of_scope"], torch.from_numpy(train["stage_pooled"][scored]))).modality)
