@@ -1,4 +1,4 @@
-"""Out-of-scope detectors compared: ``python -m benchmarks.ood --model NAME [--out results.json]``.
+"""Out-of-scope detectors compared: ``python -m benchmarks.ood --model NAME [--init imagenet|random] [--out results.json]``.
 
 Every detector is fitted on training images only (``shared_data.calibration_set``, what
 midol-micro is calibrated on), two-fold by group (patient, lesion, slide, source file): each
@@ -19,7 +19,9 @@ confidence's calibration error and AUROC; :func:`chosen_setting` states the rule
 shipped settings from it. A third asks what users' own images meet, images from a dataset the
 calibration never saw: for each modality calibrated from several datasets, the shipped form is
 fitted without one of them, then names that dataset's images (beside the same images' answers
-when only their own patient, lesion or slide was held out).
+when only their own patient, lesion or slide was held out). ``--init`` measures a baseline of the
+same architecture instead of the trained model, as in ``benchmarks.evaluate``: its ImageNet start
+(the router is random there, so only the feature-distance rows mean anything) or seeded random weights.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from midol_hub import load_model
 from midol_hub.calibration import (
     COMPONENTS,
     QUANTILE,
@@ -50,6 +51,7 @@ from midol_hub.detection import DistanceAnswers, answer_by_distance, modality_di
 from midol_hub.evaluation import calibration_error
 from midol_hub.modalities import UNKNOWN
 
+from benchmarks.evaluate import INITS, model_at
 from training.shared_data import CALIBRATION_CROPS, calibration_set, data_root, out_of_scope_set
 
 
@@ -345,9 +347,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ood", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="midol-micro")
+    parser.add_argument("--init", choices=INITS, default="trained",
+                        help="trained: the model's weights; a baseline of its architecture: imagenet (the backbone's "
+                             "installed ImageNet weights before M-IDoL) or random (seeded)")
     parser.add_argument("--out", default=None, help="JSON file for the rows")
     args = parser.parse_args(argv)
-    model = load_model(args.model)
+    model = model_at(args.model, args.init)
     rows, naming, settings, new_sources = compare(model, data_root())
     if args.out:
         Path(args.out).write_text(json.dumps({"detectors": rows, "naming": naming, "settings": settings,

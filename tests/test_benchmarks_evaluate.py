@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import evaluate, ood, release
 from midol_hub import calibrate, load_model
@@ -184,6 +185,31 @@ def test_new_dataset_table_leaves_the_whole_dataset_out_of_calibration():
         assert row["named_right_group_held_out"] >= 0.9 and row["named_right"] <= 0.05 and row["unknown"] >= 0.95
     table = ood.new_source_markdown(list(rows.values()))
     assert table.count("\n") == 3 and "| xray | far | 110 |" in table
+
+
+def test_detector_benchmark_measures_the_baseline_that_init_names(monkeypatch, capsys):
+    """``python -m benchmarks.ood --init imagenet`` runs on the backbone's ImageNet start (the README's
+    ImageNet column), not on the trained model; an init it does not know is refused with the choices."""
+    measured = []
+
+    class Measured(Exception):
+        pass
+
+    def compare(model, root):
+        measured.append(model)
+        raise Measured
+
+    monkeypatch.setattr(ood, "compare", compare)
+    for init in ("imagenet", "trained"):
+        with pytest.raises(Measured):
+            ood.main(["--model", "midol-micro" if init == "trained" else "midol-lite", "--init", init])
+    start, trained = (m.backbone.state_dict() for m in measured)
+    reference = evaluate.model_at("midol-lite", "imagenet").backbone.state_dict()
+    assert all(torch.equal(start[k], reference[k]) for k in reference)
+    assert torch.equal(trained["patch_embed.proj.weight"], load_model("midol-micro").backbone.state_dict()["patch_embed.proj.weight"])
+    with pytest.raises(SystemExit):
+        ood.main(["--init", "imagenet21k"])
+    assert "invalid choice: 'imagenet21k' (choose from" in capsys.readouterr().err
 
 
 def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_then_the_lowest_ece():
