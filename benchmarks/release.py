@@ -306,8 +306,9 @@ LITE_COLUMNS = {"lite": (f"midol-lite `{LITE_FEATURE}` (this model's default)", 
 
 def release_lite(work: Path, install: Path) -> None:
     """midol-lite: one run of ``midol_lite.yaml`` from ImageNet (``WORK/lite``), exported calibrated
-    (fp16) into ``install`` with the calibration settings chosen on its own development side, and
-    its card from :func:`lite_results` and the targets."""
+    (fp16) into ``install`` with the calibration settings chosen on its own development side and
+    its head's batch norm refitted on the calibration images (``export.refit_head_norm_statistics``),
+    and its card from :func:`lite_results` and the targets."""
     data = prepare(work / "data")
     run = work / "lite"
     train(run, data, config=LITE_CONFIG)
@@ -315,7 +316,7 @@ def release_lite(work: Path, install: Path) -> None:
     compared = lite_development_side(work, run, root)
     settings = settings_of(ood.chosen_setting(compared[2]))
     calibration = calibration_set(root, crops=ood.VIEW_CROPS if settings["crops"] else 0)
-    calibrated = dict(calibrate=calibration.images, groups=calibration.groups, storage="fp16",
+    calibrated = dict(calibrate=calibration.images, groups=calibration.groups, storage="fp16", refit_head_norm=True,
                       calibration_settings={key: settings[key] for key in ("components", "quantile", "slope")})
     export.export(run, install, **calibrated)
     model = load_model(install)

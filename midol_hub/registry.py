@@ -88,8 +88,8 @@ _ENTRIES = (
         name="midol-lite",
         description="EfficientNet-Lite0 from ImageNet (224 px, 1280-d), 5 MoE experts; the recipe training/configs/"
                     "midol_lite.yaml, no released weights yet.",
-        # the backbone's pooled feature first: in all four measured runs it matched the expert embedding's
-        # linear probes and beat its kNN accuracy and precision@10 (README, "midol-lite: the ImageNet start");
+        # the backbone's pooled feature first: in the four runs measured on both it matched the expert embedding's
+        # linear probes and beat its kNN accuracy and precision@10 (README, "midol-lite");
         # encode still returns the embedding beside it, as midol-micro's does
         config=dict(backbone="tf_efficientnet_lite0", feature_dim=1280, img_size=224, hidden_dim=512, num_prototypes=4096,
                     default_output=["pooled", "embedding"],
