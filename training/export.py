@@ -46,7 +46,7 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Ma
     ``calibrate``: ``MODALITY=PATH`` roots, or images by modality (with their ``groups`` and
     ``calibration_settings``: ``quantile``, ``components``, ``slope``, see :func:`midol_hub.calibrate`).
     ``refit_head_norm`` first re-estimates the backbone's last batch norm on those images
-    (:func:`refit_head_norm`; for runs with frozen batch norm).
+    (:func:`refit_head_norm_statistics`; for runs with frozen batch norm).
 
     ``storage="fp16"`` halves the file; it is refused unless embeddings of the calibration
     images stay within 1e-3 of fp32. ``card`` goes to ``save_pretrained`` (``results``,
@@ -74,7 +74,7 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Ma
     model.eval()
     samples = None
     if refit_head_norm and not calibrate:
-        raise DatasetError("refitting the head's batch norm needs training images: pass them with --calibrate")
+        raise DatasetError("refitting the head's batch norm needs training images: pass them with calibrate= (--calibrate)")
     if calibrate:
         if config.expert_modalities == [SHARED]:
             raise DatasetError("a one-expert (dino objective) model has no experts to calibrate")
