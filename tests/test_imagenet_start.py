@@ -3,6 +3,7 @@ timm, an M-IDoL model on a non-Swin backbone, and a pretraining run that starts 
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from skimage import data as skimage_data
 from midol_hub import MIDoLConfig, MIDoLModel, load_model
 from midol_hub.errors import DatasetError
 from training import export, pretrain
+from training.head_norm import HeadNormTracking, refit_head_norm_statistics
 from training.augment import MultiCrop
 from training.config import ConfigError, load_config
 from training.imagenet import (
@@ -203,6 +205,13 @@ def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp
     norms = [k for k in start if is_norm(k) and not k.endswith("num_batches_tracked")]
     assert len(norms) > 150 and all(torch.equal(frozen_norm[k], start[k]) for k in norms)
     assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-5  # rounding: 2e-7
+    tracked = run("tracked", "optim.freeze_backbone_epochs=0", "model.head_norm_momentum=0.5")  # the head norm follows the crops
+    assert tracked.config.pretraining["deviations_from_official"]["head_norm_momentum"] == 0.5
+    tracked_state, head_norm = tracked.state_dict(), ("backbone.bn2.running_mean", "backbone.bn2.running_var")
+    assert all(torch.equal(tracked_state[k], start[k]) for k in norms if k not in head_norm)
+    assert all((tracked_state[k] - start[k]).abs().max() > 1e-2 for k in head_norm)
+    checkpoint = torch.load(sorted((tmp_path / "tracked").glob("checkpoint-*.pt"))[-1], weights_only=True)
+    assert all(torch.equal(checkpoint["student"][k], checkpoint["teacher"][k]) for k in head_norm)  # the student takes the teacher's
     with pytest.raises(ConfigError, match="model.batch_norm must be 'train' or 'frozen', got 'fixed'"):
         pretrain.build_models(load_config(LITE, ["model.init=null", "model.batch_norm=fixed"]), torch.device("cpu"))
 
@@ -227,7 +236,7 @@ def test_refitting_the_head_norm_revives_channels_that_drifted_below_zero(data_r
 
     assert never_firing() > 0.3  # the ImageNet start as it is: 0.006
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert export.refit_head_norm_statistics(model, images, batch_size=30) == 60
+    assert refit_head_norm_statistics(model, images, batch_size=30) == 60
     assert never_firing() < 0.03
     head_norm = model.backbone.bn2
     assert not head_norm.training and head_norm.momentum == 0.1  # back as it was, in eval mode
@@ -241,10 +250,51 @@ def test_refitting_the_head_norm_revives_channels_that_drifted_below_zero(data_r
     assert torch.allclose(head_norm.running_var, channels.var(1), rtol=0.1)  # the mean within-batch variance
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"backbone.bn2.running_mean", "backbone.bn2.running_var", "backbone.bn2.num_batches_tracked"}
-    with pytest.raises(DatasetError, match="swin_micro.* has no batch norm to refit"):
-        export.refit_head_norm_statistics(load_model("midol-micro"), images)
+    with pytest.raises(DatasetError, match="swin_micro.* has no batch norm"):
+        refit_head_norm_statistics(load_model("midol-micro"), images)
     with pytest.raises(DatasetError, match="no images to refit"):
-        export.refit_head_norm_statistics(model, {"oct": []})
+        refit_head_norm_statistics(model, {"oct": []})
+    pretrain.freeze_batch_norm(model)
+    with pytest.raises(DatasetError, match=r"is frozen \(FrozenBatchNormAct2d\); refit an exported model"):
+        refit_head_norm_statistics(model, images)
+
+
+def test_tracking_the_head_norm_in_training_follows_the_teachers_input_and_revives_drifted_channels(data_root):
+    # the drift of the refit test above, on frozen batch norms as pretraining has them
+    student = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(student)
+    pretrain.freeze_batch_norm(student)
+    with torch.no_grad():
+        student.backbone.blocks[-1][0].bn3.bias -= 40 * torch.nn.functional.normalize(student.backbone.conv_head.weight[:, :, 0, 0].sum(0), dim=0)
+    teacher = copy.deepcopy(student)
+    octs = sorted((data_root / "oct/kermany_oct2017_samples_c").rglob("*.jpeg"))[:12]
+    derm = sorted((data_root / "dermoscopy/isic_uda1_250px").glob("*.jpg"))[:12]
+    batch = torch.cat([teacher.preprocess([str(p) for p in octs], "oct"), teacher.preprocess([str(p) for p in derm], "dermoscopy")])
+    grabbed = []
+    teacher.backbone.conv_head.register_forward_hook(lambda module, args, out: grabbed.append(out.transpose(0, 1).flatten(1)))
+
+    def never_firing() -> float:
+        with torch.no_grad():
+            return float((teacher.backbone(batch).abs().amax(0) == 0).float().mean())
+
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert never_firing() > 0.3 and all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())  # untracked: unchanged
+    tracking = HeadNormTracking(student, teacher, momentum=0.25)
+    norm = teacher.backbone.bn2
+    with tracking.tracking(), torch.no_grad():
+        teacher(batch)
+    channels = grabbed[-1]  # (1280, images x positions)
+    assert torch.allclose(norm.running_mean, 0.75 * before["backbone.bn2.running_mean"] + 0.25 * channels.mean(1), atol=1e-5)
+    assert torch.allclose(norm.running_var, 0.75 * before["backbone.bn2.running_var"] + 0.25 * channels.var(1), rtol=1e-4)
+    changed = {k for k, v in teacher.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"backbone.bn2.running_mean", "backbone.bn2.running_var"}
+    assert not norm._forward_pre_hooks and torch.equal(student.backbone.bn2.running_mean, before["backbone.bn2.running_mean"])
+    tracking.share()
+    assert torch.equal(student.backbone.bn2.running_mean, norm.running_mean) and torch.equal(student.backbone.bn2.running_var, norm.running_var)
+    with tracking.tracking(), torch.no_grad():
+        for _ in range(12):  # 0.75^12: 3% of the drifted statistics left
+            teacher(batch)
+    assert never_firing() < 0.03
 
 
 def test_lora_and_class_heatmaps_work_on_a_cnn_backbone(data_root):

@@ -14,6 +14,7 @@ from midol_hub import load_model
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import deviations_from_official, load_config, official_options
+from training.imagenet import load_imagenet_backbone
 from training.monitor import KNNMonitor
 
 from .helpers import REPO, torchrun
@@ -146,6 +147,20 @@ def test_two_cpu_ranks_stay_in_sync(tmp_path, retina):
     assert len((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()) == 3  # only rank 0 writes
 
 
+@pytest.mark.distributed
+def test_two_ranks_tracking_the_head_norm_stay_in_sync(tmp_path, data_root):
+    # each rank sees other crops; their batch moments are averaged, so the teachers stay equal
+    torchrun("-m", "training.pretrain", "--config", str(REPO / "training" / "configs" / "midol_lite.yaml"),
+             "--data", f"oct={data_root / 'oct/kermany_oct2017_samples_c'}", "--output-dir", str(tmp_path / "ddp"),
+             "--batch-size", "4", "--max-steps", "2", "--set", "crops.global_size=64", "--set", "crops.local_size=32",
+             "--set", "model.num_prototypes=256", "--set", "run.routing_every=0", "--set", "model.head_norm_momentum=0.5")
+    assert json.loads((tmp_path / "ddp" / "ranks.json").read_text())["in_sync"]
+    state = torch.load(sorted((tmp_path / "ddp").glob("checkpoint-*.pt"))[-1], weights_only=True)
+    start = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(start)
+    assert (state["teacher"]["backbone.bn2.running_mean"] - start.state_dict()["backbone.bn2.running_mean"]).abs().max() > 1e-2
+
+
 def pretrain_ranks(tmp_path: Path, name: str, data: list[str], *extra: str) -> list[dict]:
     torchrun("-m", "training.pretrain", "--config", MICRO, "--data", *data, "--output-dir", str(tmp_path / name),
              "--batch-size", "8", "--set", "run.checkpoint_every=2", *extra)
@@ -178,6 +193,8 @@ def test_fsdp_matches_ddp_and_its_checkpoints_resume_under_ddp_and_export(tmp_pa
         (["--set", "model.arch=midol-huge"], "not a registry name"),
         (["--set", "crops.ihc_patterns=[membrane]"], "crops: IHC re-staining patterns (ihc_patterns) must be a non-empty subset"),
         (["--set", "crops.colour_jitter={hew: 0}"], "crops: colour_jitter takes brightness, contrast, saturation, hue, got hew"),
+        (["--set", "model.head_norm_momentum=0.1"], "model.head_norm_momentum needs model.batch_norm: frozen"),
+        (["--set", "model.batch_norm=frozen", "--set", "model.head_norm_momentum=1.5"], "must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_runs_fail_with_one_line(tmp_path, capsys, retina, args, message):
@@ -203,7 +220,8 @@ def test_official_options_are_read_from_the_defaults_and_deviations_derive_from_
                                   "gate_noise": defaults["model"]["gate_noise"], "clip_mode": defaults["optim"]["clip_mode"],
                                   "teacher_train_mode": defaults["model"]["teacher_train_mode"], "init": None,
                                   "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none",
-                                  "batch_norm": "train", "layer_decay": 1.0, "freeze_backbone_epochs": 0}
+                                  "batch_norm": "train", "layer_decay": 1.0, "freeze_backbone_epochs": 0,
+                                  "head_norm_momentum": 0.0}
     assert deviations_from_official(load_config(None)) == {}
     v3 = load_config(REPO / "training" / "configs" / "midol_micro_v3.yaml", ["model.init=/somewhere/midol-micro"])
     assert deviations_from_official(v3) == {"routing": "balanced", "balance": "tags_per_batch", "init": "midol-micro"}

@@ -87,7 +87,8 @@ OBJECTIVE_OPTIONS = {"routing": ("objective", "routing"), "top_k": ("model", "to
                      "teacher_train_mode": ("model", "teacher_train_mode"), "clip_mode": ("optim", "clip_mode"),
                      "sinkhorn_iters": ("objective", "sinkhorn_iters"), "init": ("model", "init"), "balance": ("data", "balance"),
                      "batch_norm": ("model", "batch_norm"), "layer_decay": ("optim", "layer_decay"),
-                     "freeze_backbone_epochs": ("optim", "freeze_backbone_epochs")}
+                     "freeze_backbone_epochs": ("optim", "freeze_backbone_epochs"),
+                     "head_norm_momentum": ("model", "head_norm_momentum")}
 """The options in which a run may differ from the official M-IDoL objective, and where they live."""
 
 

@@ -27,6 +27,7 @@ from midol_hub.utils import run_command
 from .checkpoint import list_checkpoints, load_checkpoint
 from .config import deviations_from_official, objective_options
 from .data import open_source
+from .head_norm import refit_head_norm_statistics
 from .pretrain import freeze_batch_norm
 
 
@@ -105,38 +106,6 @@ def export(run_dir: str | Path, model_dir: str | Path, calibrate: list[str] | Ma
         raise DatasetError(f"--storage must be fp32 or fp16, got {storage!r}")
     model.save_pretrained(model_dir, **card)
     return Exported(model.float(), fp16_error)
-
-
-@torch.no_grad()
-def refit_head_norm_statistics(model: MIDoLModel, images: Mapping[str, Sequence], batch_size: int = 48,
-                               seed: int = 0) -> int:
-    """Re-estimate the running mean and variance of the backbone's last batch norm (the one its
-    pooled feature comes out of) on ``images`` by modality, shuffled together; returns how many.
-
-    Why: with ``model.batch_norm: frozen`` the statistics stay the start's while the layers below
-    learn, and the head's channels drift. In midol-lite's tenth run 19-45% of the 1,280 pooled
-    channels were below zero on every training image of a set (ImageNet start: 0.2-4%), and the
-    pooled feature's linear probe lost what the run gained; refitting this one batch norm brings
-    them back (README, "midol-lite"). Weights, affine and every other batch norm stay as trained."""
-    norms = [module for module in model.backbone.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        raise DatasetError(f"the backbone {model.config.backbone} has no batch norm to refit")
-    items = [(modality, image) for modality, group in images.items() for image in group]
-    if not items:
-        raise DatasetError("no images to refit the head's batch norm on")
-    np.random.default_rng(seed).shuffle(items)
-    head_norm, momentum = norms[-1], norms[-1].momentum
-    head_norm.reset_running_stats()
-    head_norm.momentum = None  # a cumulative average over the batches, not an EMA
-    head_norm.train()
-    try:
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
-            model.backbone(torch.cat([model.preprocess([image], modality) for modality, image in chunk]))
-    finally:
-        head_norm.momentum = momentum
-        head_norm.eval()
-    return len(items)
 
 
 def keeps_fp32(model: MIDoLModel, name: str, tensor: torch.Tensor) -> bool:

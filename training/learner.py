@@ -24,6 +24,7 @@ from midol_hub.modeling_midol import backbone_stages
 from midol_hub.tasks import layerwise_lr_groups
 
 from .distributed import is_distributed
+from .head_norm import HeadNormTracking
 from .losses import MIDoLLoss
 
 
@@ -130,6 +131,8 @@ class Learner:
             raise TrainingError("optim.precision fp16 needs CUDA (with a GradScaler); use bf16 on CPU")
         self.precision = precision
         self.scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        momentum = config["model"]["head_norm_momentum"]
+        self.head_norm = HeadNormTracking(student, teacher, momentum) if momentum else None
 
     def autocast(self):
         if self.precision == "fp32":
@@ -152,7 +155,7 @@ class Learner:
             if crops is None:
                 continue
             with self.autocast():
-                with torch.no_grad():
+                with torch.no_grad(), self.head_norm.tracking() if self.head_norm else contextlib.nullcontext():
                     teacher_out = self.teacher(torch.cat(crops[:2]))
                 student_prototypes, student_routing = self.model(crops)
                 loss, route, distill = self.loss(student_prototypes, teacher_out.prototype_logits,
@@ -183,6 +186,8 @@ class Learner:
                 self.teacher.reshard()
             for t_param, s_param in zip(self.teacher.parameters(), self.student.parameters()):
                 t_param.mul_(momentum).add_(s_param.detach(), alpha=1 - momentum)
+            if self.head_norm:
+                self.head_norm.share()
         return result
 
     def model_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -106,6 +106,11 @@ def build_models(config: dict[str, Any], device: torch.device) -> tuple[MIDoLMod
         freeze_batch_norm(student)
     elif batch_norm != "train":
         raise ConfigError(f"model.batch_norm must be 'train' or 'frozen', got {batch_norm!r}")
+    head_norm_momentum = config["model"]["head_norm_momentum"]
+    if not 0 <= head_norm_momentum <= 1:
+        raise ConfigError(f"model.head_norm_momentum must be in [0, 1], got {head_norm_momentum!r}")
+    if head_norm_momentum and batch_norm != "frozen":
+        raise ConfigError("model.head_norm_momentum needs model.batch_norm: frozen (with train, every batch norm follows its batches)")
     # the official teacher is never switched to eval mode: stochastic depth and gate noise act on it too
     teacher_train_mode = config["model"]["teacher_train_mode"]
     teacher = MIDoLModel(model_config(config, config["model"]["drop_path_rate"] if teacher_train_mode else 0.0))
