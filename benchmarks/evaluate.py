@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from midol_hub import (
     DatasetError,
@@ -75,29 +76,70 @@ def features_of(model, images: list, modality: str, feature: str, cache_dir: str
 
 
 def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "embedding", max_train: int | None = 3000,
-             max_test: int | None = 2000, cache_dir: str | None = None, progress: bool = False) -> dict:
+             max_test: int | None = 2000, cache_dir: str | None = None, progress: bool = False, folds: int = 0) -> dict:
     """``{dataset: {"linear probe": metrics, "kNN": metrics, "retrieval": precision@10 and mAP@10,
-    "sizes": ...}}`` on the test splits."""
+    "sizes": ...}}`` on the test splits; with ``folds`` > 1, on the training splits alone by
+    grouped cross-validation (:func:`cross_validated`), the test splits untouched."""
     results = {}
     for name in names or list(BENCHMARKS):
         if name not in BENCHMARKS:
             raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
         modality, load = BENCHMARKS[name]
         train, test = load(root)
-        train, test = capped(train, max_train), capped(test, max_test)
+        train = capped(train, max_train)
         train_x = features_of(model, train.images, modality, feature, cache_dir, progress)
+        if folds > 1:
+            results[name] = cross_validated(train_x, train, folds)
+            continue
+        test = capped(test, max_test)
         test_x = features_of(model, test.images, modality, feature, cache_dir, progress)
-        probe = linear_probe(train_x, train.labels, test_x)
-        knn = knn_classify(train_x, train.labels, test_x, num_classes=len(train.class_names))
-        results[name] = {
-            protocol: {key: value for key, value in classification_metrics(test.labels, scores, train.class_names).items()
-                       if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
-            for protocol, scores in (("linear probe", probe), ("kNN", knn))
-        }
-        if np.asarray(train.labels).ndim == 1:
-            results[name]["retrieval"] = retrieval_scores(train_x, train.labels, test_x, test.labels)
-        results[name]["sizes"] = {"train": len(train), "test": len(test)}
+        results[name] = {**scores_of(train_x, train, test_x, test.labels), "sizes": {"train": len(train), "test": len(test)}}
     return results
+
+
+def scores_of(train_x: torch.Tensor, train: LabelledImages, test_x: torch.Tensor, test_labels: np.ndarray) -> dict:
+    """Linear probe and kNN metrics, and retrieval for single-label sets, of ``test_x`` against ``train``."""
+    probe = linear_probe(train_x, train.labels, test_x)
+    knn = knn_classify(train_x, train.labels, test_x, num_classes=len(train.class_names))
+    results = {
+        protocol: {key: value for key, value in classification_metrics(test_labels, scores, train.class_names).items()
+                   if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
+        for protocol, scores in (("linear probe", probe), ("kNN", knn))
+    }
+    if np.asarray(train.labels).ndim == 1:
+        results["retrieval"] = retrieval_scores(train_x, train.labels, test_x, test_labels)
+    return results
+
+
+def cross_validated(features: torch.Tensor, data: LabelledImages, folds: int = 5, seed: int = 0) -> dict:
+    """The figures of :func:`evaluate` measured on one labelled split alone: ``folds``-fold
+    cross-validation grouped by ``data.groups`` (patient, lesion, slide: no group on both sides),
+    stratified by label where single-label; every image is held out once, and the classifier
+    metrics are those of the pooled held-out scores, retrieval the mean over every held-out
+    query. For choosing between checkpoints or settings without looking at a test split."""
+    labels = np.asarray(data.labels)
+    single = labels.ndim == 1
+    if len(set(data.groups)) < folds:
+        raise DatasetError(f"{data.name}: {len(set(data.groups))} groups cannot fill {folds} folds")
+    splitter = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if single else GroupKFold(folds)
+    width = len(data.class_names)
+    held_out = {"linear probe": np.zeros((len(data), width)), "kNN": np.zeros((len(data), width))}
+    retrieval: dict[str, float] = {}
+    for fit, out in splitter.split(np.zeros(len(data)), labels if single else None, data.groups):
+        fold = data.subset(fit)
+        held_out["linear probe"][out] = linear_probe(features[fit], fold.labels, features[out])
+        held_out["kNN"][out] = knn_classify(features[fit], fold.labels, features[out], num_classes=width)
+        if single:
+            for key, value in retrieval_scores(features[fit], fold.labels, features[out], labels[out]).items():
+                retrieval[key] = retrieval.get(key, 0.0) + value * len(out) / len(data)
+    results = {
+        protocol: {key: value for key, value in classification_metrics(labels, scores, data.class_names).items()
+                   if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
+        for protocol, scores in held_out.items()
+    }
+    if single:
+        results["retrieval"] = retrieval
+    return {**results, "sizes": {"train": len(data), "folds": folds}}
 
 
 def _sample(images: dict[str, list], per_modality: int | None) -> tuple[list, list[str]]:
@@ -273,10 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separation", action="store_true",
                         help="also measure how modality='auto' answers (test splits, full-resolution test parts, "
                              "out-of-scope set, confidence calibration)")
+    parser.add_argument("--cross-validate", type=int, default=0, metavar="FOLDS",
+                        help="measure on the training splits alone, by FOLDS-fold cross-validation grouped by patient, "
+                             "lesion or slide (the test splits untouched): for choosing between checkpoints or settings")
     parser.add_argument("--calibrate", action="store_true",
                         help="first calibrate the model on the training sides as a release does (calibration_set, default "
                              "settings; in memory only): --separation on a candidate that was exported uncalibrated")
     args = parser.parse_args(argv)
+    if args.cross_validate == 1 or args.cross_validate < 0:
+        parser.error(f"--cross-validate takes 2 or more folds (0: the test splits), got {args.cross_validate}")
+    if args.cross_validate and args.separation:
+        parser.error("--separation measures on test parts; run it without --cross-validate")
     keep_freed_memory()  # thousands of images encoded: see midol_hub.allocator
 
     def body() -> None:
@@ -286,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration = calibration_set(root)
             calibrate(model, calibration.images, calibration.groups)
         results = evaluate(model, root, args.datasets, args.feature, args.max_train, args.max_test, args.cache_dir,
-                           progress=True)
+                           progress=True, folds=args.cross_validate)
         if args.separation:
             results[SEPARATION] = modality_separation(model, root)
         Path(args.out).write_text(json.dumps(results, indent=2))
@@ -298,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             inits = ["imagenet"] if model.config.backbone in IMAGENET_WEIGHTS else []
             for init in [*inits, "random"]:
                 baseline = evaluate(model_at(args.model, init), root, args.datasets, "pooled", args.max_train,
-                                    args.max_test, args.cache_dir, progress=True)
+                                    args.max_test, args.cache_dir, progress=True, folds=args.cross_validate)
                 columns[f"{init} initialisation `pooled`"] = baseline
             print(comparison_table(columns))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import evaluate, ood, release
-from midol_hub import calibrate, load_model
+from midol_hub import DatasetError, LabelledImages, calibrate, load_model
 from midol_hub.calibration import COMPONENTS, QUANTILE, SLOPE
 from midol_hub.evaluation import calibration_error
 from midol_hub.modalities import MODALITIES
@@ -149,6 +149,37 @@ def test_radiograph_probe_is_split_by_patient_with_real_projection_labels(data_r
         assert train.class_names[label].lower() == rows[Path(path).stem]["projection"]
     assert 0.15 < test.labels.mean() < 0.3  # PA is the minority (49 of 243)
     assert shared_data.group_of(data_root, test.images[0]) == f"cxr patient {test.groups[0]}"
+
+
+def test_cross_validation_holds_out_whole_patients(data_root):
+    train, _ = shared_data.hannover_splits(data_root)
+    rng = np.random.default_rng(0)
+    informative = torch.tensor(np.eye(2)[train.labels] * 3 + rng.normal(size=(len(train), 2)), dtype=torch.float32)
+    good = evaluate.cross_validated(informative, train)
+    assert good["linear probe"]["accuracy"] > 0.95 and good["retrieval"]["precision@10"] > 0.9
+    assert good["sizes"] == {"train": 161, "folds": 5}
+    # a feature that only tells the patient apart: it scores where a patient sits on both sides of a split
+    patient = {group: rng.normal(size=32) for group in set(train.groups)}
+    fingerprint = torch.tensor(np.stack([patient[group] for group in train.groups]), dtype=torch.float32)
+    grouped = evaluate.cross_validated(fingerprint, train)
+    leaky = evaluate.cross_validated(fingerprint, LabelledImages(train.images, train.labels, train.class_names))  # one image, one group
+    assert grouped["kNN"]["auc"] < 0.6 and grouped["linear probe"]["auc"] < 0.6  # measured: 0.46, 0.42
+    assert leaky["kNN"]["auc"] > 0.8  # measured: 0.88
+    with pytest.raises(DatasetError, match="3 groups cannot fill 5 folds"):
+        evaluate.cross_validated(fingerprint[:3], train.subset([0, 2, 4]))
+
+
+def test_cross_validate_flag_measures_the_training_split_alone(tmp_path, micro_dir, capsys):
+    out = tmp_path / "cv.json"
+    assert evaluate.main(["--model", str(micro_dir), "--out", str(out), "--datasets", "Kermany OCT",
+                          "--cross-validate", "3"]) == 0
+    result = json.loads(out.read_text())["Kermany OCT"]
+    assert result["sizes"] == {"train": 72, "folds": 3} and 0 <= result["linear probe"]["accuracy"] <= 1
+    for bad, message in ((["--cross-validate", "1"], "takes 2 or more folds"), (["--cross-validate", "3", "--separation"],
+                                                                                  "run it without --cross-validate")):
+        with pytest.raises(SystemExit):
+            evaluate.main(["--model", str(micro_dir), "--out", str(out), *bad])
+        assert message in capsys.readouterr().err
 
 
 def test_out_of_scope_set_is_real_deduplicated_and_none_of_the_five(data_root):

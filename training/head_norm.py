@@ -37,7 +37,7 @@ def head_norm(model: MIDoLModel) -> torch.nn.Module:
 class HeadNormTracking:
     """``model.head_norm_momentum`` m > 0: the teacher's head norm still normalises with running
     statistics (no batch statistics in the forward, no gradient through them), but they follow
-    its input on the global crops of every step, ``running <- (1 - m) running + m batch`` (batch
+    its input on the global crops of every micro-batch, ``running <- (1 - m) running + m batch`` (batch
     moments averaged over ranks); the student normalises with the teacher's statistics, copied
     after each step. Weights, affine and every other batch norm stay frozen."""
 

@@ -148,7 +148,8 @@ class Learner:
     def step(self, micro_batches: list[list[torch.Tensor] | None], teacher_temp: float, momentum: float,
              freeze_last_layer: bool, freeze_backbone: bool = False) -> StepResult:
         """Accumulate gradients over the micro-batches, then one AdamW step and the teacher EMA
-        (``freeze_backbone``: only the head steps; AdamW leaves parameters without a gradient alone)."""
+        (``freeze_backbone``: only the head steps; AdamW leaves parameters without a gradient alone);
+        with ``model.head_norm_momentum`` the teacher's forwards also move its head norm's statistics."""
         result = StepResult()
         share = 1 / len(micro_batches)
         for crops in micro_batches:
