@@ -93,7 +93,8 @@ def measure(arch: str = "midol-swin-base", batch: int = 8, repeats: int = 5) -> 
 
 
 def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, files: int = 64) -> dict[str, float]:
-    """``name`` (its shipped weights where it has them) against timm's forward of the same backbone:
+    """``name`` (its shipped weights where it has them) against timm's forward of the same backbone,
+    in timm's default layout and in channels_last (the one MIDoLModel gives a CNN's activations):
     ``model.encode`` of preprocessed batches, and ``midol encode``'s path (``midol_hub.bulk``: decode
     in workers, JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files,
     with its default forward streams and with one (``midol_hub.bulk.default_streams``)."""
@@ -110,9 +111,9 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
     pixels, micro_pixels = torch.randn(batch, 3, size, size), torch.randn(batch, 3, micro.config.img_size, micro.config.img_size)
     paths = real_image_paths(files)
 
-    def timm_forward():
-        with torch.inference_mode():
-            backbone(pixels)
+    def timm_forward(layout: torch.memory_format = torch.contiguous_format):
+        inputs = pixels.contiguous(memory_format=layout)
+        return lambda: _inference(backbone, inputs)
 
     def bulk(streams: int | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -122,7 +123,8 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
             remove_parts(out)
 
     seconds = interleaved_medians({
-        "timm": timm_forward,
+        "timm": timm_forward(),
+        "timm_channels_last": timm_forward(torch.channels_last),  # the layout MIDoLModel gives a CNN
         "encode": lambda: model.encode(pixels, modality="oct", preprocessed=True, batch_size=batch),
         "micro": lambda: micro.encode(micro_pixels, modality="oct", preprocessed=True, batch_size=batch),
         "bulk": bulk,  # side by side with the forward it is compared with: this machine's speed drifts
@@ -132,12 +134,20 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
     forward_images_per_s = batch / seconds["timm"]
     return {
         "lite_encode_vs_timm_ratio": seconds["timm"] / seconds["encode"],
+        "lite_encode_vs_timm_channels_last_ratio": seconds["timm_channels_last"] / seconds["encode"],
+        "timm_channels_last_vs_contiguous_ratio": seconds["timm"] / seconds["timm_channels_last"],
         "lite_encode_images_per_s": batch / seconds["encode"],
         "micro_encode_images_per_s": batch / seconds["micro"],
         "midol_encode_fullres_vs_forward_ratio": len(paths) / folder / forward_images_per_s,
         "midol_encode_fullres_images_per_s": len(paths) / folder,
         "midol_encode_fullres_one_stream_vs_forward_ratio": len(paths) / seconds["bulk_one_stream"] / forward_images_per_s,
+        "midol_encode_fullres_vs_channels_last_forward_ratio": len(paths) / folder / (batch / seconds["timm_channels_last"]),
     }
+
+
+def _inference(model: torch.nn.Module, inputs: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model(inputs)
 
 
 def measure_frames(pages: tuple[int, int] = (30, 3000), size: int = 32) -> dict[str, float]:

@@ -68,6 +68,12 @@ def test_a_non_swin_backbone_gives_pooled_features_a_pyramid_and_nchw_tokens(tmp
     assert [tuple(level.shape[1:]) for level in out.pyramid] == [(16, 80, 80), (24, 40, 40), (40, 20, 20), (112, 10, 10),
                                                                   (320, 5, 5)]
     assert out.patch_tokens.shape == (2, 1280, 5, 5)
+    # a CNN runs on channels_last activations (faster on CPU), with what the contiguous layout gives
+    assert out.patch_tokens.is_contiguous(memory_format=torch.channels_last) and not out.patch_tokens.is_contiguous()
+    images = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        contiguous = model.backbone.forward_head(model.backbone.forward_features(images.contiguous()), pre_logits=True)
+        torch.testing.assert_close(model(images).pooled, contiguous, atol=1e-4, rtol=1e-4)
     model.save_pretrained(tmp_path)
     again = load_model(tmp_path)
     batch = torch.randn(1, 3, 224, 224)
