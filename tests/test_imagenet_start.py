@@ -112,35 +112,6 @@ def test_precision_auto_follows_the_machine(monkeypatch):
 
 
 
-def test_channels_last_steps_as_contiguous_does_and_is_the_cnn_default(data_root):
-    photos = sorted((data_root / "dermoscopy/isic_uda1_250px").glob("*.jpg"))[:4]
-    multicrop = MultiCrop(64, local_number=4, local_size=32, local_upsample=False)  # midol_lite.yaml: four local crops
-    views = [multicrop(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255) for p in photos]
-    crops = [torch.stack(group) for group in zip(*views)]
-    runs = {}
-    for layout in ("contiguous", "channels_last"):
-        config = load_config(LITE, ["model.num_prototypes=256", "optim.freeze_backbone_epochs=0", f"optim.memory_format={layout}"])
-        torch.manual_seed(0)
-        student, teacher = pretrain.build_models(config, torch.device("cpu"))
-        learner = Learner(config, student, teacher, torch.device("cpu"))
-        losses = [learner.step([crops], teacher_temp=0.04, momentum=0.9, freeze_last_layer=False).loss for _ in range(2)]
-        runs[layout] = losses, teacher.state_dict()
-        stem = student.backbone.conv_stem.weight
-        assert stem.is_contiguous(memory_format=torch.channels_last) != stem.is_contiguous()  # one layout, not both
-        assert stem.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
-    (plain_losses, plain), (last_losses, last) = runs["contiguous"], runs["channels_last"]
-    assert last_losses == pytest.approx(plain_losses, rel=1e-4)  # fp32, midol_lite.yaml's precision
-    assert max(float((last[k] - plain[k]).abs().max()) for k in plain if plain[k].is_floating_point()) < 1e-4
-
-    def auto(path: str, *overrides: str) -> torch.memory_format:
-        config = load_config(path, ["model.init=null", "model.num_prototypes=64", *overrides])
-        return Learner(config, *pretrain.build_models(config, torch.device("cpu")), torch.device("cpu")).memory_format
-
-    assert auto(LITE) == torch.channels_last and auto(str(REPO / "training/configs/midol_micro.yaml")) == torch.contiguous_format
-    with pytest.raises(TrainingError, match="optim.memory_format must be auto, channels_last or contiguous, got 'nhwc'"):
-        auto(LITE, "optim.memory_format=nhwc")
-
-
 def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_full_lr():
     config = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=0.5", "model.batch_norm=train"])
     student, teacher = pretrain.build_models(config, torch.device("cpu"))

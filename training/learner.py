@@ -88,23 +88,6 @@ class StepResult:
     teacher_routing: list[torch.Tensor] = field(default_factory=list)
 
 
-MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
-
-def memory_format(name: str, student: MIDoLModel, sharded: bool) -> torch.memory_format:
-    """``optim.memory_format``; ``auto``: channels_last for a CNN backbone (midol-lite's pretraining
-    step on 2 CPU cores in fp32: 1.56 times the bf16 contiguous step, ``benchmarks.train_step``),
-    contiguous for Swin, whose tokens are not images after the patch embedding, and under FSDP,
-    which shards parameters as contiguous rows."""
-    if name == "auto":
-        name = "contiguous" if student.config.is_swin or sharded else "channels_last"
-    if name not in MEMORY_FORMATS:
-        raise TrainingError(f"optim.memory_format must be auto, {' or '.join(MEMORY_FORMATS)}, got {name!r}")
-    if name == "channels_last" and sharded:
-        raise TrainingError("optim.memory_format channels_last is not supported under FSDP; use auto or contiguous")
-    return MEMORY_FORMATS[name]
-
-
 class Learner:
     """Student, EMA teacher, the M-IDoL loss, AdamW, clipping, AMP and gradient accumulation."""
 
@@ -115,9 +98,6 @@ class Learner:
         if self.strategy not in STRATEGIES:
             raise TrainingError(f"dist.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         self.sharded = is_distributed() and self.strategy == "fsdp"
-        self.memory_format = memory_format(optim["memory_format"], student, self.sharded)
-        for model in (student, teacher):
-            model.to(memory_format=self.memory_format)
         if self.sharded:  # each backbone stage and the head are units: gathered for their forward, freed after
             for model in (student, teacher):
                 for stage in backbone_stages(model.backbone):
@@ -175,7 +155,6 @@ class Learner:
         for crops in micro_batches:
             if crops is None:
                 continue
-            crops = [crop.contiguous(memory_format=self.memory_format) for crop in crops]
             with self.autocast():
                 with torch.no_grad(), self.head_norm.tracking() if self.head_norm else contextlib.nullcontext():
                     teacher_out = self.teacher(torch.cat(crops[:2]))
