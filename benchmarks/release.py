@@ -51,7 +51,7 @@ from midol_hub.model_card import SEPARATION, separation_table
 from midol_hub.registry import get_entry
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
-from training.config import deviations_from_official
+from training.config import deviations_from_official, load_config
 from training.prepare_shared_data import prepare
 from training.shared_data import BENCHMARKS, CALIBRATION_CROPS, calibration_set, data_root
 
@@ -307,7 +307,7 @@ LITE_COLUMNS = {"lite": (f"midol-lite `{LITE_FEATURE}` (this model's default)", 
 def release_lite(work: Path, install: Path) -> None:
     """midol-lite: one run of ``midol_lite.yaml`` from ImageNet (``WORK/lite``), exported calibrated
     (fp16) into ``install`` with the calibration settings chosen on its own development side and
-    its head's batch norm refitted on the calibration images (``export.refit_head_norm_statistics``),
+    its head's batch norm refitted on the calibration images (``training.head_norm.refit_head_norm_statistics``),
     and its card from :func:`lite_results` and the targets."""
     data = prepare(work / "data")
     run = work / "lite"
@@ -388,7 +388,8 @@ def lite_notes(results: dict, minutes: float, config_text: str, detector: list[s
              f"**Feature targets** (the default `{LITE_FEATURE}` against the ImageNet start's pooled feature):", "",
              *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "", *detector, "",
              "### Training", "",
-             f"On a 2-core CPU (AMD EPYC with AVX-512 BF16), bf16 autocast: {minutes:.0f} min. Configuration "
+             f"On a 2-core CPU (AMD EPYC with AVX-512 BF16), in {load_config(LITE_CONFIG)['optim']['precision']}: "
+             f"{minutes:.0f} min. Configuration "
              "(`training/configs/midol_lite.yaml` over `defaults.yaml`):", "", "```yaml", config_text.strip(), "```", "",
              "Reproduce the numbers: `python -m benchmarks.evaluate --model midol-lite --separation --out results.json` "
              "(and `--init imagenet --feature pooled` for the start). Reproduce the model: "
