@@ -339,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.separation:
             results[SEPARATION] = modality_separation(model, root)
         Path(args.out).write_text(json.dumps(results, indent=2))
+        if args.cross_validate:
+            print(f"{args.cross_validate}-fold cross-validation on the training splits, grouped by patient, lesion or slide "
+                  "(the test splits untouched):")
         print(evaluation_table(results))
         if "full resolution" in results.get(SEPARATION, {}):  # calibrated: auto has targets to meet
             print("\n" + "\n".join(verdict(results[SEPARATION])))
