@@ -101,14 +101,17 @@ def scores_of(train_x: torch.Tensor, train: LabelledImages, test_x: torch.Tensor
     """Linear probe and kNN metrics, and retrieval for single-label sets, of ``test_x`` against ``train``."""
     probe = linear_probe(train_x, train.labels, test_x)
     knn = knn_classify(train_x, train.labels, test_x, num_classes=len(train.class_names))
-    results = {
-        protocol: {key: value for key, value in classification_metrics(test_labels, scores, train.class_names).items()
-                   if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
-        for protocol, scores in (("linear probe", probe), ("kNN", knn))
-    }
+    results = classifier_metrics(test_labels, {"linear probe": probe, "kNN": knn}, train.class_names)
     if np.asarray(train.labels).ndim == 1:
         results["retrieval"] = retrieval_scores(train_x, train.labels, test_x, test_labels)
     return results
+
+
+def classifier_metrics(labels: np.ndarray, scores_by_protocol: dict[str, np.ndarray], class_names: list[str]) -> dict:
+    """Accuracy, balanced accuracy, AUC and F1 of each protocol's class scores (the table's columns)."""
+    return {protocol: {key: value for key, value in classification_metrics(labels, scores, class_names).items()
+                       if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
+            for protocol, scores in scores_by_protocol.items()}
 
 
 def cross_validated(features: torch.Tensor, data: LabelledImages, folds: int = 5, seed: int = 0) -> dict:
@@ -132,11 +135,7 @@ def cross_validated(features: torch.Tensor, data: LabelledImages, folds: int = 5
         if single:
             for key, value in retrieval_scores(features[fit], fold.labels, features[out], labels[out]).items():
                 retrieval[key] = retrieval.get(key, 0.0) + value * len(out) / len(data)
-    results = {
-        protocol: {key: value for key, value in classification_metrics(labels, scores, data.class_names).items()
-                   if key in ("accuracy", "balanced_accuracy", "auc", "f1")}
-        for protocol, scores in held_out.items()
-    }
+    results = classifier_metrics(labels, held_out, data.class_names)
     if single:
         results["retrieval"] = retrieval
     return {**results, "sizes": {"train": len(data), "folds": folds}}
