@@ -24,7 +24,7 @@ import torch
 from torchvision.transforms import v2
 
 from midol_hub import DatasetError, ModelNotFoundError, classification_metrics, linear_probe
-from midol_hub.image_io import read_any
+from midol_hub.image_io import read_any, unit_pixels
 from midol_hub.utils import run_command
 
 from training.augment import StainJitter, colour_jitter
@@ -49,7 +49,7 @@ def augmented(images: list, augmentation: Callable[[torch.Tensor], torch.Tensor]
     float arrays in [0, 1], augmented."""
     out = []
     for index, image in enumerate(images):
-        pixels = read_any(image, index, warn=None, input_size=input_size).pixels
+        pixels = unit_pixels(read_any(image, index, warn=None, input_size=input_size).pixels)
         colour = torch.from_numpy(pixels[:, :, :3] if pixels.shape[-1] >= 3 else pixels[:, :, :1].repeat(3, axis=-1))
         out.append(augmentation(colour.permute(2, 0, 1).contiguous()).clamp(0, 1).permute(1, 2, 0).numpy())
     return out

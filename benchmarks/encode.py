@@ -1,8 +1,9 @@
 """Encode speed: overhead over the raw forward, CPU efficiency, bf16 speed-up and accuracy,
 and end-to-end folder encoding against the forward pass alone; for midol-lite (a CNN backbone),
 encode against timm's own forward of the same backbone and ``midol encode`` of the
-full-resolution test files against that forward, with midol-micro's speed beside it; and the
-speed-up of :func:`midol_hub.allocator.keep_freed_memory` over glibc's default settings."""
+full-resolution test files against that forward, with midol-micro's speed beside it;
+preprocessing of 8-bit images resized in uint8 against floats; and the speed-up of
+:func:`midol_hub.allocator.keep_freed_memory` over glibc's default settings."""
 
 from __future__ import annotations
 
@@ -172,6 +173,30 @@ def measure_frames(pages: tuple[int, int] = (30, 3000), size: int = 32) -> dict[
     return {f"tiff_frame_ms_{small}_pages": 1e3 * per_frame[small], f"tiff_frame_ms_{large}_pages": 1e3 * per_frame[large],
             "tiff_frame_time_ratio": per_frame[large] / per_frame[small]}
 
+
+def measure_eight_bit(size: int = 224, repeats: int = 5) -> dict[str, float]:
+    """Preprocessing of the 8-bit RGB full-resolution test files (decoded for a ``size`` input, as
+    ``encode`` reads them) kept uint8 until resized (``RawImage``), against scaling them to floats
+    first (the reader's float copy timed with it), with ``midol encode``'s ``auto`` profile; and
+    the largest difference of the two inputs, in grey levels."""
+    from midol_hub.image_io import RawImage, read_file, unit_pixels
+    from midol_hub.preprocessing import Preprocessor, WarningCollector
+
+    paths = [path for part in fullres_parts(data_root(), "test").values() for path in part]
+    raws = [raw for raw in (read_file(Path(path), input_size=size) for path in paths) if raw.pixels.dtype == np.uint8]
+    preprocessor, warn = Preprocessor(MIDoLConfig(img_size=size).profile("auto")), WarningCollector()
+
+    def as_floats() -> torch.Tensor:
+        return torch.cat([preprocessor.from_raw([RawImage(unit_pixels(raw.pixels), raw.source)], warn) for raw in raws])
+
+    def eight_bit() -> torch.Tensor:
+        return torch.cat([preprocessor.from_raw([raw], warn) for raw in raws])
+
+    seconds = interleaved_medians({"float": as_floats, "uint8": eight_bit}, repeats=repeats)
+    std = preprocessor.std.flatten()[0].item()
+    return {"eight_bit_files": float(len(raws)),
+            "eight_bit_preprocess_speedup": seconds["float"] / seconds["uint8"],
+            "eight_bit_max_grey_levels": 255 * std * (as_floats() - eight_bit()).abs().max().item()}
 
 ALLOCATOR_PROBE = """
 import sys, time, warnings

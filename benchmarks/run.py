@@ -24,6 +24,8 @@ TARGETS = {
     "encode_overhead_ratio": (">=", 0.97),
     "lite_encode_vs_timm_ratio": (">=", 0.97),
     "midol_encode_fullres_vs_forward_ratio": (">=", 0.85),
+    "eight_bit_preprocess_speedup": (">=", 1.5),
+    "eight_bit_max_grey_levels": ("<=", 1.5),
     "allocator_speedup_ratio": (">=", 1.5),
     "tiff_frame_time_ratio": ("<=", 1.5),
     "cpu_efficiency_ratio": (">=", 0.75),
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     results.update(encode.measure(repeats=repeats))
     results.update(encode.measure_cnn(repeats=repeats, files=32 if args.quick else 96))
+    results.update(encode.measure_eight_bit(repeats=repeats))
     results.update(encode.measure_allocator(repeats=2 if args.quick else 3))
     results.update(encode.measure_frames())
     results.update(loading.measure(repeats=1 if args.quick else 3))

@@ -28,6 +28,13 @@ Warn = Callable[[str, str], None]
 class RawImage:
     """Pixels as float32 (H, W, C) in [0, 1], C in {1, 2, 3, 4}, and where they came from.
 
+    8-bit RGB read for a model (``input_size``: a file, DICOM, PIL image, array or tensor)
+    keeps its uint8 (H, W, 3) pixels: preprocessing resizes them before scaling, in torch's
+    vectorised uint8 resize, and so never makes a float copy of the decoded image. The model's
+    input moves by about one grey level at most from the float path's
+    (``benchmarks.encode.measure_eight_bit``). Grey images stay float (torch's uint8 resize of
+    one channel is the slower). :func:`unit_pixels` gives either form as floats.
+
     ``dicom_modality`` is the DICOM header's Modality (0008,0060) code, for DICOM files that
     state one; ``frame`` the frame or page read from a multi-frame file."""
 
@@ -47,6 +54,15 @@ the time (its preprocessing then runs on a sixteenth of the pixels). Measured on
 full-resolution fundus, dermoscopy and OCT JPEGs with midol-micro and ImageNet EfficientNet-Lite0:
 no embedding moves by a cosine of more than 1e-3 (``tests/test_preprocessing.py``); at twice the
 input side, scaled decoding's coarser colour moved one ISIC photo's ImageNet feature by 0.02."""
+
+
+def unit_pixels(pixels: np.ndarray) -> np.ndarray:
+    """A :class:`RawImage`'s pixels as float32 in [0, 1], whichever form it holds them in."""
+    if pixels.dtype == np.uint8:
+        unit = pixels.astype(np.float32)
+        unit /= 255.0
+        return unit
+    return pixels
 
 
 def multi_frame_message(count: int, dicom: bool) -> str:
@@ -153,15 +169,15 @@ def read_any(item: Any, index: int, warn: Warn, frame: int | None = None, input_
     if isinstance(item, (str, os.PathLike)):
         return read_file(Path(item), frame, input_size)
     if isinstance(item, Image.Image):
-        return RawImage(_pil_to_unit(_pil_frame(item, source, frame), source, from_file=False, warn=warn), source,
-                        frame=frame)
+        return RawImage(_pil_to_unit(_pil_frame(item, source, frame), source, from_file=False, warn=warn,
+                                     input_size=input_size), source, frame=frame)
     if isinstance(item, np.ndarray):
-        return RawImage(array_to_unit(_hwc(item, source, channels_first=False), source, warn), source)
+        return RawImage(_scaled(_hwc(item, source, channels_first=False), source, warn, input_size), source)
     if isinstance(item, torch.Tensor):
         array = item.detach().cpu()
         if array.dtype == torch.bfloat16 or array.dtype == torch.float16:
             array = array.float()
-        return RawImage(array_to_unit(_hwc(array.numpy(), source, channels_first=True), source, warn), source)
+        return RawImage(_scaled(_hwc(array.numpy(), source, channels_first=True), source, warn, input_size), source)
     raise ImageReadError(
         source,
         "unsupported input type; pass a file path, PIL image, numpy array, torch tensor or a list of them",
@@ -215,7 +231,7 @@ def file_frames(path: Path | str, frames: str | int | None = None, data: bytes |
         return path if data is None else io.BytesIO(data)
 
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(handle()):
-        yield from _dicom_frames(_dcmread(handle(), source), source, frames)
+        yield from _dicom_frames(_dcmread(handle(), source), source, frames, input_size)
         return
     try:
         opened = _open_image(handle(), source)
@@ -223,7 +239,7 @@ def file_frames(path: Path | str, frames: str | int | None = None, data: bytes |
         dataset = _forced_dicom(handle(), source) if "not an image Pillow can read" in error.reason else None
         if dataset is None:
             raise
-        yield from _dicom_frames(dataset, source, frames)
+        yield from _dicom_frames(dataset, source, frames, input_size)
         return
     with opened as image:
         selected = select_frames(int(getattr(image, "n_frames", 1)), frames, source, dicom=False)
@@ -267,7 +283,7 @@ def _decode_page(image: Image.Image, source: str, frame: int | None, input_size:
             image.draft(image.mode, (side, side))  # both sides stay >= side, whatever the orientation
         image.load()
         page = ImageOps.exif_transpose(image)
-        return _pil_to_unit(page, source, from_file=True, warn=None)
+        return _pil_to_unit(page, source, from_file=True, warn=None, input_size=input_size)
     except ImageReadError:
         raise
     except Image.DecompressionBombError as error:
@@ -302,7 +318,8 @@ def _has_dicom_preamble(file: Path | BinaryIO) -> bool:
     return found
 
 
-def _pil_to_unit(image: Image.Image, source: str, *, from_file: bool, warn: Warn | None) -> np.ndarray:
+def _pil_to_unit(image: Image.Image, source: str, *, from_file: bool, warn: Warn | None,
+                 input_size: int | None = None) -> np.ndarray:
     mode = image.mode
     if mode == "1":
         image = image.convert("L")
@@ -317,6 +334,14 @@ def _pil_to_unit(image: Image.Image, source: str, *, from_file: bool, warn: Warn
         array = array[:, :, None]
     if from_file and array.dtype != np.uint8:
         return _minmax(array)  # 16-bit and float files: use the image's own range
+    return _scaled(array, source, warn, input_size)
+
+
+def _scaled(array: np.ndarray, source: str, warn: Warn | None, input_size: int | None) -> np.ndarray:
+    """:func:`array_to_unit`, except that 8-bit RGB read for a model stays uint8 (see :class:`RawImage`)."""
+    if input_size and array.dtype == np.uint8 and array.shape[-1] == 3:
+        _check_eight_bit(array, source, warn)
+        return array if array.flags.writeable else array.copy()  # torch.from_numpy needs a writable array
     return array_to_unit(array, source, warn)
 
 
@@ -356,8 +381,7 @@ def array_to_unit(array: np.ndarray, source: str, warn: Warn | None) -> np.ndarr
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if array.dtype == np.uint8:
-        if warn is not None and 0 < array.max() <= 1:
-            warn("uint8-range", f"{source}: uint8 image with values only in 0..1 (a mask or pre-scaled image?)")
+        _check_eight_bit(array, source, warn)
         unit = array.astype(np.float32)
         unit /= 255.0  # in place: one float copy of a full-resolution image, not two
         return unit
@@ -376,6 +400,11 @@ def array_to_unit(array: np.ndarray, source: str, warn: Warn | None) -> np.ndarr
             )
         return array
     raise ImageReadError(source, f"unsupported pixel dtype {array.dtype}")
+
+
+def _check_eight_bit(array: np.ndarray, source: str, warn: Warn | None) -> None:
+    if warn is not None and 0 < array.max() <= 1:
+        warn("uint8-range", f"{source}: uint8 image with values only in 0..1 (a mask or pre-scaled image?)")
 
 
 def _minmax(array: np.ndarray) -> np.ndarray:
@@ -436,15 +465,17 @@ def _forced_dicom(path: Path | BinaryIO, source: str, header_only: bool = False)
         return None
 
 
-def _dicom_frames(dataset: Any, source: str, frames: str | int | None) -> Iterator[RawImage]:
+def _dicom_frames(dataset: Any, source: str, frames: str | int | None,
+                  input_size: int | None = None) -> Iterator[RawImage]:
     count = int(getattr(dataset, "NumberOfFrames", 1) or 1) if "PixelData" in dataset else 1
     for frame in select_frames(count, frames, source, dicom=True):
-        yield _read_dicom(dataset, source, frame)
+        yield _read_dicom(dataset, source, frame, input_size)
 
 
-def _read_dicom(dataset: Any, source: str, frame: int | None = None) -> RawImage:
+def _read_dicom(dataset: Any, source: str, frame: int | None = None, input_size: int | None = None) -> RawImage:
     """Read a DICOM image (one frame of a multi-frame file): modality LUT (rescale), VOI LUT or
-    window, MONOCHROME1 inversion; the header's Modality code travels with the pixels.
+    window, MONOCHROME1 inversion; the header's Modality code travels with the pixels. 8-bit
+    colour read for a model (``input_size``) stays uint8, as from any other file (:class:`RawImage`).
 
     Colour data is scaled by its BitsStored range; windowed grayscale by the window's output
     range; grayscale without a window by its own minimum and maximum."""
@@ -482,6 +513,8 @@ def _read_dicom(dataset: Any, source: str, frame: int | None = None) -> RawImage
         entry_bits = int(dataset.RedPaletteColorLookupTableDescriptor[2])
         colour = apply_color_lut(pixels, dataset).astype(np.float32) / (2**entry_bits - 1)
         return RawImage(np.clip(colour, 0.0, 1.0), source, code, frame)
+    if getattr(dataset, "SamplesPerPixel", 1) == 3 and bits == 8 and pixels.dtype == np.uint8:
+        return RawImage(_scaled(np.ascontiguousarray(pixels[:, :, :3]), source, None, input_size), source, code, frame)
     if getattr(dataset, "SamplesPerPixel", 1) == 3:  # colour of any depth: scaled by its stored bit range
         colour = np.clip(np.asarray(pixels)[:, :, :3].astype(np.float32) / (2**bits - 1), 0.0, 1.0)
         return RawImage(colour, source, code, frame)

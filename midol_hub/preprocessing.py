@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .configuration_midol import MIDoLConfig
 from .errors import ImageReadError, MIDoLInputWarning, ModelNotFoundError
-from .image_io import RawImage, read_any, split_images
+from .image_io import RawImage, read_any, split_images, unit_pixels
 from .modalities import ModalityProfile
 from .registry import get_entry, list_models
 
@@ -70,15 +70,17 @@ class Preprocessor:
         size = self.profile.size
         squares = [self._square(self._channels(raw), raw.source, warn) for raw in raws]
         out = torch.empty(len(squares), 3, size, size)
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
         for index, square in enumerate(squares):
-            groups[tuple(square.shape)].append(index)
-        for shape, indices in groups.items():
+            groups[tuple(square.shape), square.dtype].append(index)
+        for (shape, dtype), indices in groups.items():
             # (B, h, w, C) in memory, viewed as (B, C, h, w): resized channels-last, without a strided copy
             stacked = (squares[indices[0]][None] if len(indices) == 1 else torch.stack([squares[i] for i in indices]))
             stacked = stacked.permute(0, 3, 1, 2)
             if shape[:2] != (size, size):
                 stacked = F.interpolate(stacked, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            if dtype == torch.uint8:  # an 8-bit RGB file, resized before scaling (see RawImage)
+                stacked = stacked.float().div_(255.0)
             out[indices] = stacked.expand(-1, 3, -1, -1)
         return out.sub_(self.mean).div_(self.std)
 
@@ -88,13 +90,14 @@ class Preprocessor:
         if channels in (2, 4):
             pixels = pixels[:, :, : channels - 1]  # drop alpha
         if self.profile.channels == "gray":
-            return pixels if pixels.shape[-1] == 1 else (pixels @ _LUMA)[:, :, None]
+            return pixels if pixels.shape[-1] == 1 else (unit_pixels(pixels) @ _LUMA)[:, :, None]
         return pixels
 
     def _square(self, pixels: np.ndarray, source: str, warn: WarningCollector) -> torch.Tensor:
         """Crop to the square that will be resized, as an (h, w, C) tensor; C is 1 or 3."""
         if self.profile.crop_border:
-            pixels = _remove_black_border(pixels, self.profile.border_threshold)
+            threshold = self.profile.border_threshold * (255 if pixels.dtype == np.uint8 else 1)
+            pixels = _remove_black_border(pixels, threshold)
         height, width = pixels.shape[:2]
         if self.profile.resize == "crop":
             side = min(height, width)
