@@ -31,7 +31,7 @@ class RawImage:
     8-bit RGB read for a model (``input_size``: a file, DICOM, PIL image, array or tensor)
     keeps its uint8 (H, W, 3) pixels: preprocessing resizes them before scaling, in torch's
     vectorised uint8 resize, and so never makes a float copy of the decoded image. The model's
-    input moves by about one grey level at most from the float path's
+    input moves by one grey level at most from the float path's
     (``benchmarks.encode.measure_eight_bit``). Grey images stay float (torch's uint8 resize of
     one channel is the slower). :func:`unit_pixels` gives either form as floats.
 
