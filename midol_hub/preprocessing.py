@@ -2,7 +2,8 @@
 
 Steps, in order: channel policy (gray or RGB), fundus border removal, geometry (centre crop
 or whole image), antialiased bilinear resize and normalisation. Images of the same size
-are resized together in one call; normalisation runs once on the stacked batch.
+are resized together in one call; normalisation runs once on the stacked batch. 8-bit RGB
+read for a model arrives as uint8 and is scaled to [0, 1] after its resize (see ``RawImage``).
 """
 
 from __future__ import annotations
