@@ -148,6 +148,15 @@ def test_two_cpu_ranks_stay_in_sync(tmp_path, retina):
 
 
 @pytest.mark.distributed
+def test_ranks_that_fail_leave_with_the_one_line_error(tmp_path, retina):
+    result = torchrun("-m", "training.pretrain", "--config", MICRO, "--data", retina, "--output-dir", str(tmp_path / "none"),
+                      "--resume", check=False, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("training.pretrain: error: --resume:") == 2  # each rank, and no abort or traceback of its own
+    assert "Fatal Python error" not in result.stderr and "terminate called" not in result.stderr
+
+
+@pytest.mark.distributed
 def test_two_ranks_tracking_the_head_norm_stay_in_sync(tmp_path, data_root):
     # each rank sees other crops; their batch moments are averaged, so the teachers stay equal
     torchrun("-m", "training.pretrain", "--config", str(REPO / "training" / "configs" / "midol_lite.yaml"),

@@ -9,6 +9,7 @@ AdamW step with clipping -> EMA update of the teacher.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import sys
@@ -36,7 +37,7 @@ from .checkpoint import (
 )
 from .config import RENAMED_VALUES, ConfigError, load_config, save_config
 from .data import BALANCE_MODES, MapData, open_source
-from .distributed import is_distributed
+from .distributed import is_distributed, leave_process_group
 from .imagenet import IMAGENET, IMAGENET_SOURCE, load_imagenet_backbone
 from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, RoutingMonitor, routing_stats
@@ -179,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     keep_freed_memory()  # CPU steps stop faulting their activations in anew (midol_hub.allocator)
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where each thread was
+    code = 1
     try:
-        return run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
+        code = run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
+        return code
     finally:
-        if is_distributed():
-            dist.destroy_process_group()
+        leave_process_group(succeeded=code == 0)
 
 
 def run(args: argparse.Namespace) -> None:
