@@ -31,6 +31,7 @@ from .utils import (
     from_rank_zero,
     image_files,
     join_torchrun,
+    leave_torchrun,
     lock_for_ranks,
     run_command,
 )
@@ -257,8 +258,6 @@ def collect_images(paths: Sequence[str]) -> list[Path]:
 
 
 def run_encode(args: argparse.Namespace) -> None:
-    import torch
-
     out = Path(args.out)
     check_writable(out, ENCODE_FORMATS)
     outputs = [name.strip() for name in (args.output or "").split(",") if name.strip()]  # none: the model's default
@@ -275,8 +274,7 @@ def run_encode(args: argparse.Namespace) -> None:
     with ExitStack() as held:
         lock_for_ranks(held, out.with_name(out.name + ".lock"), str(out), rank, world)
         _encode_locked(args, out, outputs, files, rank, world, device)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    leave_torchrun()
 
 
 def _encode_locked(args: argparse.Namespace, out: Path, outputs: list[str], files: list[str], rank: int, world: int,
@@ -616,8 +614,6 @@ def _index_model(args: argparse.Namespace, index: Any, device: str | None = None
 
 
 def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, world: int, sources: list[str]) -> None:
-    import torch
-
     from .search import add_files, read_labels
 
     labels = read_labels(args.labels)[1] if args.labels else None
@@ -634,8 +630,7 @@ def _fill_index(args: argparse.Namespace, index: Any, model: Any, rank: int, wor
               f"already there{duplicates}); {report['rows']} row(s): " + ", ".join(f"{m} {n}" for m, n in index.counts().items()))
         for failure in report["failures"]:
             print(f"  skipped {failure['path']}: {failure['error']}", file=sys.stderr)
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    leave_torchrun()
 
 
 def index_sources(args: argparse.Namespace) -> list[str]:

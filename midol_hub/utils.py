@@ -141,6 +141,19 @@ def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def leave_torchrun(succeeded: bool = True) -> None:
+    """Leave the process group :func:`join_torchrun` joined (nothing to leave in a single process).
+    After a run that succeeded every rank first meets at a barrier, so that none shuts its
+    connections down while a peer is still in a collective (seen once in CI: a rank aborting at
+    exit after an FSDP run). After a failure the rank leaves at once: a barrier would wait for
+    peers that may never come."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if succeeded:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def from_rank_zero(value: Any, world: int) -> Any:
     """Rank 0's ``value`` on every rank (``world`` > 1: a broadcast, so call it on all ranks);
     for a decision only rank 0 may take, before any rank acts on the files it is about."""

@@ -25,7 +25,7 @@ from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
 from midol_hub.allocator import keep_freed_memory
 from midol_hub.errors import DatasetError
 from midol_hub.modalities import SHARED
-from midol_hub.utils import join_torchrun, run_command, state_sha256
+from midol_hub.utils import join_torchrun, leave_torchrun, run_command, state_sha256
 
 from .augment import MultiCrop
 from .checkpoint import (
@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import RENAMED_VALUES, ConfigError, load_config, save_config
 from .data import BALANCE_MODES, MapData, open_source
-from .distributed import is_distributed, leave_process_group
+from .distributed import is_distributed
 from .imagenet import IMAGENET, IMAGENET_SOURCE, load_imagenet_backbone
 from .learner import Learner, TrainingError
 from .monitor import KNNMonitor, RoutingMonitor, routing_stats
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         code = run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
         return code
     finally:
-        leave_process_group(succeeded=code == 0)
+        leave_torchrun(succeeded=code == 0)
 
 
 def run(args: argparse.Namespace) -> None:
