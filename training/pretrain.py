@@ -12,6 +12,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     keep_freed_memory()  # CPU steps stop faulting their activations in anew (midol_hub.allocator)
-    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where each thread was
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank killed by a signal prints where each thread was
+        faulthandler.enable(all_threads=True)
     code = 1
     try:
         code = run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
