@@ -3,6 +3,7 @@ the one-line error of every command."""
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import json
 import os
@@ -132,6 +133,7 @@ def join_torchrun(device: str | None = None) -> tuple[int, int, str | None]:
     A single process keeps ``device`` as given."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
         return 0, 1, device
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints where each of its threads was
     if torch.cuda.is_available():
         local = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(local)

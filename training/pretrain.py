@@ -9,10 +9,8 @@ AdamW step with clipping -> EMA update of the teacher.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -181,8 +179,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     keep_freed_memory()  # CPU steps stop faulting their activations in anew (midol_hub.allocator)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a torchrun rank killed by a signal prints where each thread was
-        faulthandler.enable(all_threads=True)
     code = 1
     try:
         code = run_command("training.pretrain", lambda: run(args), (ConfigError, DatasetError, TrainingError))
