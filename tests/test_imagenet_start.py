@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from skimage import data as skimage_data
 
+from benchmarks import head_channels
 from midol_hub import MIDoLConfig, MIDoLModel, load_model
 from midol_hub.errors import DatasetError
 from training import export, pretrain
@@ -238,7 +239,7 @@ def test_refitting_the_head_norm_revives_channels_that_drifted_below_zero(data_r
 
     def never_firing() -> float:
         with torch.no_grad():
-            return float((model.backbone(batch).abs().amax(0) == 0).float().mean())
+            return head_channels.silent_share(model.backbone(batch))
 
     assert never_firing() > 0.3  # the ImageNet start as it is: 0.006
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -263,6 +264,34 @@ def test_refitting_the_head_norm_revives_channels_that_drifted_below_zero(data_r
     pretrain.freeze_batch_norm(model)
     with pytest.raises(DatasetError, match=r"is frozen \(FrozenBatchNormAct2d\); refit an exported model"):
         refit_head_norm_statistics(model, images)
+
+
+def test_head_channels_counts_silent_channels_and_effective_rank(data_root, tmp_path, capsys):
+    directions = torch.linalg.qr(torch.randn(16, 3, generator=torch.Generator().manual_seed(0)))[0].T  # 3 orthonormal rows
+    signs = torch.tensor([[1.0, 1, 1], [-1, 1, 1], [1, -1, 1], [1, 1, -1], [-1, -1, 1], [-1, 1, -1], [1, -1, -1], [-1, -1, -1]])
+    assert head_channels.effective_rank(signs @ directions) == pytest.approx(3.0, abs=1e-9)  # 3 equal independent directions
+    assert head_channels.effective_rank(torch.cat([signs[:, :1], 0 * signs[:, 1:]], 1)) == pytest.approx(1.0)
+    assert head_channels.silent_share(torch.tensor([[0.0, 1, 0, 2], [0, 3, 0, 0]])) == 0.5
+    model = load_model("midol-lite", pretrained=False)
+    load_imagenet_backbone(model)
+    model.eval()
+    isic = ("ISIC nevus vs melanoma",)
+    start = head_channels.measure(model, isic, images=40)[isic[0]]
+    assert start["silent"] < 0.02 and start["effective rank"] > 10  # the ImageNet start: 0.003 and 36 over 120 images
+    with torch.no_grad():  # the drift of the refit test below silences channels and narrows the feature
+        model.backbone.blocks[-1][0].bn3.bias -= 40 * torch.nn.functional.normalize(model.backbone.conv_head.weight[:, :, 0, 0].sum(0), dim=0)
+    drifted = head_channels.measure(model, isic, images=40)[isic[0]]
+    assert drifted["silent"] > 0.3 and drifted["effective rank"] < start["effective rank"]
+    saved = tmp_path / "start"
+    load_imagenet_backbone(model)  # undo the drift: a model directory holding the ImageNet start
+    model.save_pretrained(saved)
+    assert head_channels.main(["--model", str(saved), "--datasets", *isic, "--images", "40"]) == 0
+    header, _, row = capsys.readouterr().out.splitlines()[-3:]
+    assert header.startswith(f"| set | {saved} (trained): channels that never fire") and "| ImageNet start: " in header
+    cell = f"{start['silent']:.3f} / {start['effective rank']:.0f}"
+    assert row == f"| {isic[0]} | {cell} | {cell} |"  # the model and its baseline, side by side
+    assert head_channels.main(["--model", "midol-lite", "--init", "imagenet", "--datasets", "Nope"]) == 1
+    assert "no labelled set 'Nope'; choose from: PneumoniaMNIST" in capsys.readouterr().err
 
 
 def test_tracking_the_head_norm_in_training_follows_the_teachers_input_and_revives_drifted_channels(data_root):
