@@ -98,10 +98,11 @@ def test_small_local_crops_stay_small_and_the_student_sees_each_size_once():
     student = MIDoLModel(config).eval()
     batch = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)]
     with torch.no_grad():
-        prototypes, routing = MultiCropForward(student)(batch)
+        prototypes, routing, pooled = MultiCropForward(student)(batch)
         globals_, locals_ = student(torch.cat(batch[:2])), student(torch.cat(batch[2:]))
     assert torch.equal(prototypes, torch.cat([globals_.prototype_logits, locals_.prototype_logits]))
     assert torch.equal(routing, torch.cat([globals_.routing_logits, locals_.routing_logits]))
+    assert torch.equal(pooled, torch.cat([globals_.pooled, locals_.pooled]))
 
 
 def test_precision_auto_follows_the_machine(monkeypatch):
@@ -212,8 +213,10 @@ def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp
     norms = [k for k in start if is_norm(k) and not k.endswith("num_batches_tracked")]
     assert len(norms) > 150 and all(torch.equal(frozen_norm[k], start[k]) for k in norms)
     assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-5  # rounding: 2e-7
-    tracked = run("tracked", "optim.freeze_backbone_epochs=0", "model.head_norm_momentum=0.5")  # the head norm follows the crops
+    tracked = run("tracked", "optim.freeze_backbone_epochs=0", "model.head_norm_momentum=0.5",  # the head norm follows the crops
+                  "objective.koleo_weight=0.1")
     assert tracked.config.pretraining["deviations_from_official"]["head_norm_momentum"] == 0.5
+    assert tracked.config.pretraining["deviations_from_official"]["koleo_weight"] == 0.1
     tracked_state, head_norm = tracked.state_dict(), ("backbone.bn2.running_mean", "backbone.bn2.running_var")
     assert all(torch.equal(tracked_state[k], start[k]) for k in norms if k not in head_norm)
     assert all((tracked_state[k] - start[k]).abs().max() > 1e-2 for k in head_norm)

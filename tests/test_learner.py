@@ -56,3 +56,18 @@ def test_unknown_options_are_named():
         micro_learner("optim.clip_mode=layerwise")
     with pytest.raises(ValueError, match="official, balanced"):
         micro_learner("objective.routing=soft")
+
+
+def test_koleo_weight_adds_koleo_on_the_global_crops_to_the_loss():
+    plain = micro_learner()
+    plain.set_schedules(lr=1e-3, weight_decay=0.04)
+    crops = [torch.randn(4, 3, 64, 64) for _ in range(4)]
+    assert plain.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False).koleo_loss == 0.0
+    learner = micro_learner("objective.koleo_weight=0.5")
+    learner.set_schedules(lr=1e-3, weight_decay=0.04)
+    torch.manual_seed(1)
+    result = learner.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False)
+    assert result.koleo_loss > 0
+    assert result.loss == pytest.approx(result.route_loss + result.distill_loss + 0.5 * result.koleo_loss, rel=1e-5)
+    with pytest.raises(TrainingError, match="objective.koleo_weight must be >= 0, got -0.1"):
+        micro_learner("objective.koleo_weight=-0.1")

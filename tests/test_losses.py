@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import DINOLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
+from training.losses import DINOLoss, KoLeoLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
 
 
 def softmax(values, temp):
@@ -157,3 +157,31 @@ def test_routing_gradient_moves_the_student_toward_the_target_argmax(form):
 def test_unknown_routing_form_is_named():
     with pytest.raises(ValueError, match="official, balanced"):
         RoutingLoss("soft")
+
+
+def test_koleo_is_minus_the_mean_log_nearest_distance_on_the_sphere():
+    square = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]) * 3  # norm does not matter
+    assert KoLeoLoss()(square).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    pair_close = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])  # nearest distances 0.0998, 0.0998, 1.9950
+    near = 2 * math.sin(math.atan(0.1) / 2)
+    expected = -(2 * math.log(near) + math.log(2 * math.cos(math.atan(0.1) / 2))) / 3
+    assert KoLeoLoss()(pair_close).item() == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(ValueError, match=r"batch >= 2, dim\) tensor, got shape \(1, 8\)"):
+        KoLeoLoss()(torch.ones(1, 8))
+
+
+def test_koleo_gradient_spreads_a_narrowed_batch():
+    torch.manual_seed(0)
+    features = (torch.tensor([1.0] + [0.0] * 15) + 0.05 * torch.randn(32, 16)).requires_grad_()
+    optimiser = torch.optim.SGD([features], lr=0.05)
+
+    def nearest_distance() -> float:
+        unit = torch.nn.functional.normalize(features.detach(), dim=-1)
+        return torch.cdist(unit, unit).fill_diagonal_(9.0).min(dim=1).values.mean().item()
+
+    before = nearest_distance()
+    for _ in range(100):
+        optimiser.zero_grad()
+        KoLeoLoss()(features).backward()
+        optimiser.step()
+    assert nearest_distance() > 3 * before

@@ -230,7 +230,7 @@ def test_official_options_are_read_from_the_defaults_and_deviations_derive_from_
                                   "teacher_train_mode": defaults["model"]["teacher_train_mode"], "init": None,
                                   "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none",
                                   "batch_norm": "train", "layer_decay": 1.0, "freeze_backbone_epochs": 0,
-                                  "head_norm_momentum": 0.0}
+                                  "head_norm_momentum": 0.0, "koleo_weight": 0.0}
     assert deviations_from_official(load_config(None)) == {}
     v3 = load_config(REPO / "training" / "configs" / "midol_micro_v3.yaml", ["model.init=/somewhere/midol-micro"])
     assert deviations_from_official(v3) == {"routing": "balanced", "balance": "tags_per_batch", "init": "midol-micro"}

@@ -25,7 +25,7 @@ from midol_hub.tasks import layerwise_lr_groups
 
 from .distributed import is_distributed
 from .head_norm import HeadNormTracking
-from .losses import MIDoLLoss
+from .losses import KoLeoLoss, MIDoLLoss
 
 
 class TrainingError(RuntimeError):
@@ -68,8 +68,8 @@ class MultiCropForward(torch.nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prototype logits, routing logits) of all crops, in crop order."""
+    def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prototype logits, routing logits, pooled features) of all crops, in crop order."""
         groups: list[list[torch.Tensor]] = []
         for crop in crops:
             if groups and groups[-1][0].shape[-2:] == crop.shape[-2:]:
@@ -77,7 +77,7 @@ class MultiCropForward(torch.nn.Module):
             else:
                 groups.append([crop])
         outputs = [self.student(torch.cat(group)) for group in groups]
-        return (torch.cat([out.prototype_logits for out in outputs]), torch.cat([out.routing_logits for out in outputs]))
+        return tuple(torch.cat([getattr(out, name) for out in outputs]) for name in ("prototype_logits", "routing_logits", "pooled"))
 
 
 @dataclass
@@ -85,6 +85,7 @@ class StepResult:
     loss: float = 0.0
     route_loss: float = 0.0
     distill_loss: float = 0.0
+    koleo_loss: float = 0.0
     teacher_routing: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -114,6 +115,10 @@ class Learner:
             route_weight=obj["route_weight"] if obj["name"] == "midol" else 0.0, distill_weight=obj["distill_weight"],
             routing=obj["routing"],
         ).to(device)
+        self.koleo_weight = obj["koleo_weight"]
+        if self.koleo_weight < 0:
+            raise TrainingError(f"objective.koleo_weight must be >= 0, got {self.koleo_weight!r}")
+        self.koleo = KoLeoLoss()
         self.clip_grad, self.clip_mode = optim["clip_grad"], optim["clip_mode"]
         if self.clip_mode not in CLIP_MODES:
             raise TrainingError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
@@ -158,16 +163,21 @@ class Learner:
             with self.autocast():
                 with torch.no_grad(), self.head_norm.tracking() if self.head_norm else contextlib.nullcontext():
                     teacher_out = self.teacher(torch.cat(crops[:2]))
-                student_prototypes, student_routing = self.model(crops)
+                student_prototypes, student_routing, student_pooled = self.model(crops)
                 loss, route, distill = self.loss(student_prototypes, teacher_out.prototype_logits,
                                                  student_routing, teacher_out.routing_logits, teacher_temp)
-            value, route_value, distill_value = torch.stack([loss, route, distill]).tolist()  # one device sync
+                koleo = loss.new_zeros(())
+                if self.koleo_weight:  # DINOv2: summed over the global crops, each batch on its own
+                    koleo = sum(self.koleo(view) for view in student_pooled[: 2 * len(crops[0])].chunk(2))
+                    loss = loss + self.koleo_weight * koleo
+            value, route_value, distill_value, koleo_value = torch.stack([loss, route, distill, koleo]).tolist()  # one device sync
             if not math.isfinite(value):
                 raise TrainingError(f"the loss is {value}; lower optim.lr or train in fp32")
             self.scaler.scale(loss * share).backward()
             result.loss += value * share
             result.route_loss += route_value * share
             result.distill_loss += distill_value * share
+            result.koleo_loss += koleo_value * share
             result.teacher_routing.append(teacher_out.routing_logits.float().softmax(-1)[: len(crops[0])].detach())
         self.scaler.unscale_(self.optimizer)
         if self.clip_grad and self.clip_mode == "per_param":

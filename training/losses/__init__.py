@@ -1,7 +1,8 @@
 """M-IDoL's objectives, one per file, and the official combination of them."""
 
 from .dino import DINOLoss
+from .koleo import KoLeoLoss
 from .midol import MIDoLLoss
 from .routing import ROUTING_FORMS, RoutingLoss, sinkhorn_knopp
 
-__all__ = ["DINOLoss", "MIDoLLoss", "ROUTING_FORMS", "RoutingLoss", "sinkhorn_knopp"]
+__all__ = ["DINOLoss", "KoLeoLoss", "MIDoLLoss", "ROUTING_FORMS", "RoutingLoss", "sinkhorn_knopp"]
