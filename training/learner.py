@@ -90,7 +90,8 @@ class StepResult:
 
 
 class Learner:
-    """Student, EMA teacher, the M-IDoL loss, AdamW, clipping, AMP and gradient accumulation."""
+    """Student, EMA teacher, the M-IDoL loss (plus KoLeo with ``objective.koleo_weight``), AdamW, clipping,
+    AMP and gradient accumulation."""
 
     def __init__(self, config: dict[str, Any], student: MIDoLModel, teacher: MIDoLModel, device: torch.device) -> None:
         obj, optim = config["objective"], config["optim"]
