@@ -7,6 +7,7 @@ import torch
 
 from training.config import load_config
 from training.learner import Learner, TrainingError, clip_each_parameter, param_groups
+from training.losses import KoLeoLoss
 from training.pretrain import build_models
 
 
@@ -63,11 +64,13 @@ def test_koleo_weight_adds_koleo_on_the_global_crops_to_the_loss():
     plain.set_schedules(lr=1e-3, weight_decay=0.04)
     crops = [torch.randn(4, 3, 64, 64) for _ in range(4)]
     assert plain.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False).koleo_loss == 0.0
-    learner = micro_learner("objective.koleo_weight=0.5")
+    learner = micro_learner("objective.koleo_weight=0.5", "model.drop_path_rate=0")  # a deterministic student backbone
     learner.set_schedules(lr=1e-3, weight_decay=0.04)
+    with torch.no_grad():  # KoLeo of each global crop's pooled batch, summed; the local crops take no part
+        expected = sum(KoLeoLoss()(learner.student(crop).pooled) for crop in crops[:2]).item()
     torch.manual_seed(1)
     result = learner.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False)
-    assert result.koleo_loss > 0
+    assert result.koleo_loss == pytest.approx(expected, rel=1e-4) and expected > 0
     assert result.loss == pytest.approx(result.route_loss + result.distill_loss + 0.5 * result.koleo_loss, rel=1e-5)
     with pytest.raises(TrainingError, match="objective.koleo_weight must be >= 0, got -0.1"):
         micro_learner("objective.koleo_weight=-0.1")
