@@ -214,9 +214,9 @@ def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp
     assert len(norms) > 150 and all(torch.equal(frozen_norm[k], start[k]) for k in norms)
     assert (frozen_norm["backbone.conv_stem.weight"] - start["backbone.conv_stem.weight"]).abs().max() > 1e-5  # rounding: 2e-7
     tracked = run("tracked", "optim.freeze_backbone_epochs=0", "model.head_norm_momentum=0.5",  # the head norm follows the crops
-                  "objective.koleo_weight=0.1")
-    assert tracked.config.pretraining["deviations_from_official"]["head_norm_momentum"] == 0.5
-    assert tracked.config.pretraining["deviations_from_official"]["koleo_weight"] == 0.1
+                  "objective.koleo_weight=0.1", "objective.preserve_start_weight=1.0")
+    deviations = tracked.config.pretraining["deviations_from_official"]
+    assert (deviations["head_norm_momentum"], deviations["koleo_weight"], deviations["preserve_start_weight"]) == (0.5, 0.1, 1.0)
     tracked_state, head_norm = tracked.state_dict(), ("backbone.bn2.running_mean", "backbone.bn2.running_var")
     assert all(torch.equal(tracked_state[k], start[k]) for k in norms if k not in head_norm)
     assert all((tracked_state[k] - start[k]).abs().max() > 1e-2 for k in head_norm)

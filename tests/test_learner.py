@@ -74,3 +74,24 @@ def test_koleo_weight_adds_koleo_on_the_global_crops_to_the_loss():
     assert result.loss == pytest.approx(result.route_loss + result.distill_loss + 0.5 * result.koleo_loss, rel=1e-5)
     with pytest.raises(TrainingError, match="objective.koleo_weight must be >= 0, got -0.1"):
         micro_learner("objective.koleo_weight=-0.1")
+
+
+def test_preserve_start_weight_ties_the_student_to_a_frozen_copy_of_its_start():
+    learner = micro_learner("objective.preserve_start_weight=0.5", "model.drop_path_rate=0")
+    learner.set_schedules(lr=1e-3, weight_decay=0.04)
+    start = {k: v.clone() for k, v in learner.student.backbone.state_dict().items()}
+    crops = [torch.randn(4, 3, 64, 64) for _ in range(4)]
+    first = learner.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False)
+    assert first.preserve_loss < 1e-6  # the student is its start, the map the identity
+    with torch.no_grad():  # on the global crops: the map of the student's pooled feature against the start's
+        globals_ = torch.cat(crops[:2])
+        expected = learner.preserve(learner.student(globals_).pooled,
+                                    learner.start.forward_head(learner.start.forward_features(globals_), pre_logits=True)).item()
+    second = learner.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False)
+    assert second.preserve_loss == pytest.approx(expected, rel=1e-4) and expected > 1e-5
+    assert second.loss == pytest.approx(second.route_loss + second.distill_loss + 0.5 * second.preserve_loss, rel=1e-5)
+    assert all(torch.equal(v, start[k]) for k, v in learner.start.state_dict().items())  # the start stays as it was
+    assert not torch.equal(learner.preserve.predictor.weight, torch.eye(learner.student.backbone.num_features))
+    assert (learner.student.backbone.norm.weight - start["norm.weight"]).abs().max() > 1e-5  # the student moved
+    with pytest.raises(TrainingError, match="objective.preserve_start_weight must be >= 0, got -1"):
+        micro_learner("objective.preserve_start_weight=-1")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.losses import DINOLoss, KoLeoLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
+from training.losses import DINOLoss, FeaturePreservationLoss, KoLeoLoss, MIDoLLoss, RoutingLoss, sinkhorn_knopp
 
 
 def softmax(values, temp):
@@ -185,3 +185,29 @@ def test_koleo_gradient_spreads_a_narrowed_batch():
         KoLeoLoss()(features).backward()
         optimiser.step()
     assert nearest_distance() > 3 * before
+
+
+def test_feature_preservation_is_two_minus_twice_the_cosine_after_the_linear_map():
+    loss = FeaturePreservationLoss(2)  # the map starts as the identity
+    student = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    start = torch.tensor([[0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])  # cosines 0, 1/sqrt 2, 1
+    assert loss(student, start).item() == pytest.approx((2 + (2 - math.sqrt(2)) + 0) / 3, abs=1e-6)
+    with pytest.raises(ValueError, match=r"two \(batch, 2\) tensors, got \(3, 2\) and \(3, 4\)"):
+        loss(student, torch.ones(3, 4))
+
+
+def test_feature_preservation_learns_the_map_and_passes_no_gradient_to_the_start():
+    torch.manual_seed(0)
+    student = torch.randn(64, 8)
+    rotation = torch.linalg.qr(torch.randn(8, 8))[0]
+    start = (student @ rotation).requires_grad_()  # the same information, in other coordinates
+    loss = FeaturePreservationLoss(8)
+    optimiser = torch.optim.Adam(loss.parameters(), lr=0.02)
+    before = loss(student, start).item()
+    for _ in range(300):
+        optimiser.zero_grad()
+        value = loss(student, start)
+        value.backward()
+        optimiser.step()
+    assert before > 0.5 and loss(student, start).item() < 0.01
+    assert start.grad is None

@@ -56,6 +56,26 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
 
 
 @pytest.mark.slow
+def test_feature_preservation_resumes_exactly_and_a_run_without_it_does_not_resume_with_it(tmp_path, capsys, retina):
+    common = ["--batch-size", "8", "--set", "optim.warmup_epochs=0", "--set", "run.checkpoint_every=2",
+              "--set", "objective.preserve_start_weight=1.0"]
+    code, straight = train(tmp_path, "straight", [retina], *common, "--max-steps", "4")
+    code, first = train(tmp_path, "resumed", [retina], *common, "--max-steps", "2")
+    code, resumed = train(tmp_path, "resumed", [retina], *common, "--max-steps", "4", "--resume")
+    assert code == 0 and [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [(r["loss"], r["preserve_loss"]) for r in straight] == [(r["loss"], r["preserve_loss"]) for r in resumed]
+    assert straight[-1]["preserve_loss"] > straight[0]["preserve_loss"] >= 0  # the student leaves its start
+    assert torch.load(sorted((tmp_path / "straight").glob("checkpoint-*.pt"))[-1],
+                      weights_only=True)["config"]["objective"]["preserve_start_weight"] == 1.0
+    code, _ = train(tmp_path, "plain", [retina], "--batch-size", "8", "--max-steps", "1")
+    code, _ = train(tmp_path, "plain", [retina], "--batch-size", "8", "--max-steps", "2", "--resume",
+                    "--set", "objective.preserve_start_weight=1.0")
+    assert code == 1 and "trained without objective.preserve_start_weight" in capsys.readouterr().err
+    code, _ = train(tmp_path, "straight", [retina], "--batch-size", "8", "--max-steps", "5", "--resume")
+    assert code == 1 and "trained with objective.preserve_start_weight" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_loss_falls_on_real_images_of_three_modalities(tmp_path, data_root):
     data = [f"oct={data_root / 'oct'}", f"pathology={data_root / 'pathology/crc_val_he_7k_examples'}",
             f"dermoscopy={data_root / 'dermoscopy/isic_uda1_250px'}"]
@@ -230,7 +250,8 @@ def test_official_options_are_read_from_the_defaults_and_deviations_derive_from_
                                   "teacher_train_mode": defaults["model"]["teacher_train_mode"], "init": None,
                                   "sinkhorn_iters": defaults["objective"]["sinkhorn_iters"], "balance": "none",
                                   "batch_norm": "train", "layer_decay": 1.0, "freeze_backbone_epochs": 0,
-                                  "head_norm_momentum": 0.0, "koleo_weight": 0.0}
+                                  "head_norm_momentum": 0.0, "koleo_weight": 0.0,
+                                  "preserve_start_weight": 0.0}
     assert deviations_from_official(load_config(None)) == {}
     v3 = load_config(REPO / "training" / "configs" / "midol_micro_v3.yaml", ["model.init=/somewhere/midol-micro"])
     assert deviations_from_official(v3) == {"routing": "balanced", "balance": "tags_per_batch", "init": "midol-micro"}

@@ -88,7 +88,8 @@ OBJECTIVE_OPTIONS = {"routing": ("objective", "routing"), "top_k": ("model", "to
                      "sinkhorn_iters": ("objective", "sinkhorn_iters"), "init": ("model", "init"), "balance": ("data", "balance"),
                      "batch_norm": ("model", "batch_norm"), "layer_decay": ("optim", "layer_decay"),
                      "freeze_backbone_epochs": ("optim", "freeze_backbone_epochs"),
-                     "head_norm_momentum": ("model", "head_norm_momentum"), "koleo_weight": ("objective", "koleo_weight")}
+                     "head_norm_momentum": ("model", "head_norm_momentum"), "koleo_weight": ("objective", "koleo_weight"),
+                     "preserve_start_weight": ("objective", "preserve_start_weight")}
 """The options in which a run may differ from the official M-IDoL objective, and where they live."""
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from midol_hub.tasks import layerwise_lr_groups
 
 from .distributed import is_distributed
 from .head_norm import HeadNormTracking
-from .losses import KoLeoLoss, MIDoLLoss
+from .losses import FeaturePreservationLoss, KoLeoLoss, MIDoLLoss
 
 
 class TrainingError(RuntimeError):
@@ -86,12 +87,13 @@ class StepResult:
     route_loss: float = 0.0
     distill_loss: float = 0.0
     koleo_loss: float = 0.0
+    preserve_loss: float = 0.0
     teacher_routing: list[torch.Tensor] = field(default_factory=list)
 
 
 class Learner:
-    """Student, EMA teacher, the M-IDoL loss (plus KoLeo with ``objective.koleo_weight``), AdamW, clipping,
-    AMP and gradient accumulation."""
+    """Student, EMA teacher, the M-IDoL loss (plus KoLeo with ``objective.koleo_weight`` and feature
+    preservation with ``objective.preserve_start_weight``), AdamW, clipping, AMP and gradient accumulation."""
 
     def __init__(self, config: dict[str, Any], student: MIDoLModel, teacher: MIDoLModel, device: torch.device) -> None:
         obj, optim = config["objective"], config["optim"]
@@ -120,6 +122,15 @@ class Learner:
         if self.koleo_weight < 0:
             raise TrainingError(f"objective.koleo_weight must be >= 0, got {self.koleo_weight!r}")
         self.koleo = KoLeoLoss()
+        self.preserve_weight = obj["preserve_start_weight"]
+        if self.preserve_weight < 0:
+            raise TrainingError(f"objective.preserve_start_weight must be >= 0, got {self.preserve_weight!r}")
+        if self.preserve_weight and is_distributed():
+            raise TrainingError("objective.preserve_start_weight trains on one process; set it to 0 under torchrun")
+        self.start, self.preserve = None, None
+        if self.preserve_weight:  # the student as it starts, frozen: the same weights on resume, which rebuilds the start
+            self.start = copy.deepcopy(student.backbone).eval().requires_grad_(False)
+            self.preserve = FeaturePreservationLoss(student.backbone.num_features).to(device)
         self.clip_grad, self.clip_mode = optim["clip_grad"], optim["clip_mode"]
         if self.clip_mode not in CLIP_MODES:
             raise TrainingError(f"optim.clip_mode must be one of {', '.join(CLIP_MODES)}, got {self.clip_mode!r}")
@@ -127,6 +138,8 @@ class Learner:
         if not 0 < decay <= 1:
             raise TrainingError(f"optim.layer_decay must be in (0, 1], got {decay!r}")
         groups = param_groups(student) if decay == 1 else layerwise_lr_groups(student, 0.0, decay, 0.0)
+        if self.preserve is not None:  # the linear map, at the full learning rate; weight decay would only shrink it
+            groups.append({"params": list(self.preserve.parameters()), "weight_decay": 0.0, "no_decay": True})
         self.optimizer = torch.optim.AdamW(groups, lr=0.0)
         precision = optim["precision"]
         if precision == "auto":  # bf16 where the device computes it natively (2x fp32 there), else fp32 (6x faster than emulated bf16)
@@ -171,7 +184,16 @@ class Learner:
                 if self.koleo_weight:  # DINOv2: summed over the global crops, each batch on its own
                     koleo = sum(self.koleo(view) for view in student_pooled[: 2 * len(crops[0])].chunk(2))
                     loss = loss + self.koleo_weight * koleo
-            value, route_value, distill_value, koleo_value = torch.stack([loss, route, distill, koleo]).tolist()  # one device sync
+                preserve = loss.new_zeros(())
+                if self.preserve is not None:  # the global crops, both at once
+                    global_crops = torch.cat(crops[:2])
+                    with torch.no_grad():
+                        start = self.start.forward_head(self.start.forward_features(
+                            global_crops.contiguous(memory_format=torch.channels_last)), pre_logits=True)
+                    preserve = self.preserve(student_pooled[: len(global_crops)], start)
+                    loss = loss + self.preserve_weight * preserve
+            value, route_value, distill_value, koleo_value, preserve_value = torch.stack(
+                [loss, route, distill, koleo, preserve]).tolist()  # one device sync
             if not math.isfinite(value):
                 raise TrainingError(f"the loss is {value}; lower optim.lr or train in fp32")
             self.scaler.scale(loss * share).backward()
@@ -179,6 +201,7 @@ class Learner:
             result.route_loss += route_value * share
             result.distill_loss += distill_value * share
             result.koleo_loss += koleo_value * share
+            result.preserve_loss += preserve_value * share
             result.teacher_routing.append(teacher_out.routing_logits.float().softmax(-1)[: len(crops[0])].detach())
         self.scaler.unscale_(self.optimizer)
         if self.clip_grad and self.clip_mode == "per_param":
@@ -211,11 +234,16 @@ class Learner:
         any strategy resumes under DDP and exports. Under FSDP every rank must call it."""
         optimizer = (get_optimizer_state_dict(self.student, self.optimizer, options=FULL) if self.sharded
                      else self.optimizer.state_dict())
-        return {"student": self.model_state(self.student), "teacher": self.model_state(self.teacher),
-                "learner": {"optimizer": optimizer, "scaler": self.scaler.state_dict(), "loss": self.loss.state_dict()}}
+        learner = {"optimizer": optimizer, "scaler": self.scaler.state_dict(), "loss": self.loss.state_dict()}
+        if self.preserve is not None:
+            learner["preserve"] = self.preserve.state_dict()
+        return {"student": self.model_state(self.student), "teacher": self.model_state(self.teacher), "learner": learner}
 
     def load_full_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`full_state` saved (from a run of either strategy, see below)."""
+        if (self.preserve is not None) != ("preserve" in state["learner"]):
+            raise TrainingError(f"this checkpoint was trained {'with' if self.preserve is None else 'without'} "
+                                "objective.preserve_start_weight; resume it with the run's own config (config.yaml in the run directory)")
         optimizer = state["learner"]["optimizer"]
         by_name = all(isinstance(key, str) for key in optimizer["state"])  # what FSDP saves: keyed by parameter name
         if self.sharded:
@@ -234,3 +262,5 @@ class Learner:
                 self.optimizer.load_state_dict(optimizer)
         self.scaler.load_state_dict(state["learner"]["scaler"])
         self.loss.load_state_dict(state["learner"]["loss"])
+        if self.preserve is not None:
+            self.preserve.load_state_dict(state["learner"]["preserve"])

@@ -294,7 +294,8 @@ def run(args: argparse.Namespace) -> None:
                 monitors["routing"] = routing.report(teacher)
             if log_file is not None and step % run_cfg["log_every"] == 0:
                 record = {"step": step, "epoch": epoch, "loss": result.loss, "route_loss": result.route_loss,
-                          "distill_loss": result.distill_loss, "koleo_loss": result.koleo_loss, "lr": lr, "wd": wd, "momentum": momentum,
+                          "distill_loss": result.distill_loss, "koleo_loss": result.koleo_loss,
+                          "preserve_loss": result.preserve_loss, "lr": lr, "wd": wd, "momentum": momentum,
                           "teacher_temp": teacher_temp, "skipped_images": skipped,
                           "images_per_s": global_batch / (time.perf_counter() - started)}
                 if result.teacher_routing:

@@ -3,6 +3,7 @@
 from .dino import DINOLoss
 from .koleo import KoLeoLoss
 from .midol import MIDoLLoss
+from .preserve import FeaturePreservationLoss
 from .routing import ROUTING_FORMS, RoutingLoss, sinkhorn_knopp
 
-__all__ = ["DINOLoss", "KoLeoLoss", "MIDoLLoss", "ROUTING_FORMS", "RoutingLoss", "sinkhorn_knopp"]
+__all__ = ["DINOLoss", "FeaturePreservationLoss", "KoLeoLoss", "MIDoLLoss", "ROUTING_FORMS", "RoutingLoss", "sinkhorn_knopp"]
