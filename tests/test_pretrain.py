@@ -60,7 +60,9 @@ def test_feature_preservation_resumes_exactly_and_a_run_without_it_does_not_resu
     common = ["--batch-size", "8", "--set", "optim.warmup_epochs=0", "--set", "run.checkpoint_every=2",
               "--set", "objective.preserve_start_weight=1.0"]
     code, straight = train(tmp_path, "straight", [retina], *common, "--max-steps", "4")
+    assert code == 0 and len(straight) == 4
     code, first = train(tmp_path, "resumed", [retina], *common, "--max-steps", "2")
+    assert code == 0 and len(first) == 2
     code, resumed = train(tmp_path, "resumed", [retina], *common, "--max-steps", "4", "--resume")
     assert code == 0 and [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [(r["loss"], r["preserve_loss"]) for r in straight] == [(r["loss"], r["preserve_loss"]) for r in resumed]
@@ -68,6 +70,7 @@ def test_feature_preservation_resumes_exactly_and_a_run_without_it_does_not_resu
     assert torch.load(sorted((tmp_path / "straight").glob("checkpoint-*.pt"))[-1],
                       weights_only=True)["config"]["objective"]["preserve_start_weight"] == 1.0
     code, _ = train(tmp_path, "plain", [retina], "--batch-size", "8", "--max-steps", "1")
+    assert code == 0
     code, _ = train(tmp_path, "plain", [retina], "--batch-size", "8", "--max-steps", "2", "--resume",
                     "--set", "objective.preserve_start_weight=1.0")
     assert code == 1 and "trained without objective.preserve_start_weight" in capsys.readouterr().err
