@@ -251,8 +251,7 @@ class MIDoLModel(PreTrainedModel):
         ``expert_index`` (B,) picks the expert whose output becomes ``embedding``; by default,
         and for negative entries, the router's most probable expert is used.
         """
-        if not self.config.is_swin:  # channels_last activations: timm's EfficientNet-Lite0 1.28x faster on CPU (benchmarks.encode)
-            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        pixel_values = self._backbone_layout(pixel_values)
         if output_pyramid:
             final, pyramid = self.backbone.forward_intermediates(pixel_values, output_fmt="NCHW")
             pyramid = tuple(pyramid)
@@ -277,6 +276,16 @@ class MIDoLModel(PreTrainedModel):
             pooler_output=pooled,
         )
         return output if return_dict else output.to_tuple()
+
+    def forward_pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled feature (B, D) alone, as ``forward(...).pooled`` gives it, without
+        running the head: for a frozen reference copy that only needs the feature."""
+        pixel_values = self._backbone_layout(pixel_values)
+        return self.backbone.forward_head(self.backbone.forward_features(pixel_values), pre_logits=True)
+
+    def _backbone_layout(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # channels_last activations for a CNN: timm's EfficientNet-Lite0 1.28x faster on CPU (benchmarks.encode)
+        return pixel_values if self.config.is_swin else pixel_values.contiguous(memory_format=torch.channels_last)
 
     def encode(self, images: Any, modality: str = "auto", **kwargs: Any) -> Encoding:
         """Embed images of one modality; see :func:`midol_hub.encoding.encode` for the contract."""

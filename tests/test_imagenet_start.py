@@ -75,6 +75,7 @@ def test_a_non_swin_backbone_gives_pooled_features_a_pyramid_and_nchw_tokens(tmp
     with torch.no_grad():
         contiguous = model.backbone.forward_head(model.backbone.forward_features(images.contiguous()), pre_logits=True)
         torch.testing.assert_close(model(images).pooled, contiguous, atol=1e-4, rtol=1e-4)
+        assert torch.equal(model.forward_pooled(images), model(images).pooled)  # the feature alone, without the head
     model.save_pretrained(tmp_path)
     again = load_model(tmp_path)
     batch = torch.randn(1, 3, 224, 224)

@@ -86,11 +86,12 @@ def test_preserve_start_weight_ties_the_student_to_a_frozen_copy_of_its_start():
     with torch.no_grad():  # on the global crops: the map of the student's pooled feature against the start's
         globals_ = torch.cat(crops[:2])
         expected = learner.preserve(learner.student(globals_).pooled,
-                                    learner.start.forward_head(learner.start.forward_features(globals_), pre_logits=True)).item()
+                                    learner.start.backbone.forward_head(learner.start.backbone.forward_features(globals_),
+                                                                        pre_logits=True)).item()
     second = learner.step([crops], teacher_temp=0.04, momentum=0.5, freeze_last_layer=False)
     assert second.preserve_loss == pytest.approx(expected, rel=1e-4) and expected > 1e-5
     assert second.loss == pytest.approx(second.route_loss + second.distill_loss + 0.5 * second.preserve_loss, rel=1e-5)
-    assert all(torch.equal(v, start[k]) for k, v in learner.start.state_dict().items())  # the start stays as it was
+    assert all(torch.equal(v, start[k]) for k, v in learner.start.backbone.state_dict().items())  # the start stays as it was
     assert not torch.equal(learner.preserve.predictor.weight, torch.eye(learner.student.backbone.num_features))
     assert (learner.student.backbone.norm.weight - start["norm.weight"]).abs().max() > 1e-5  # the student moved
     with pytest.raises(TrainingError, match="objective.preserve_start_weight must be >= 0, got -1"):

@@ -109,6 +109,8 @@ def test_forward_embedding_is_the_selected_experts_output(micro):
         auto = micro(x)
         forced = micro(x, expert_index=torch.tensor([4, 1]))
         outputs = micro.head.expert_outputs(auto.pooled)
+        pooled_alone = micro.forward_pooled(x)
+    assert torch.equal(pooled_alone, auto.pooled)  # the backbone's feature without the head, as forward gives it
     assert torch.equal(auto.expert_index, auto.routing_logits.argmax(-1))
     torch.testing.assert_close(auto.embedding, outputs[torch.arange(2), auto.expert_index])
     torch.testing.assert_close(forced.embedding[0], outputs[0, 4])

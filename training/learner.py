@@ -129,7 +129,7 @@ class Learner:
             raise TrainingError("objective.preserve_start_weight trains on one process; set it to 0 under torchrun")
         self.start, self.preserve = None, None
         if self.preserve_weight:  # the student as it starts, frozen: the same weights on resume, which rebuilds the start
-            self.start = copy.deepcopy(student.backbone).eval().requires_grad_(False)
+            self.start = copy.deepcopy(student).eval().requires_grad_(False)
             self.preserve = FeaturePreservationLoss(student.backbone.num_features).to(device)
         self.clip_grad, self.clip_mode = optim["clip_grad"], optim["clip_mode"]
         if self.clip_mode not in CLIP_MODES:
@@ -188,8 +188,7 @@ class Learner:
                 if self.preserve is not None:  # the global crops, both at once
                     global_crops = torch.cat(crops[:2])
                     with torch.no_grad():
-                        start = self.start.forward_head(self.start.forward_features(
-                            global_crops.contiguous(memory_format=torch.channels_last)), pre_logits=True)
+                        start = self.start.forward_pooled(global_crops)
                     preserve = self.preserve(student_pooled[: len(global_crops)], start)
                     loss = loss + self.preserve_weight * preserve
             value, route_value, distill_value, koleo_value, preserve_value = torch.stack(
