@@ -508,7 +508,7 @@ def run_cache_prefetch(args: argparse.Namespace) -> None:
             print(f"{entry.name} ships inside the package ({entry.embedded_path()}); nothing to prefetch")
             return
         if entry.hub_id is None:
-            raise CLIError(f"{entry.name} has no published weights to prefetch")
+            raise CLIError(f"{entry.name} has no published weights to prefetch; to get a model: {entry.how_to_get_weights()}")
         repo_id = entry.hub_id
     path = snapshot_download(repo_id, revision=args.revision, cache_dir=args.cache_dir, allow_patterns=HUB_FILES)
     print(f"{repo_id} is cached at {path}")

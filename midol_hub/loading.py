@@ -114,11 +114,8 @@ def _resolve_and_load(spec: str, pretrained: bool, revision: str | None, device:
             model.provenance = dataclasses.replace(model.provenance, source="embedded", location=entry.name)
             return model
         if entry.hub_id is None:
-            raise WeightsNotAvailableError(
-                f"{entry.name!r} has no published weights yet. To get a model: convert an official "
-                f"checkpoint (midol convert CHECKPOINT DIR), train one (python -m training.pretrain), or "
-                f"use load_model({entry.name!r}, pretrained=False) for random weights."
-            )
+            raise WeightsNotAvailableError(f"{entry.name!r} has no published weights yet. To get a model: "
+                                           f"{entry.how_to_get_weights()}.")
         return _load_hub(entry.hub_id, revision, pretrained, device, dtype, **hub_kwargs)
 
     if _REPO_ID.match(spec):

@@ -61,9 +61,19 @@ class ModelEntry:
     datasets: tuple[str, ...] = ()
     data_citations: tuple[str, ...] = ()
     embedded: str | None = None  # folder under midol_hub/weights/ holding weights shipped in the package
+    recipe: str | None = None  # the training config (in the repository) that trains this model
 
     def make_config(self) -> MIDoLConfig:
         return MIDoLConfig(**self.config, name_or_path=self.name)
+
+    def how_to_get_weights(self) -> str:
+        """What a user without published weights can do: convert an official (Swin) checkpoint where
+        one fits this architecture, train with the model's recipe, or load random weights."""
+        ways = ["convert an official checkpoint (midol convert CHECKPOINT DIR)"] if self.make_config().is_swin else []
+        recipe = f" --config {self.recipe}" if self.recipe else ""
+        ways += [f"train one (python -m training.pretrain{recipe} --data ... --output-dir RUN, then python -m "
+                 f"training.export RUN DIR)", f"use load_model({self.name!r}, pretrained=False) for random weights"]
+        return ", ".join(ways[:-1]) + " or " + ways[-1]
 
     @property
     def has_weights(self) -> bool:
@@ -78,6 +88,7 @@ _ENTRIES = (
         name="midol-swin-base",
         description="The paper's architecture: Swin-B (patch 4, window 7, 224 px), 5 MoE experts, 1024-d.",
         config={},
+        recipe="training/configs/midol_swin_base.yaml",
     ),
     ModelEntry(
         name="midol-swin-tiny",
@@ -99,6 +110,7 @@ _ENTRIES = (
                   "IDRiD", "Kather 2016 colorectal textures", "NIH ChestX-ray14", "OpenSlide test data",
                   "Hannover Medical School COVID-19 image repository", "ImageNet-1k (initial weights)"),
         data_citations=LITE_DATA_CITATIONS,
+        recipe="training/configs/midol_lite.yaml",
     ),
     ModelEntry(
         name="midol-micro",

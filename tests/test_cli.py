@@ -140,7 +140,7 @@ def test_encode_failure_leaves_no_partial_output(capsys, tmp_path):
         (["info", "midol-huge"], "cannot find model 'midol-huge'"),
         (["convert", "absent.pth", "out"], "no such checkpoint"),
         (["plot", "absent.npz", "--out", "m.png"], "absent.npz: no such file"),
-        (["cache", "prefetch", "midol-swin-base"], "no published weights to prefetch"),
+        (["cache", "prefetch", "midol-swin-base"], "no published weights to prefetch; to get a model: convert"),
     ],
 )
 def test_bad_arguments_give_one_line_errors(capsys, tmp_path, monkeypatch, args, message):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from midol_hub import (
     list_models,
     load_model,
 )
+from midol_hub.registry import get_entry
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -86,8 +88,17 @@ def test_every_registry_name_builds_with_random_weights(name):
 
 
 def test_registry_name_without_weights_says_how_to_get_them():
-    with pytest.raises(WeightsNotAvailableError, match=r"midol convert.*training\.pretrain.*pretrained=False"):
+    with pytest.raises(WeightsNotAvailableError, match=r"midol convert.*training\.pretrain --config training/configs/"
+                                                      r"midol_swin_base\.yaml.*pretrained=False"):
         load_model("midol-swin-base")
+    # no official checkpoint exists for a CNN backbone: only its recipe and random weights are offered
+    with pytest.raises(WeightsNotAvailableError) as raised:
+        load_model("midol-lite")
+    message = str(raised.value)
+    assert "midol convert" not in message and "--config training/configs/midol_lite.yaml" in message
+    assert "pretrained=False" in message
+    for entry in (get_entry("midol-swin-base"), get_entry("midol-lite")):  # the recipes named exist
+        assert (Path(__file__).parents[1] / entry.recipe).is_file()
 
 
 def test_unknown_name_says_what_was_looked_for():
