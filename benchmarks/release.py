@@ -292,7 +292,7 @@ def comparison_notes(results: dict, choice: list[str], rounds: list[str], minute
     return "\n".join(lines)
 
 
-LITE_CONFIG = CONFIG.with_name("midol_lite.yaml")
+LITE_CONFIG = Path(__file__).resolve().parents[1] / get_entry("midol-lite").recipe  # the registry names the recipe
 LITE_FEATURE = get_entry("midol-lite").make_config().default_feature
 LITE_OTHER = "embedding" if LITE_FEATURE == "pooled" else "pooled"
 LITE_COLUMNS = {"lite": (f"midol-lite `{LITE_FEATURE}` (this model's default)", LITE_FEATURE),
