@@ -96,16 +96,19 @@ def measure(arch: str = "midol-swin-base", batch: int = 8, repeats: int = 5) -> 
 def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, files: int = 64) -> dict[str, float]:
     """``name`` (its shipped weights where it has them) against timm's forward of the same backbone,
     in timm's default layout and in channels_last (the one MIDoLModel gives a CNN's activations):
-    ``model.encode`` of preprocessed batches, and ``midol encode``'s path (``midol_hub.bulk``: decode
-    in workers, JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files,
-    with its default forward streams and with one (``midol_hub.bulk.default_streams``)."""
+    ``model.encode`` of preprocessed batches, in fp32 and in bf16 (the precision ``dtype="auto"``
+    picks where bf16 is native), and ``midol encode``'s path (``midol_hub.bulk``: decode in workers,
+    JPEG draft decoding, preprocess, encode) over ``files`` full-resolution test files, with its
+    default forward streams and with one (``midol_hub.bulk.default_streams``)."""
     from midol_hub.bulk import encode_files, remove_parts
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         entry = get_entry(name)
         model = load_model(name, pretrained=entry.has_weights)
+        model_bf16 = load_model(name, pretrained=False, dtype=torch.bfloat16)
         micro = load_model("midol-micro")
+    model_bf16.load_state_dict(model.state_dict())
     backbone = timm.create_model(model.config.backbone, pretrained=False, num_classes=0).eval()
     backbone.load_state_dict(model.backbone.state_dict())
     size = model.config.img_size
@@ -127,17 +130,23 @@ def measure_cnn(name: str = "midol-lite", batch: int = 16, repeats: int = 5, fil
         "timm": timm_forward(),
         "timm_channels_last": timm_forward(torch.channels_last),  # the layout MIDoLModel gives a CNN
         "encode": lambda: model.encode(pixels, modality="oct", preprocessed=True, batch_size=batch),
+        "encode_bf16": lambda: model_bf16.encode(pixels, modality="oct", preprocessed=True, batch_size=batch),
         "micro": lambda: micro.encode(micro_pixels, modality="oct", preprocessed=True, batch_size=batch),
         "bulk": bulk,  # side by side with the forward it is compared with: this machine's speed drifts
         "bulk_one_stream": lambda: bulk(streams=1),  # one forward at a time, as before default_streams
     }, repeats=repeats)
     folder = seconds["bulk"]
     forward_images_per_s = batch / seconds["timm"]
+    feature = model.config.default_feature
+    real = model.preprocess(paths[:16], "auto")
+    reference, low = (getattr(m.encode(real, modality="oct", preprocessed=True, output=feature), feature) for m in (model, model_bf16))
     return {
         "lite_encode_vs_timm_ratio": seconds["timm"] / seconds["encode"],
         "lite_encode_vs_timm_channels_last_ratio": seconds["timm_channels_last"] / seconds["encode"],
         "timm_channels_last_vs_contiguous_ratio": seconds["timm"] / seconds["timm_channels_last"],
         "lite_encode_images_per_s": batch / seconds["encode"],
+        "lite_bf16_speedup_ratio": seconds["encode"] / seconds["encode_bf16"],
+        "lite_bf16_cos_min": float(F.cosine_similarity(reference, low.float()).min()),
         "micro_encode_images_per_s": batch / seconds["micro"],
         "midol_encode_fullres_vs_forward_ratio": len(paths) / folder / forward_images_per_s,
         "midol_encode_fullres_images_per_s": len(paths) / folder,
