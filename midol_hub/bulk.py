@@ -255,11 +255,6 @@ def _part_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if PART.match(p.name)) if directory.is_dir() else []
 
 
-def _read_part(part: Path) -> dict[str, Any]:
-    with np.load(part) as data:
-        return {name: data[name] for name in data.files}
-
-
 def _latest(directory: Path, names: Sequence[str] = ()) -> dict[str, tuple[str, Any]]:
     """Per path, its newest entry in the parts: ("rows", (part arrays, row positions)) or
     ("failed", failure); only the metadata columns plus ``names`` are read."""
