@@ -21,7 +21,7 @@ from .configuration_midol import MIDoLConfig
 from .registry import PAPER_CITATION, get_entry
 
 GENERIC_TEMPLATE = "midol"
-TAGS = ["medical-imaging", "self-supervised", "mixture-of-experts", "swin-transformer", "m-idol"]
+TAGS = ["medical-imaging", "self-supervised", "mixture-of-experts", "m-idol"]  # plus the backbone's: see architecture_tag
 SEPARATION = "Modality separation (test sets)"  # the key benchmarks.evaluate writes its routing results under
 METRIC_TYPES = {"accuracy": "accuracy", "balanced_accuracy": "balanced_accuracy", "auc": "roc_auc", "f1": "f1"}
 
@@ -40,6 +40,11 @@ def _load_results(results: dict[str, Any] | str | Path | None) -> dict[str, Any]
     if results is None or isinstance(results, dict):
         return results
     return json.loads(Path(results).read_text(encoding="utf-8"))
+
+
+def architecture_tag(config: MIDoLConfig) -> str:
+    """The Hub tag of the backbone: ``swin-transformer`` for a Swin, otherwise its timm name."""
+    return "swin-transformer" if config.is_swin else config.backbone
 
 
 def render_model_card(
@@ -64,7 +69,7 @@ def render_model_card(
         license=entry.license if entry else "other",
         library_name="midol-hub",
         pipeline_tag="image-feature-extraction",
-        tags=TAGS,
+        tags=[*TAGS, architecture_tag(config)],
         datasets=list(entry.datasets) if entry and entry.datasets else None,
         base_model=base_model,
         model_name=name or "M-IDoL model",

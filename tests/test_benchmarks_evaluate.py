@@ -246,6 +246,21 @@ def test_detector_benchmark_measures_the_baseline_that_init_names(monkeypatch, c
     assert "invalid choice: 'imagenet21k' (choose from" in capsys.readouterr().err
 
 
+def test_lite_targets_say_what_is_met_and_by_how_much_the_rest_is_missed():
+    def result(probe: dict[str, float], knn: float, precision: float) -> dict:
+        return {d: {"linear probe": {"accuracy": probe.get(d, 0.8)}, "kNN": {"accuracy": knn},
+                    "retrieval": {"precision@10": precision}} for d in shared_data.BENCHMARKS}
+    start = result({"ISIC nevus vs melanoma": 116 / 150, "Kermany OCT": 21 / 28}, 0.7, 0.6)
+    # ISIC's probe exactly 3 of 150 images below the start (0.02, whose float difference is -0.020000000000000018)
+    lite = result({"ISIC nevus vs melanoma": 113 / 150, "Kermany OCT": 22 / 28, "PneumoniaMNIST": 0.85}, 0.73, 0.61)
+    lines = release.lite_targets({"lite": lite, "imagenet": start})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert rows["worst set, linear probe accuracy"].endswith("| -0.020 (ISIC nevus vs melanoma) | met |")
+    assert rows["mean kNN accuracy over the ImageNet start"].endswith("| +0.030 | met |")
+    assert rows["mean retrieval precision@10 over the ImageNet start"].endswith("| +0.010 | missed by 0.010 |")
+    assert rows["Kermany OCT linear probe"].endswith("| 0.786 | missed by 0.014 |")
+
+
 def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_then_the_lowest_ece():
     def row(crops, pathology, dermoscopy, outside, unknown, ece=0.02, auroc=0.95):
         return {"crops": crops, "components": 32, "quantile": 0.95, "slope": 1.5, "held_out_called_unknown": unknown,
@@ -272,9 +287,11 @@ def test_shipped_calibration_settings_are_what_the_detector_benchmark_chooses(da
     assert release.settings_of(chosen) == release.SHIPPED_SETTINGS
     other = {**release.SHIPPED_SETTINGS, "slope": 2.0}  # a model calibrated otherwise must say why
     with pytest.raises(SystemExit, match="the calibration rule chooses"):
-        release.detector_notes((detectors, naming, settings), other)
-    notes = "\n".join(release.detector_notes((detectors, naming, settings), release.settings_of(chosen), "midol-lite"))
+        release.detector_notes((detectors, naming, settings, new_sources), other)
+    notes = "\n".join(release.detector_notes((detectors, naming, settings, new_sources), release.settings_of(chosen),
+                                             "midol-lite"))
     assert f"with slope {SLOPE:g}" in notes and "--model midol-lite` reproduces" in notes
+    assert "| pathology | OpenSlide Ki67 IHC |" in notes  # the table of datasets left out of calibration
     # the slope trades calibration against ranking: 1 is too unsure past the quantile, 2 ranks worse
     same = {r["slope"]: r for r in settings if (r["crops"], r["components"], r["quantile"]) == shipped[:3]}
     assert same[1.0]["ece"] > chosen["ece"] + 0.02 and same[2.0]["auroc"] < chosen["auroc"]

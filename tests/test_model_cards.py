@@ -40,6 +40,8 @@ def test_every_template_renders_valid_yaml_that_matches_the_config(template):
     assert meta["library_name"] == "midol-hub"
     assert meta["pipeline_tag"] == "image-feature-extraction"
     assert "medical-imaging" in meta["tags"]
+    assert ("swin-transformer" in meta["tags"]) == config.is_swin  # midol-lite is a CNN: tagged with its timm name
+    assert config.is_swin or config.backbone in meta["tags"]
     assert meta["license"] == (entry.license if entry else "other")
     if not template:
         assert meta["base_model"] == "midol-swin-base"
