@@ -97,8 +97,8 @@ _ENTRIES = (
     ),
     ModelEntry(
         name="midol-lite",
-        description="EfficientNet-Lite0 from ImageNet (224 px, 1280-d), 5 MoE experts; the recipe training/configs/"
-                    "midol_lite.yaml, no released weights yet.",
+        description="EfficientNet-Lite0 from ImageNet (224 px, 1280-d), 5 MoE experts; trained here, not the default: "
+                    "its card lists the targets it misses.",
         # the backbone's pooled feature first: in the four runs measured on both it matched the expert embedding's
         # linear probes and beat its kNN accuracy and precision@10 (README, "midol-lite");
         # encode still returns the embedding beside it, as midol-micro's does
@@ -110,6 +110,7 @@ _ENTRIES = (
                   "IDRiD", "Kather 2016 colorectal textures", "NIH ChestX-ray14", "OpenSlide test data",
                   "Hannover Medical School COVID-19 image repository", "ImageNet-1k (initial weights)"),
         data_citations=LITE_DATA_CITATIONS,
+        embedded="midol-lite",
         recipe="training/configs/midol_lite.yaml",
     ),
     ModelEntry(
