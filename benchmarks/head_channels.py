@@ -2,8 +2,8 @@
 
 Per labelled set, over evenly spaced training images: the share of the pooled channels that
 never fire (0 on every image: the head's ReLU6 below zero; docs/midol-lite-runs.md, "Dead head
-channels") and the effective rank of the pooled feature (the exponential of the entropy of its centred covariance
-spectrum; k equally strong independent directions give k). The model's ImageNet start (where
+channels") and the effective rank of the pooled feature (the exponential of the entropy of its
+centred covariance spectrum; k equally strong independent directions give k). The model's ImageNet start (where
 its backbone has installable ImageNet weights) is measured beside it, as the baseline.
 """
 

@@ -242,7 +242,8 @@ def _shipped_row(shipped: dict, held_out: DistanceAnswers, train: dict, outside:
     unknown = np.array(held_out.modality) == UNKNOWN
     wrong = {m: float(unknown[train["labels"] == m].mean()) for m in shipped["out_of_scope"]["modalities"]}
     return {"detector": f"Mahalanobis, tied covariance, {COMPONENTS} components on stage_pooled, P(in scope) 1/2 at "
-                        f"each modality's {QUANTILE} quantile of {REPEATS} held-out splits, slope {SLOPE:g} (midol_hub.calibration's defaults)",
+                        f"each modality's {QUANTILE} quantile of {REPEATS} held-out splits, slope {SLOPE:g} "
+                        "(midol_hub.calibration's defaults)",
             "out_of_scope_called_unknown": float(np.mean(np.array(_outside(shipped, outside).modality) == UNKNOWN)),
             "auroc": float("nan"), "in_scope_images": len(train["labels"]), "out_of_scope_images": len(outside["labels"]),
             "held_out_called_unknown": wrong}

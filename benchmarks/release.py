@@ -332,9 +332,8 @@ def release_lite(work: Path, install: Path) -> None:
     export.export(run, install, **calibrated)
     model = load_model(install)
     results = lite_results(work, model)
-    notes = lite_notes(results, (training_minutes([run]), median_step_seconds(run), len(read_log(run))),
-                       LITE_CONFIG.read_text(), detector_notes(compared, settings,
-                                                                                                  "midol-lite"))
+    timing = (training_minutes([run]), median_step_seconds(run), len(read_log(run)))
+    notes = lite_notes(results, timing, LITE_CONFIG.read_text(), detector_notes(compared, settings, "midol-lite"))
     card = {key: value for key, value in results["lite"].items() if key != "few-shot"}
     exported = export.export(run, install, **calibrated, results=card, card_notes=notes)
     print(notes)
@@ -380,7 +379,8 @@ def lite_targets(results: dict) -> list[str]:
         gain = figure(results["lite"], "mean", protocol, metric) - figure(results["imagenet"], "mean", protocol, metric)
         worst = min((figure(results["lite"], d, protocol, metric) - figure(results["imagenet"], d, protocol, metric), d)
                     for d in BENCHMARKS)
-        lines.append(f"| mean {protocol} {metric} over the ImageNet start | >= +0.02 | {gain:+.3f} | {_verdict(gain, 0.02)} |")
+        lines.append(f"| mean {protocol} {metric} over the ImageNet start | >= +0.02 | {gain:+.3f} | "
+                     f"{_verdict(gain, 0.02)} |")
         lines.append(f"| worst set, {protocol} {metric} | >= -0.02 | {worst[0]:+.3f} ({worst[1]}) | "
                      f"{_verdict(worst[0], -0.02)} |")
     oct_probe = results["lite"]["Kermany OCT"]["linear probe"]["accuracy"]
