@@ -259,6 +259,8 @@ def test_lite_targets_say_what_is_met_and_by_how_much_the_rest_is_missed():
     assert rows["mean kNN accuracy over the ImageNet start"].endswith("| +0.030 | met |")
     assert rows["mean retrieval precision@10 over the ImageNet start"].endswith("| +0.010 | missed by 0.010 |")
     assert rows["Kermany OCT linear probe"].endswith("| 0.786 | missed by 0.014 |")
+    assert evaluate.target_cell(0.051, 0.05, upper=True) == "missed by 0.001"  # a ceiling, as auto's ECE target
+    assert evaluate.target_cell(0.05, 0.05, upper=True) == "met"
 
 
 def test_calibration_rule_prefers_the_confidence_targets_then_the_worst_case_then_the_lowest_ece():
