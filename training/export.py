@@ -133,7 +133,7 @@ def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
 
 def pretraining_record(state: dict) -> dict:
     """What trained these weights: the objective and its options, as the run's config.yaml has them,
-    and, for a run started from a model, that model's own record (``init_pretraining``; nested, the
+    the checkpoints a soup averages (``training.soup``), and, for a run started from a model, that model's own record (``init_pretraining``; nested, the
     whole lineage)."""
     config = state["config"]
     objective, optim = config["objective"], config["optim"]
@@ -142,6 +142,10 @@ def pretraining_record(state: dict) -> dict:
     if objective["name"] != "midol":
         record["routing"] = None
     record["deviations_from_official"] = deviations_from_official(config) if objective["name"] == "midol" else {}
+    if "soup" in state:  # training.soup: the teacher averages these checkpoints
+        record["soup"] = state["soup"]
+        runs = len({item["run"] for item in state["soup"]})
+        record["deviations_from_official"]["weight_soup"] = f"{len(state['soup'])} checkpoints of {runs} runs"
     if record["init"]:
         record["init_pretraining"] = state["model_config"].get("pretraining")
     return record
