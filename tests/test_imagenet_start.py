@@ -131,8 +131,7 @@ def test_pretraining_layer_decay_keeps_the_imagenet_layers_slow_and_the_head_at_
     decays = {name: group_of[id(p)]["weight_decay"] for name, p in trained}
     assert decays["backbone.bn1.weight"] == 0.0 and decays["backbone.conv_stem.weight"] == 0.1  # the schedule reaches decayed groups only
     assert load_config(None)["optim"]["layer_decay"] == 1.0  # the official default: one lr
-    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=1.0", "model.batch_norm=train",
-                                  "objective.preserve_start_weight=0"])
+    official = load_config(LITE, ["model.init=null", "model.num_prototypes=64", "optim.layer_decay=1.0", "model.batch_norm=train"])
     plain = Learner(official, student, teacher, torch.device("cpu"))
     plain.set_schedules(2.0, 0.1)
     assert {g["lr"] for g in plain.optimizer.param_groups} == {2.0} and len(plain.optimizer.param_groups) == 2
@@ -207,7 +206,7 @@ def test_frozen_batch_norm_and_a_head_first_phase_keep_the_imagenet_backbone(tmp
     assert not torch.equal(exported["head.router.weight"], imagenet.state_dict()["head.router.weight"])
     assert head_first.config.pretraining["deviations_from_official"] == {
         "routing": "balanced", "balance": "tags_per_batch", "init": "imagenet", "batch_norm": "frozen",
-        "layer_decay": 0.75, "freeze_backbone_epochs": 1, "preserve_start_weight": 0.2}
+        "layer_decay": 0.75, "freeze_backbone_epochs": 1}
     assert not any("Frozen" in type(m).__name__ for m in head_first.modules())  # plain batch norm again
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in head_first.backbone.modules())
 

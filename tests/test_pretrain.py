@@ -185,8 +185,7 @@ def test_two_ranks_tracking_the_head_norm_stay_in_sync(tmp_path, data_root):
     torchrun("-m", "training.pretrain", "--config", str(REPO / "training" / "configs" / "midol_lite.yaml"),
              "--data", f"oct={data_root / 'oct/kermany_oct2017_samples_c'}", "--output-dir", str(tmp_path / "ddp"),
              "--batch-size", "4", "--max-steps", "2", "--set", "crops.global_size=64", "--set", "crops.local_size=32",
-             "--set", "model.num_prototypes=256", "--set", "run.routing_every=0", "--set", "model.head_norm_momentum=0.5",
-             "--set", "objective.preserve_start_weight=0")  # the start-preserving term trains on one process
+             "--set", "model.num_prototypes=256", "--set", "run.routing_every=0", "--set", "model.head_norm_momentum=0.5")
     assert json.loads((tmp_path / "ddp" / "ranks.json").read_text())["in_sync"]
     state = torch.load(sorted((tmp_path / "ddp").glob("checkpoint-*.pt"))[-1], weights_only=True)
     start = load_model("midol-lite", pretrained=False)
