@@ -32,7 +32,7 @@ def test_a_soup_averages_each_run_then_the_runs_backbones_and_keeps_the_first_ru
     assert f"wrote {written}" in capsys.readouterr().out
     state = load_checkpoint(written)
     assert set(state) == {*soup.FOR_EXPORT, "soup"}  # no student or optimizer: it exports, it does not resume
-    assert [(item["run"], item["step"], item["seed"]) for item in state["soup"]] == [("a", 10, 0), ("a", 20, 1), ("b", 5, 2)]
+    assert [(item["run"], item["step"], item["seed"]) for item in state["soup"]] == [(0, 10, 0), (0, 20, 1), (1, 5, 2)]
 
     model = export.export(tmp_path / "soup", tmp_path / "model").model
     exported = model.state_dict()

@@ -6,7 +6,7 @@ averaged with equal weight, one vote per run. The MoE head (router, experts, pro
 from the first group: runs seeded differently learn their experts in different orders, so
 averaging their heads would mix unrelated experts. The soup is written to ``OUT_DIR`` as the
 first group's last checkpoint with the averaged teacher and a ``soup`` record of its
-ingredients, so ``python -m training.export OUT_DIR MODEL_DIR`` exports it like a run (the
+ingredients (each checkpoint's path, step, seed and ``--run`` index), so ``python -m training.export OUT_DIR MODEL_DIR`` exports it like a run (the
 card's lineage lists the ingredients). It is for export only: it cannot be resumed.
 """
 
@@ -57,9 +57,8 @@ def write_soup(groups: Sequence[Sequence[Path]], out: Path) -> Path:
                 raise TrainingError(f"{path}: its teacher's architecture differs from {groups[0][-1]}'s; a soup "
                                     "averages checkpoints of one architecture (runs of one config and start)")
     teacher = soup_teacher([[state["teacher"] for state in group] for group in states])
-    ingredients = [{"checkpoint": str(path), "run": Path(path).parent.name, "step": state["step"],
-                    "seed": state["config"].get("run", {}).get("seed")}
-                   for group, paths in zip(states, groups) for state, path in zip(group, paths)]
+    ingredients = [{"checkpoint": str(path), "run": run, "step": state["step"], "seed": state["config"]["run"]["seed"]}
+                   for run, (group, paths) in enumerate(zip(states, groups)) for state, path in zip(group, paths)]
     out.mkdir(parents=True, exist_ok=True)
     payload = {key: template[key] for key in FOR_EXPORT} | {"teacher": teacher, "soup": ingredients}
     return save_checkpoint(out, template["step"], payload, keep=1)
