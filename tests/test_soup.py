@@ -57,5 +57,8 @@ def test_a_soup_of_two_architectures_is_refused_by_name(tmp_path, capsys):
     error = capsys.readouterr().err
     assert f"error: {other}: its teacher's architecture differs from {mine}'s" in error
     assert not (tmp_path / "soup").exists()
+    assert soup.main([str(tmp_path / "a"), "--run", str(mine)]) == 2  # into a run's folder: its checkpoints stay
+    assert f"{tmp_path / 'a'} already holds checkpoints (checkpoint-00000010.pt, ...)" in capsys.readouterr().err
+    assert mine.exists()
     assert soup.main([str(tmp_path / "soup"), "--run", str(tmp_path / "missing.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
