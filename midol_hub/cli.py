@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     encode.set_defaults(handler=run_encode)
 
     info = commands.add_parser("info", help="architecture, parameters, experts, preprocessing and provenance")
-    info.add_argument("model", help="registry name, model directory, .safetensors file or Hub id")
+    info.add_argument("model", nargs="?", help="registry name, model directory, .safetensors file or Hub id; "
+                      "without it, only this machine (native bf16, what dtype='auto' picks)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=run_info)
 
@@ -399,15 +400,31 @@ def describe_model(spec: str) -> dict[str, Any]:
         "calibration": config.modality_calibration,
         "preprocessing": config.preprocessing,
         "provenance": provenance,
-        "this_machine": supported_precisions("cuda" if torch.cuda.is_available() else "cpu"),
+        "this_machine": this_machine(),
     }
 
 
+def this_machine() -> dict[str, Any]:
+    """Native bf16 on the device models run on here, and what ``dtype="auto"`` picks there."""
+    import torch
+
+    return supported_precisions("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def run_info(args: argparse.Namespace) -> None:
-    info = describe_model(args.model)
+    info = describe_model(args.model) if args.model else {"this_machine": this_machine()}
     if args.json:
         print(json.dumps(info, indent=2))
         return
+    machine = info["this_machine"]
+    if args.model:
+        print_model_info(info)
+    print(f"{'  ' if args.model else ''}this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}"
+          f"{' (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['cpu_bf16_features'] else ''}; "
+          f"dtype='auto' computes in {machine['auto']}")
+
+
+def print_model_info(info: dict[str, Any]) -> None:
     arch, params = info["architecture"], info["parameters"]
     print(f"{info['name']}")
     swin = (f"embed {arch['embed_dim']}, depths {arch['depths']}, heads {arch['num_heads']}, window "
@@ -422,10 +439,6 @@ def run_info(args: argparse.Namespace) -> None:
         print(f"  {modality:<12} {profile['channels']}, {profile['resize']}, {profile['size']} px"
               f"{', border removed' if profile['crop_border'] else ''}")
     print("  provenance   " + ", ".join(f"{k}={v}" for k, v in info["provenance"].items() if v is not None))
-    machine = info["this_machine"]
-    print(f"  this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}"
-          f"{' (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['cpu_bf16_features'] else ''}; "
-          f"dtype='auto' computes in {machine['auto']}")
 
 
 def run_list(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from midol_hub import load_model
 from midol_hub.cli import main
+from midol_hub.dtypes import cpu_bf16_flags, native_bf16
 from training import shared_data
 
 from .helpers import COMMIT_NEW, add_snapshot
@@ -62,6 +63,17 @@ def test_list_and_info(capsys):
     assert code == 0 and "4.39 M" in out and "oct          gray, whole, 64 px" in out
     code, out, _ = cli(capsys, "info", "midol-lite")  # a CNN backbone: no Swin fields
     assert code == 0 and "backbone     tf_efficientnet_lite0: 224 px" in out and "9.94 M" in out
+
+
+def test_info_without_a_model_reports_this_machine(capsys):
+    native = native_bf16("cpu")
+    auto = "bfloat16" if native else "float32"  # what dtype="auto" computes in on this CPU
+    code, out, _ = cli(capsys, "info", "--json")
+    assert code == 0 and json.loads(out) == {"this_machine": {"device": "cpu", "native_bf16": native,
+                                                              "cpu_bf16_features": list(cpu_bf16_flags()), "auto": auto}}
+    code, out, _ = cli(capsys, "info")
+    assert code == 0 and len(out.splitlines()) == 1
+    assert out.startswith(f"this machine cpu: native bf16 {'yes' if native else 'no'}") and f"computes in {auto}" in out
 
 
 def test_encode_folders_to_npz_with_a_manifest(capsys, tmp_path, image_dirs):
