@@ -416,12 +416,15 @@ def run_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(info, indent=2))
         return
-    machine = info["this_machine"]
     if args.model:
         print_model_info(info)
-    print(f"{'  ' if args.model else ''}this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}"
-          f"{' (' + ', '.join(machine['cpu_bf16_features']) + ')' if machine['cpu_bf16_features'] else ''}; "
-          f"dtype='auto' computes in {machine['auto']}")
+    print(("  " if args.model else "") + machine_summary(info["this_machine"]))
+
+
+def machine_summary(machine: dict[str, Any]) -> str:
+    features = f" ({', '.join(machine['cpu_bf16_features'])})" if machine["cpu_bf16_features"] else ""
+    return (f"this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}{features}; "
+            f"dtype='auto' computes in {machine['auto']}")
 
 
 def print_model_info(info: dict[str, Any]) -> None:

@@ -66,14 +66,15 @@ def test_list_and_info(capsys):
 
 
 def test_info_without_a_model_reports_this_machine(capsys):
-    native = native_bf16("cpu")
-    auto = "bfloat16" if native else "float32"  # what dtype="auto" computes in on this CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where models run here
+    native = native_bf16(device)
+    auto = "bfloat16" if native else "float32"  # what dtype="auto" computes in there
     code, out, _ = cli(capsys, "info", "--json")
-    assert code == 0 and json.loads(out) == {"this_machine": {"device": "cpu", "native_bf16": native,
+    assert code == 0 and json.loads(out) == {"this_machine": {"device": device, "native_bf16": native,
                                                               "cpu_bf16_features": list(cpu_bf16_flags()), "auto": auto}}
     code, out, _ = cli(capsys, "info")
     assert code == 0 and len(out.splitlines()) == 1
-    assert out.startswith(f"this machine cpu: native bf16 {'yes' if native else 'no'}") and f"computes in {auto}" in out
+    assert out.startswith(f"this machine {device}: native bf16 {'yes' if native else 'no'}") and f"computes in {auto}" in out
 
 
 def test_encode_folders_to_npz_with_a_manifest(capsys, tmp_path, image_dirs):
