@@ -47,9 +47,9 @@ def write_soup(groups: Sequence[Sequence[Path]], out: Path) -> Path:
     write the result as ``out/checkpoint-STEP.pt`` (STEP: the first group's last checkpoint's)."""
     if not groups or any(not group for group in groups):
         raise TrainingError("a soup needs at least one checkpoint per --run")
-    if out.is_dir() and list_checkpoints(out):  # saving keeps one checkpoint there: a run's own would be deleted
-        raise TrainingError(f"{out} already holds checkpoints ({list_checkpoints(out)[-1].name}, ...); "
-                            "write the soup to a folder of its own")
+    existing = list_checkpoints(out) if out.is_dir() else []
+    if existing:  # saving keeps one checkpoint there: a run's own would be deleted
+        raise TrainingError(f"{out} already holds checkpoints ({existing[-1].name}, ...); write the soup to a folder of its own")
     states = [[load_checkpoint(Path(path)) for path in group] for group in groups]
     template = states[0][-1]
     shapes = {key: tuple(value.shape) for key, value in template["teacher"].items()}
