@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before huggingface_hub is imported anywhere
+# Under pytest-xdist (``pytest -n N``) the workers share the cores: each worker, and every process
+# a test starts, computes on its share, so N workers do not fight over the same cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 import argparse
 import warnings
