@@ -48,11 +48,11 @@ from benchmarks.evaluate import (COMPARED, comparison_table, evaluate, figure, m
 from midol_hub import calibrate, extract_features, few_shot, load_model
 from midol_hub.calibration import COMPONENTS, QUANTILE, SLOPE
 from midol_hub.features import weights_fingerprint
-from midol_hub.model_card import SEPARATION, separation_table
+from midol_hub.model_card import SEPARATION, machines_summary, separation_table
 from midol_hub.registry import get_entry
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
-from training.config import deviations_from_official, load_config
+from training.config import deviations_from_official
 from training.prepare_shared_data import prepare
 from training.shared_data import BENCHMARKS, CALIBRATION_CROPS, calibration_set, data_root
 
@@ -111,6 +111,12 @@ def step_seconds(run: Path) -> list[float]:
     """Seconds each logged step of ``run`` took: its batch (the run's own) over its images/s."""
     batch = load_checkpoint(list_checkpoints(run)[-1])["config"]["optim"]["batch_size"]
     return [batch / r["images_per_s"] for r in read_log(run)]
+
+
+def run_machines(run: Path) -> str:
+    """Which machines computed ``run``'s steps, from its last checkpoint (``training.pretrain.training_machine``)."""
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    return machines_summary(state.get("machines") or [{"from_step": 0}], state["step"])
 
 
 def training_minutes(runs: list[Path]) -> float:
@@ -262,9 +268,10 @@ def detector_notes(compared: tuple, shipped: dict = SHIPPED_SETTINGS, name: str 
             ood.new_source_markdown(new_sources)]
 
 
-def comparison_notes(results: dict, choice: list[str], rounds: list[str], minutes: float, config_text: str,
-                     compared: tuple) -> str:
-    """The card's comparison, modality detection, detector, start choice and training sections."""
+def comparison_notes(results: dict, choice: list[str], rounds: list[str], minutes: float, machines: str,
+                     config_text: str, compared: tuple) -> str:
+    """The card's comparison, modality detection, detector, start choice and training sections; ``machines``:
+    which computed the released chain of runs (:func:`run_machines`)."""
     labels = {"random": "random init", "v2": "midol-micro v2", "v3": "midol-micro v3 (this model)"}
     lines = ["### v3 against v2 and random initialisation (test splits)", "",
              "| dataset | protocol | " + " | ".join(labels.values()) + " |", "|---|---|---|---|---|"]
@@ -290,7 +297,7 @@ def comparison_notes(results: dict, choice: list[str], rounds: list[str], minute
               "only (`benchmarks.ood.compare`, fp32 export; the calibration settings are chosen per round by "
               "`benchmarks.ood.chosen_setting`); the round with the highest worst figure is released:", "", *rounds, ""]
     lines += ["### Training", "",
-              f"On a 2-core CPU (AMD EPYC), one thread: {minutes:.0f} min, in fp32, as v2 (whose AVX2 machine ran bf16 "
+              f"Trained on {machines}: {minutes:.0f} min, in fp32, as v2 (whose AVX2 machine ran bf16 "
               "6-9x slower than fp32). Configuration (`training/configs/midol_micro_v3.yaml` over `defaults.yaml`):", "",
               "```yaml", config_text.strip(), "```", "",
               "Reproduce the numbers above: `python -m benchmarks.evaluate --model midol-micro --separation --out "
@@ -328,7 +335,8 @@ def release_lite(work: Path, install: Path) -> None:
     export.export(run, install, **calibrated)
     model = load_model(install)
     results = lite_results(work, model)
-    notes = lite_notes(results, step_seconds(run), LITE_CONFIG.read_text(), detector_notes(compared, settings, "midol-lite"))
+    notes = lite_notes(results, step_seconds(run), run_machines(run), LITE_CONFIG.read_text(),
+                       detector_notes(compared, settings, "midol-lite"))
     card = {key: value for key, value in results["lite"].items() if key != "few-shot"}
     exported = export.export(run, install, **calibrated, results=card, card_notes=notes)
     print(notes)
@@ -383,9 +391,9 @@ def lite_targets(results: dict) -> list[str]:
     return lines
 
 
-def lite_notes(results: dict, seconds: list[float], config_text: str, detector: list[str]) -> str:
+def lite_notes(results: dict, seconds: list[float], machines: str, config_text: str, detector: list[str]) -> str:
     """The lite card's comparison, targets, detector (:func:`detector_notes`) and training sections;
-    ``seconds``: each training step's (:func:`step_seconds`). Their median is the run's pace on the
+    ``seconds``: each training step's (:func:`step_seconds`); ``machines``: which computed them (:func:`run_machines`). Their median is the run's pace on the
     machine alone; their sum also counts steps slowed by other work sharing the cores."""
     pace = float(np.median(seconds))
     lines = ["### Against its ImageNet start, random initialisation and midol-micro (test splits)", "",
@@ -396,7 +404,7 @@ def lite_notes(results: dict, seconds: list[float], config_text: str, detector: 
              f"**Feature targets** (the default `{LITE_FEATURE}` against the ImageNet start's pooled feature):", "",
              *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "", *detector, "",
              "### Training", "",
-             f"On a 2-core CPU (AMD EPYC with AVX-512 BF16), in {load_config(LITE_CONFIG)['optim']['precision']}: "
+             f"Trained on {machines}: "
              f"{len(seconds):,} steps in {sum(seconds) / 60:.0f} min of logged step time (median step {pace:.2f} s: "
              f"{len(seconds) * pace / 60:.0f} min at that pace; the rest is steps slowed by other work on the cores). "
              "Configuration "
@@ -498,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     compared = ood.compare(load_model(args.install), root)
     notes = comparison_notes(results, choice_rows({"midol-micro v2 (released)": work / "from-v2",
                                                    "random initialisation": work / "from-random"}),
-                             round_rows(runs, measured, best + 1), minutes, CONFIG.read_text(), compared)
+                             round_rows(runs, measured, best + 1), minutes,
+                             "; ".join(f"{run.name}, {run_machines(run)}" for run in runs[:best + 1]),
+                             CONFIG.read_text(), compared)
     card = {key: value for key, value in results["v3"].items() if key != "few-shot"}
     exported = export.export(released, args.install, calibrate=calibration.images, groups=calibration.groups,
                              storage="fp16", results=card, card_notes=notes)

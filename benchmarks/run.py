@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-from pathlib import Path
 
 import torch
 
 from midol_hub.allocator import keep_freed_memory
-from midol_hub.dtypes import supported_precisions
+from midol_hub.dtypes import cpu_name, supported_precisions
 
 from . import encode, loader, loading, onnx_runtime, search_scale, train_step
 
@@ -46,15 +44,6 @@ TARGETS = {
     "ann_recall_at_10": (">=", 0.95),
     "ann_query_speedup_ratio": (">=", 10.0),
 }
-
-
-def cpu_name() -> str:
-    """The CPU model, from /proc/cpuinfo where there is one."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

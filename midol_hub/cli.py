@@ -423,7 +423,8 @@ def run_info(args: argparse.Namespace) -> None:
 
 def machine_summary(machine: dict[str, Any]) -> str:
     features = f" ({', '.join(machine['cpu_bf16_features'])})" if machine["cpu_bf16_features"] else ""
-    return (f"this machine {machine['device']}: native bf16 {'yes' if machine['native_bf16'] else 'no'}{features}; "
+    return (f"this machine {machine['device']} ({machine['cpu']}, {machine['cores']} cores): native bf16 "
+            f"{'yes' if machine['native_bf16'] else 'no'}{features}; "
             f"dtype='auto' computes in {machine['auto']}")
 
 

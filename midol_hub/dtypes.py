@@ -4,7 +4,10 @@ mean, and whether this machine computes bf16 natively."""
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -57,7 +60,16 @@ def _warn_slow_bf16() -> None:
                   "than fp32 here; use dtype='auto' (fp32 on this machine)", UserWarning, stacklevel=4)
 
 
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def supported_precisions(device: torch.device | str = "cpu") -> dict[str, object]:
-    """What ``midol info`` prints about this machine: native bf16, and what ``dtype="auto"`` picks."""
-    return {"device": str(device), "native_bf16": native_bf16(device), "cpu_bf16_features": list(cpu_bf16_flags()),
-            "auto": str(parse_dtype(AUTO, device)).removeprefix("torch.")}
+    """What ``midol info`` prints about this machine: its CPU, native bf16, and what ``dtype="auto"`` picks."""
+    return {"device": str(device), "cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": native_bf16(device),
+            "cpu_bf16_features": list(cpu_bf16_flags()), "auto": str(parse_dtype(AUTO, device)).removeprefix("torch.")}

@@ -124,9 +124,29 @@ def _pretraining_summary(config: MIDoLConfig) -> str:
     text += f", top-{record['top_k']} gates, {record['steps']} steps of batch {record['batch_size']}"
     if record.get("init"):
         text += f", started from {Path(record['init']).name}" + _lineage(record.get("init_pretraining"))
+    if record.get("machines"):
+        text += f"; trained on {machines_summary(record['machines'], record['steps'])}"
     deviations = record.get("deviations_from_official") or {}
     text += "; deviations from the official code: " + (", ".join(f"{k}={v}" for k, v in deviations.items()) or "none")
     return text
+
+
+def machines_summary(machines: list[dict], steps: int) -> str:
+    """Which machine computed which steps of a run (its checkpoints' ``machines``), in words: "steps
+    0-750 on a machine not recorded, 750-7,968 on AMD EPYC 7B13 (2 cores, no native bf16), 1 rank, fp32"."""
+    parts = []
+    for machine, following in zip(machines, [*machines[1:], {"from_step": steps}]):
+        if following["from_step"] == machine["from_step"]:  # resumed elsewhere, then stopped before a checkpoint
+            continue
+        span = f"{machine['from_step']:,}-{following['from_step']:,}"
+        if "cpu" not in machine:
+            parts.append(f"{span} on a machine not recorded")
+            continue
+        where = machine.get("gpu") or (f"{machine['cpu']} ({machine['cores']} cores, "
+                                       f"{'native' if machine['native_bf16'] else 'no native'} bf16)")
+        parts.append(f"{span} on {where}, {machine['ranks']} rank{'s' if machine['ranks'] > 1 else ''}, "
+                     f"{machine['precision']}")
+    return "steps " + ", ".join(parts)
 
 
 def _lineage(record: dict | None) -> str:

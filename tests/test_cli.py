@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from midol_hub import load_model
 from midol_hub.cli import main
-from midol_hub.dtypes import cpu_bf16_flags, native_bf16
+from midol_hub.dtypes import cpu_bf16_flags, cpu_name, native_bf16
 from training import shared_data
 
 from .helpers import COMMIT_NEW, add_snapshot
@@ -70,11 +70,13 @@ def test_info_without_a_model_reports_this_machine(capsys):
     native = native_bf16(device)
     auto = "bfloat16" if native else "float32"  # what dtype="auto" computes in there
     code, out, _ = cli(capsys, "info", "--json")
-    assert code == 0 and json.loads(out) == {"this_machine": {"device": device, "native_bf16": native,
+    assert code == 0 and json.loads(out) == {"this_machine": {"device": device, "cpu": cpu_name(), "cores": os.cpu_count(),
+                                                              "native_bf16": native,
                                                               "cpu_bf16_features": list(cpu_bf16_flags()), "auto": auto}}
     code, out, _ = cli(capsys, "info")
     assert code == 0 and len(out.splitlines()) == 1
-    assert out.startswith(f"this machine {device}: native bf16 {'yes' if native else 'no'}") and f"computes in {auto}" in out
+    assert out.startswith(f"this machine {device} ({cpu_name()}, {os.cpu_count()} cores): native bf16 "
+                          f"{'yes' if native else 'no'}") and f"computes in {auto}" in out
 
 
 def test_encode_folders_to_npz_with_a_manifest(capsys, tmp_path, image_dirs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 import yaml
 
 from midol_hub import load_model
+from midol_hub.dtypes import cpu_name, native_bf16
+from midol_hub.model_card import machines_summary
 from training import export, pretrain
 from training.checkpoint import list_checkpoints, load_checkpoint
 from training.config import deviations_from_official, load_config, official_options
@@ -53,6 +56,20 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
     run_dir = tmp_path / "resumed"
     assert sorted(p.name for p in run_dir.glob("checkpoint-*.pt")) == ["checkpoint-00000003.pt", "checkpoint-00000006.pt"]
     assert (run_dir / "config.yaml").read_text().count("batch_size: 8") == 1
+    # the checkpoint says which machine computed which steps; a resume on the same machine adds no entry
+    last = run_dir / "checkpoint-00000006.pt"
+    state = torch.load(last, weights_only=True)
+    machine = {"from_step": 0, "cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": native_bf16(),
+               "ranks": 1, "precision": "fp32"}  # midol_micro.yaml trains in fp32
+    assert state["machines"] == [machine]
+    del state["machines"]  # a checkpoint from before machines were recorded
+    torch.save(state, last)
+    code, _ = train(tmp_path, "resumed", [retina], *common, "--max-steps", "7", "--resume")
+    machines = torch.load(run_dir / "checkpoint-00000007.pt", weights_only=True)["machines"]
+    assert code == 0 and machines == [{"from_step": 0}, {**machine, "from_step": 6}]
+    assert machines_summary(machines, 7) == (f"steps 0-6 on a machine not recorded, 6-7 on {cpu_name()} "
+                                            f"({os.cpu_count()} cores, {'native' if native_bf16() else 'no native'} "
+                                            f"bf16), 1 rank, {machine['precision']}")
 
 
 @pytest.mark.slow
@@ -113,6 +130,7 @@ def test_export_calibrates_experts_on_labelled_roots(tmp_path, data_root, retina
     assert sum(m == "unassigned" for m in model.config.expert_modalities) >= 3  # two modalities, five experts
     assert model.config.pretraining["objective"] == "midol" and model.config.pretraining["steps"] == 2
     assert model.config.pretraining["deviations_from_official"] == {}  # midol_micro.yaml: the official objective
+    assert f"trained on steps 0-2 on {cpu_name()} ({os.cpu_count()} cores" in (tmp_path / "model" / "README.md").read_text()
     state = load_checkpoint(list_checkpoints(tmp_path / "run")[-1])
     state["config"]["objective"]["routing"], state["config"]["data"]["balance"] = "balanced", "tags_per_batch"
     state["config"]["model"]["init"] = str(tmp_path / "runs" / "dino-e1")

@@ -133,12 +133,13 @@ def fp16_rounding_error(model: MIDoLModel, batch: torch.Tensor) -> float:
 
 def pretraining_record(state: dict) -> dict:
     """What trained these weights: the objective and its options, as the run's config.yaml has them,
-    the checkpoints a soup averages (``training.soup``), and, for a run started from a model, that
+    the machines that computed its steps (``training.pretrain.training_machine``), the checkpoints a soup averages (``training.soup``), and, for a run started from a model, that
     model's own record (``init_pretraining``; nested, the whole lineage)."""
     config = state["config"]
     objective, optim = config["objective"], config["optim"]
     record = {"objective": objective["name"], **objective_options(config), "clip_grad": optim["clip_grad"],
-              "steps": state["step"], "epochs": optim["epochs"], "batch_size": optim["batch_size"]}
+              "steps": state["step"], "epochs": optim["epochs"], "batch_size": optim["batch_size"],
+              "machines": state.get("machines", [])}
     if objective["name"] != "midol":
         record["routing"] = None
     record["deviations_from_official"] = deviations_from_official(config) if objective["name"] == "midol" else {}

@@ -22,6 +22,7 @@ from timm.utils.model import freeze_batch_norm_2d
 
 from midol_hub import MIDoLConfig, MIDoLModel, get_entry, load_model
 from midol_hub.allocator import keep_freed_memory
+from midol_hub.dtypes import supported_precisions
 from midol_hub.errors import DatasetError
 from midol_hub.modalities import SHARED
 from midol_hub.utils import join_torchrun, leave_torchrun, run_command, state_sha256
@@ -229,6 +230,7 @@ def run(args: argparse.Namespace) -> None:
 
     learner = Learner(config, student, teacher, device)
     step, epoch, batch_in_epoch = 0, 0, 0
+    machines: list[dict[str, Any]] = []
     if args.resume:
         state = load_checkpoint(checkpoints[-1])
         if _architecture(state["model_config"]) != _architecture(student.config.to_dict()):
@@ -239,6 +241,10 @@ def run(args: argparse.Namespace) -> None:
         learner.load_full_state(state)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
+        machines = state.get("machines", [{"from_step": 0}])  # checkpoints before 2026-12-07 did not record it
+    here = training_machine(device, world, learner.precision)
+    if {key: value for key, value in (machines or [{}])[-1].items() if key != "from_step"} != here:
+        machines = [*machines, {"from_step": step, **here}]
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
@@ -247,7 +253,7 @@ def run(args: argparse.Namespace) -> None:
         full = learner.full_state()  # a collective under FSDP: every rank takes part
         if rank == 0:
             payload = {**full, "step": step_now, "epoch": epoch_now, "batch_in_epoch": batch_now, "rng": rng_state(),
-                       "config": config, "model_config": student.config.to_dict()}
+                       "config": config, "model_config": student.config.to_dict(), "machines": machines}
             save_checkpoint(out, step_now, payload, run_cfg["keep_checkpoints"])
 
     # monitors run the teacher: on rank 0, or on every rank when FSDP needs them all for a forward
@@ -314,6 +320,17 @@ def run(args: argparse.Namespace) -> None:
     _check_ranks_in_sync(learner.model_state(teacher), rank, world, out)
     if log_file is not None:
         log_file.close()
+
+
+def training_machine(device: torch.device, world: int, precision: str) -> dict[str, Any]:
+    """Where a run's steps are computed: kept in its checkpoints from the step a session starts at
+    (``"machines"``), so that the card says what trained it and how fast, across resumes."""
+    machine = supported_precisions(device)
+    record = {"cpu": machine["cpu"], "cores": machine["cores"], "native_bf16": machine["native_bf16"], "ranks": world,
+              "precision": precision}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
 
 
 def _check_ranks_in_sync(teacher_state: dict[str, torch.Tensor], rank: int, world: int, out: Path) -> None:
