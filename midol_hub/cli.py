@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="architecture, parameters, experts, preprocessing and provenance")
     info.add_argument("model", nargs="?", help="registry name, model directory, .safetensors file or Hub id; "
-                      "without it, only this machine (native bf16, what dtype='auto' picks)")
+                      "without it, only this machine (CPU, cores, native bf16, what dtype='auto' picks)")
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(handler=run_info)
 
