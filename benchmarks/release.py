@@ -393,8 +393,9 @@ def lite_targets(results: dict) -> list[str]:
 
 def lite_notes(results: dict, seconds: list[float], machines: str, config_text: str, detector: list[str]) -> str:
     """The lite card's comparison, targets, detector (:func:`detector_notes`) and training sections;
-    ``seconds``: each training step's (:func:`step_seconds`); ``machines``: which computed them (:func:`run_machines`). Their median is the run's pace on the
-    machine alone; their sum also counts steps slowed by other work sharing the cores."""
+    ``seconds``: each training step's (:func:`step_seconds`): their median is the run's pace on the
+    machine alone, their sum also counts steps slowed by other work sharing the cores; ``machines``:
+    which machines computed them (:func:`run_machines`)."""
     pace = float(np.median(seconds))
     lines = ["### Against its ImageNet start, random initialisation and midol-micro (test splits)", "",
              "Linear probe accuracy / kNN accuracy (k = 20) / precision@10 of test queries against the training "

@@ -70,6 +70,8 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(tmp_path, reti
     assert machines_summary(machines, 7) == (f"steps 0-6 on a machine not recorded, 6-7 on {cpu_name()} "
                                             f"({os.cpu_count()} cores, {'native' if native_bf16() else 'no native'} "
                                             f"bf16), 1 rank, {machine['precision']}")
+    # a session that resumed elsewhere and stopped before its first checkpoint computed no step: no span
+    assert machines_summary([{"from_step": 0}, {**machine, "from_step": 7}], 7) == "steps 0-7 on a machine not recorded"
 
 
 @pytest.mark.slow
