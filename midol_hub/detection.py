@@ -3,17 +3,18 @@
 This module *uses* the calibration that :func:`midol_hub.calibrate` fits (a leaf module, so
 ``encode`` can call it without importing the fitting code). Per image:
 
-- **Out-of-scope score.** The four Swin stages, each averaged over space and L2-normalised,
-  are concatenated (``stage_pooled``: low stages see texture and colour, the last one
-  semantics). Its squared Mahalanobis distance to the nearest modality mean, under one
-  covariance shared by all modalities (Lee et al., NeurIPS 2018: a tied covariance), is the
-  score. The covariance is stored as a probabilistic PCA (Tipping & Bishop, 1999): its leading
-  principal directions with their variances, and one variance for everything else, so a
-  deviation outside the leading directions still counts. The score is read against the held-out
-  scores of the nearest modality (each modality's own, so that a small modality is not judged
-  by the spread of the large ones) to give P(in scope), below.
+- **Out-of-scope score.** The backbone's stages (a Swin's four, EfficientNet-Lite0's five),
+  each averaged over space and L2-normalised, are concatenated (``stage_pooled``: low stages
+  see texture and colour, the last one semantics). Its squared Mahalanobis distance to the
+  nearest modality mean, under one covariance shared by all modalities (Lee et al., NeurIPS
+  2018: a tied covariance), is the score. The covariance is stored as a probabilistic PCA
+  (Tipping & Bishop, 1999): its leading principal directions with their variances, and one
+  variance for everything else, so a deviation outside the leading directions still counts.
+  The score is read against the held-out scores of the nearest modality (each modality's own,
+  so that a small modality is not judged by the spread of the large ones) to give P(in scope),
+  below.
 - **Modality.** The modality whose mean is nearest under that covariance: a Gaussian
-  classifier on the four stages, calibrated on labelled training images (Lee et al. classify by
+  classifier on the stages, calibrated on labelled training images (Lee et al. classify by
   the same distance). It replaced the router's argmax as ``auto``'s answer when it named
   held-out training images right more often (midol-micro v3, two-fold, ``benchmarks.ood``:
   full-resolution dermoscopy 0.83 -> 0.99, pathology 0.89 -> 0.93); the embedding is then in

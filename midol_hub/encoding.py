@@ -59,8 +59,8 @@ class Encoding:
         embedding: (B, D) embedding in the expert subspace of each row's modality
             (L2-normalised unless ``normalize=False``).
         pooled: (B, D) the shared backbone feature.
-        stage_pooled: (B, 15C) the four Swin stages averaged over space, L2-normalised and
-            concatenated (what the out-of-scope detector reads).
+        stage_pooled: (B, 15C) the backbone's stages (a Swin's four, EfficientNet-Lite0's five: 512)
+            averaged over space, L2-normalised and concatenated (what the out-of-scope detector reads).
         routing: (B, E) router probabilities; ``experts[e]`` names expert ``e``'s modality.
         expert_index: (B,) the expert whose subspace ``embedding`` is in.
         modality: per row, the modality used: forced, stated by the DICOM header, or detected
@@ -75,7 +75,7 @@ class Encoding:
             or expanded frames).
         frames: per row, the frame of its input (``None`` for a single-frame input).
         patch_tokens: (B, D, h, w) final-stage tokens, NCHW (h = w = S / 32 for Swin).
-        pyramid: the four Swin stages, NCHW: (B, C, S/4, S/4) ... (B, 8C, S/32, S/32).
+        pyramid: the backbone's stages, NCHW (a Swin's four: (B, C, S/4, S/4) ... (B, 8C, S/32, S/32)).
         failures: inputs skipped with ``errors="skip"``.
         provenance: where the model's weights came from, as a dict.
 
