@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _python_files() -> list[Path]:
     """The project's .py files, committed or not, but none that .gitignore keeps out (a developer's
-    ad hoc scripts in runs/, virtual environments); every .py file outside .git without git."""
+    ad hoc scripts in runs/, virtual environments); outside a git work tree, every .py file."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=REPO,
                             capture_output=True, text=True)
     if listed.returncode != 0:
