@@ -406,7 +406,8 @@ def lite_notes(results: dict, seconds: list[float], machines: str, config_text: 
              *lite_targets(results), "", *verdict(results["lite"][SEPARATION]), "", *detector, "",
              "### Training", "",
              f"Trained on {machines}: "
-             f"{len(seconds):,} steps in {sum(seconds) / 60:.0f} min of logged step time (median step {pace:.2f} s: "
+             f"{len(seconds):,} logged steps (steps computed again after a resume count again) in "
+             f"{sum(seconds) / 60:.0f} min of logged step time (median step {pace:.2f} s: "
              f"{len(seconds) * pace / 60:.0f} min at that pace; the rest is steps slowed by other work on the cores). "
              "Configuration "
              "(`training/configs/midol_lite.yaml` over `defaults.yaml`):", "", "```yaml", config_text.strip(), "```", "",
