@@ -169,6 +169,18 @@ def knn_classify(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tenso
     return (votes / votes.sum(dim=1, keepdim=True).clamp_min(1e-12)).numpy()
 
 
+def retrieval_hits(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
+                   k: int = 10) -> np.ndarray:
+    """(Q, k) booleans: whether each of a test query's k most similar training images (by cosine,
+    most similar first) has the query's label. Single-label sets only."""
+    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    if train_y.ndim != 1 or test_y.ndim != 1:
+        raise ValueError("retrieval takes single-label sets (one class index per image)")
+    k = min(k, len(train_y))
+    similarity = F.normalize(torch.as_tensor(test_x).float(), dim=-1) @ F.normalize(torch.as_tensor(train_x).float(), dim=-1).T
+    return train_y[similarity.topk(k, dim=1).indices.numpy()] == test_y[:, None]
+
+
 def retrieval_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray,
                      k: int = 10) -> dict[str, float]:
     """Similar-case retrieval of test queries against the training images, by cosine (exact
@@ -177,12 +189,8 @@ def retrieval_scores(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.T
     precision at the ranks of the relevant hits among the top k, divided by min(k, relevant
     images in the gallery). Single-label sets only."""
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
-    if train_y.ndim != 1 or test_y.ndim != 1:
-        raise ValueError("retrieval_scores takes single-label sets (one class index per image)")
-    k = min(k, len(train_y))
-    similarity = F.normalize(torch.as_tensor(test_x).float(), dim=-1) @ F.normalize(torch.as_tensor(train_x).float(), dim=-1).T
-    top = similarity.topk(k, dim=1).indices.numpy()
-    relevant = train_y[top] == test_y[:, None]  # (Q, k)
+    relevant = retrieval_hits(train_x, train_y, test_x, test_y, k)
+    k = relevant.shape[1]
     precision_at = np.cumsum(relevant, axis=1) / np.arange(1, k + 1)
     in_gallery = np.minimum(k, (train_y[None, :] == test_y[:, None]).sum(axis=1))
     average_precision = (precision_at * relevant).sum(axis=1) / np.maximum(in_gallery, 1)
