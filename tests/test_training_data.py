@@ -24,6 +24,7 @@ from training.data import (
     epoch_indices,
     open_source,
 )
+from training import prepare_shared_data, shared_data
 from training.schedules import cosine, linear_then_constant
 from training.shards import decode_sample, open_shards
 
@@ -229,3 +230,22 @@ def test_colour_invariances_are_settings(data_root):
         colour_jitter({"hew": 0})
     config = load_config(CONFIGS / "midol_lite.yaml", ["crops.colour_jitter={hue: 0, saturation: 0}", "crops.grayscale_p=0"])
     assert config["crops"]["colour_jitter"] == {"hue": 0, "saturation": 0} and config["crops"]["grayscale_p"] == 0.0
+
+
+def test_second_pneumonia_copy_adds_only_radiographs_that_no_labelled_split_holds(data_root, tmp_path, monkeypatch):
+    extra = shared_data.pneumonia_second_copy_train(data_root)
+    assert extra.shape == (2263, 28, 28) and extra.dtype == np.uint8
+    with np.load(data_root / shared_data.TRAINING_ARRAYS["xray"]) as first:
+        labelled = {image.tobytes() for split in ("train", "val", "test") for image in first[f"{split}_images"]}
+    assert not any(image.tobytes() in labelled for image in extra)  # no probe, check or test image
+    assert len({image.tobytes() for image in extra}) == len(extra)
+    with np.load(data_root / shared_data.PNEUMONIA_SECOND_COPY) as second:
+        index = {image.tobytes(): label for image, label in zip(second["train_images"], second["train_labels"][:, 0])}
+    assert {int(index[image.tobytes()]) for image in extra} == {1}  # what the first copy dropped to balance: pneumonia
+
+    monkeypatch.setattr(prepare_shared_data, "cache_fullres", lambda root, out: {})  # the arrays alone
+    plain = prepare_shared_data.prepare(tmp_path / "plain", data_root)
+    args = prepare_shared_data.prepare(tmp_path / "more", data_root, second_pneumonia_copy=True)
+    assert args[:len(plain)] == [a.replace("/plain/", "/more/") for a in plain]
+    source = open_source(args[-1])
+    assert source.tag == "xray" and len(source) == 2263 and source.read(0).shape == (28, 28, 1)

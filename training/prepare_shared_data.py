@@ -9,6 +9,8 @@ quickstart images. Prints the ``--data`` arguments for ``training.pretrain``.
   so decoding a 3,400 px fundus photograph does not slow every step; multi-scale crops are then
   cut from that copy. The large pathology regions are first cut into tiles
   (``training.shared_data.region_tiles``: 112 um and twice that, overlapping by half).
+- With ``--second-pneumonia-copy``, also the radiographs that only the second PneumoniaMNIST copy
+  holds (``training.shared_data.pneumonia_second_copy_train``; unlabelled, in no probe's split).
 - Each modality's full-resolution list repeats its files so that they make up about
   ``FULLRES_SHARE`` of that modality's draws (at most ``MAX_REPEATS`` copies): a few dozen real
   images are otherwise lost among thousands of 28 px ones.
@@ -30,6 +32,7 @@ from .shared_data import (
     fullres_parts,
     isic_splits,
     pathmnist_splits,
+    pneumonia_second_copy_train,
     region_tiles,
 )
 
@@ -70,8 +73,9 @@ def repeats(small: int, fullres: int) -> int:
     return int(np.clip(round(FULLRES_SHARE * small / ((1 - FULLRES_SHARE) * fullres)), 1, MAX_REPEATS))
 
 
-def prepare(out_dir: Path, root: Path | None = None) -> list[str]:
-    """Write the training files into ``out_dir``; return the ``TAG=PATH`` data arguments."""
+def prepare(out_dir: Path, root: Path | None = None, second_pneumonia_copy: bool = False) -> list[str]:
+    """Write the training files into ``out_dir``; return the ``TAG=PATH`` data arguments (with
+    ``second_pneumonia_copy``, also the radiographs only the second PneumoniaMNIST copy holds)."""
     root = root or data_root()
     out_dir.mkdir(parents=True, exist_ok=True)
     isic_train, _ = isic_splits(root)
@@ -83,6 +87,11 @@ def prepare(out_dir: Path, root: Path | None = None) -> list[str]:
     small["dermoscopy"] = len(isic_train)
     args = [f"{modality}={root / relative}" for modality, relative in TRAINING_ARRAYS.items()]
     args += [f"pathology={out_dir / 'pathmnist_train.npz'}", f"dermoscopy={out_dir / 'isic_train.txt'}"]
+    if second_pneumonia_copy:
+        extra = pneumonia_second_copy_train(root)
+        np.savez(out_dir / "pneumoniamnist_second_copy_train.npz", train_images=extra)
+        small["xray"] += len(extra)
+        args.append(f"xray={out_dir / 'pneumoniamnist_second_copy_train.npz'}")
     for modality, files in cache_fullres(root, out_dir / "fullres").items():
         copies = repeats(small.get(modality, 0), len(files))
         listing = out_dir / f"{modality}_fullres.txt"
@@ -95,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.prepare_shared_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
+    parser.add_argument("--second-pneumonia-copy", action="store_true",
+                        help="also the radiographs that only the second PneumoniaMNIST copy holds (unlabelled)")
     args = parser.parse_args(argv)
-    print(" ".join(prepare(Path(args.out_dir))))
+    print(" ".join(prepare(Path(args.out_dir), second_pneumonia_copy=args.second_pneumonia_copy)))
     return 0
 
 

@@ -173,6 +173,31 @@ BENCHMARK_SOURCES = {"PneumoniaMNIST": "PneumoniaMNIST", "RetinaMNIST": "RetinaM
 TRAINING_ARRAYS = {"xray": "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz",
                    "fundus": "fundus/retinamnist/retinamnist.npz", "pathology": "pathology/bloodmnist/bloodmnist.npz"}
 """The MedMNIST files pretraining reads as they are (their ``train`` split)."""
+PNEUMONIA_SECOND_COPY = "xray/pneumoniamnist_reduced_train/pneumoniamnist.npz"
+"""PROVENANCE.md's file b, a second copy of PneumoniaMNIST: the labelled set reads the first
+(``TRAINING_ARRAYS["xray"]``); this one's training split also holds the pneumonia radiographs that
+the first dropped when it balanced its classes."""
+
+
+def pneumonia_second_copy_train(root: Path) -> np.ndarray:
+    """(N, 28, 28) the second PneumoniaMNIST copy's training images that are in no split of the first
+    copy and not in its own val or test split, each once (by pixels): unlabelled pretraining images
+    that no probe, check or test reads."""
+    def digests(images: np.ndarray) -> list[str]:
+        return [hashlib.sha256(image.tobytes()).hexdigest() for image in images]
+
+    with np.load(root / TRAINING_ARRAYS["xray"]) as first, np.load(root / PNEUMONIA_SECOND_COPY) as second:
+        seen = {d for split in ("train", "val", "test") for d in digests(first[f"{split}_images"])}
+        seen |= {d for split in ("val", "test") for d in digests(second[f"{split}_images"])}
+        images = second["train_images"]
+        kept = []
+        for index, digest in enumerate(digests(images)):
+            if digest not in seen:
+                seen.add(digest)
+                kept.append(index)
+        return images[kept]
+
+
 FILE_FOLDERS = ("oct", "dermoscopy/isic_uda1_250px", "pathology/crc_val_he_7k_examples")
 """515 real JPEG and TIFF files in folders, for loader benchmarks."""
 
