@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from midol_hub import knn_classify, linear_probe
+from midol_hub import DatasetError, knn_classify, linear_probe
 from midol_hub.evaluation import retrieval_hits
 
 from benchmarks.evaluate import COMPARED, FEATURES, capped, features_of, model_at
@@ -39,7 +39,7 @@ def outcomes(model, root: Path, feature: str = "pooled", max_train: int | None =
         train, test = load(root)
         train, test = capped(train, max_train), capped(test, max_test)
         if test.multilabel:
-            continue
+            raise DatasetError(f"{name} is multi-label; benchmarks.paired compares single-label sets (leave it out with --datasets)")
         train_x = features_of(model, train.images, modality, feature, cache_dir)
         test_x = features_of(model, test.images, modality, feature, cache_dir)
         labels = np.asarray(test.labels)

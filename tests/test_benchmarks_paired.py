@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import evaluate, paired
-from midol_hub import load_model
+from midol_hub import DatasetError, LabelledImages, load_model
 
 
 def test_whole_groups_are_drawn_and_weighted_by_their_images():
@@ -58,3 +58,12 @@ def test_the_differences_are_those_of_the_evaluation_table_on_real_images(tmp_pa
     printed = capsys.readouterr().out
     assert printed.splitlines()[0].count("|") == printed.splitlines()[2].count("|") == 5  # four columns
     assert "| Kermany OCT | 28 |" in printed and "model minus random weights" in printed and "**mean over the 2**" in printed
+
+
+def test_a_multi_label_set_is_refused_by_name(data_root, monkeypatch):
+    with np.load(data_root / "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz") as arrays:
+        images = list(arrays["test_images"][:4])
+    multi = LabelledImages(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]]), ["a", "b"], name="two findings")
+    monkeypatch.setattr(paired, "BENCHMARKS", {"two findings": ("xray", lambda root: (multi, multi))})
+    with pytest.raises(DatasetError, match="two findings is multi-label; benchmarks.paired compares single-label sets"):
+        paired.outcomes(None, data_root)
