@@ -26,7 +26,7 @@ from midol_hub.evaluation import retrieval_hits
 from benchmarks.evaluate import COMPARED, FEATURES, capped, features_of, model_at
 from training.shared_data import BENCHMARKS, data_root
 
-DRAWS, LEVEL = 10_000, 0.95
+DRAWS, LEVEL, CHUNK = 10_000, 0.95, 500
 
 
 def outcomes(model, root: Path, feature: str = "pooled", max_train: int | None = 3000, max_test: int | None = 2000,
@@ -35,6 +35,8 @@ def outcomes(model, root: Path, feature: str = "pooled", max_train: int | None =
     (probe right, kNN right, precision@10 of the query), and the test images' ``groups``."""
     found = {}
     for name in names or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
         modality, load = BENCHMARKS[name]
         train, test = load(root)
         train, test = capped(train, max_train), capped(test, max_test)
@@ -56,8 +58,11 @@ def group_draws(differences: np.ndarray, groups: list, draws: int = DRAWS, seed:
     names, index = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     sums = np.stack([np.bincount(index, weights=row, minlength=len(names)) for row in differences])  # (M, G)
     sizes = np.bincount(index, minlength=len(names))
-    picks = np.random.default_rng(seed).integers(0, len(names), size=(draws, len(names)))
-    return (sums[:, picks].sum(axis=2) / sizes[picks].sum(axis=1)).T
+    rng, chosen = np.random.default_rng(seed), []
+    for start in range(0, draws, CHUNK):  # times each group is drawn, (chunk, G): memory stays small
+        counts = rng.multinomial(len(names), np.full(len(names), 1 / len(names)), size=min(CHUNK, draws - start))
+        chosen.append(counts @ sums.T / (counts @ sizes)[:, None])
+    return np.concatenate(chosen)
 
 
 def compare(model: dict[str, dict], baseline: dict[str, dict], draws: int = DRAWS, seed: int = 0) -> dict[str, dict]:

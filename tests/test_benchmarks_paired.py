@@ -67,3 +67,5 @@ def test_a_multi_label_set_is_refused_by_name(data_root, monkeypatch):
     monkeypatch.setattr(paired, "BENCHMARKS", {"two findings": ("xray", lambda root: (multi, multi))})
     with pytest.raises(DatasetError, match="two findings is multi-label; benchmarks.paired compares single-label sets"):
         paired.outcomes(None, data_root)
+    with pytest.raises(DatasetError, match="unknown dataset 'PneumoniaMNIST'; choose from two findings"):
+        paired.outcomes(None, data_root, names=["PneumoniaMNIST"])
