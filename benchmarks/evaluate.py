@@ -58,6 +58,15 @@ def capped(data: LabelledImages, limit: int | None, seed: int = 0) -> LabelledIm
     return data.subset(sorted(np.random.default_rng(seed).choice(len(data), limit, replace=False)))
 
 
+def capped_splits(root: Path, name: str, max_train: int | None, max_test: int | None) -> tuple[str, LabelledImages, LabelledImages]:
+    """The modality of labelled set ``name`` and its training and test splits, each :func:`capped`."""
+    if name not in BENCHMARKS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
+    modality, load = BENCHMARKS[name]
+    train, test = load(root)
+    return modality, capped(train, max_train), capped(test, max_test)
+
+
 FEATURES = ("embedding", "pooled", "combined")
 """What the tables can be measured on: the expert ``embedding``, the backbone's ``pooled`` feature, and
 ``combined``, the two L2-normalised and concatenated."""
@@ -82,16 +91,11 @@ def evaluate(model, root: Path, names: list[str] | None = None, feature: str = "
     grouped cross-validation (:func:`cross_validated`), the test splits untouched."""
     results = {}
     for name in names or list(BENCHMARKS):
-        if name not in BENCHMARKS:
-            raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
-        modality, load = BENCHMARKS[name]
-        train, test = load(root)
-        train = capped(train, max_train)
+        modality, train, test = capped_splits(root, name, max_train, max_test)
         train_x = features_of(model, train.images, modality, feature, cache_dir, progress)
         if folds > 1:
             results[name] = cross_validated(train_x, train, folds)
             continue
-        test = capped(test, max_test)
         test_x = features_of(model, test.images, modality, feature, cache_dir, progress)
         results[name] = {**scores_of(train_x, train, test_x, test.labels), "sizes": {"train": len(train), "test": len(test)}}
     return results

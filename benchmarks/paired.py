@@ -23,7 +23,7 @@ import numpy as np
 from midol_hub import DatasetError, knn_classify, linear_probe
 from midol_hub.evaluation import retrieval_hits
 
-from benchmarks.evaluate import COMPARED, FEATURES, capped, features_of, model_at
+from benchmarks.evaluate import COMPARED, FEATURES, capped_splits, features_of, model_at
 from training.shared_data import BENCHMARKS, data_root
 
 DRAWS, LEVEL, CHUNK = 10_000, 0.95, 500
@@ -35,11 +35,7 @@ def outcomes(model, root: Path, feature: str = "pooled", max_train: int | None =
     (probe right, kNN right, precision@10 of the query), and the test images' ``groups``."""
     found = {}
     for name in names or list(BENCHMARKS):
-        if name not in BENCHMARKS:
-            raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(BENCHMARKS)}")
-        modality, load = BENCHMARKS[name]
-        train, test = load(root)
-        train, test = capped(train, max_train), capped(test, max_test)
+        modality, train, test = capped_splits(root, name, max_train, max_test)
         if test.multilabel:
             raise DatasetError(f"{name} is multi-label; benchmarks.paired compares single-label sets (leave it out with --datasets)")
         train_x = features_of(model, train.images, modality, feature, cache_dir)

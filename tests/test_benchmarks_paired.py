@@ -64,7 +64,9 @@ def test_a_multi_label_set_is_refused_by_name(data_root, monkeypatch):
     with np.load(data_root / "xray/pneumoniamnist_balanced_subset/pneumoniamnist.npz") as arrays:
         images = list(arrays["test_images"][:4])
     multi = LabelledImages(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]]), ["a", "b"], name="two findings")
-    monkeypatch.setattr(paired, "BENCHMARKS", {"two findings": ("xray", lambda root: (multi, multi))})
+    sets = {"two findings": ("xray", lambda root: (multi, multi))}
+    monkeypatch.setattr(paired, "BENCHMARKS", sets)
+    monkeypatch.setattr(evaluate, "BENCHMARKS", sets)  # where the splits are looked up
     with pytest.raises(DatasetError, match="two findings is multi-label; benchmarks.paired compares single-label sets"):
         paired.outcomes(None, data_root)
     with pytest.raises(DatasetError, match="unknown dataset 'PneumoniaMNIST'; choose from two findings"):
