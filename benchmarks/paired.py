@@ -89,7 +89,8 @@ def markdown(rows: dict[str, dict], baseline: str) -> str:
     for name, row in rows.items():
         cells = " / ".join(f"{d:+.3f} ({lo:+.3f} to {hi:+.3f})" for d, lo, hi in zip(row["difference"], row["low"], row["high"]))
         label = f"**mean over the {len(rows) - 1}**" if name == "mean" else name
-        lines.append(f"| {label} | {row.get('images', '')} | {row.get('groups', '')} | {cells} |")
+        sizes = " | ".join(f"{row[key]:,}" if key in row else "" for key in ("images", "groups"))
+        lines.append(f"| {label} | {sizes} | {cells} |")
     return "\n".join(lines)
 
 

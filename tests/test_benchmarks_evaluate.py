@@ -253,12 +253,20 @@ def test_lite_targets_say_what_is_met_and_by_how_much_the_rest_is_missed():
     start = result({"ISIC nevus vs melanoma": 116 / 150, "Kermany OCT": 21 / 28}, 0.7, 0.6)
     # ISIC's probe exactly 3 of 150 images below the start (0.02, whose float difference is -0.020000000000000018)
     lite = result({"ISIC nevus vs melanoma": 113 / 150, "Kermany OCT": 22 / 28, "PneumoniaMNIST": 0.85}, 0.73, 0.61)
-    lines = release.lite_targets({"lite": lite, "imagenet": start})
+    intervals = {}  # benchmarks.paired rows of these differences, each interval 0.05 either side
+    for name in [*shared_data.BENCHMARKS, "mean"]:
+        gains = [evaluate.figure(lite, name, *pair) - evaluate.figure(start, name, *pair) for pair in evaluate.COMPARED]
+        intervals[name] = {"difference": gains, "low": [g - 0.05 for g in gains], "high": [g + 0.05 for g in gains]}
+    lines = release.lite_targets({"lite": lite, "imagenet": start}, intervals)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
-    assert rows["worst set, linear probe accuracy"].endswith("| -0.020 (ISIC nevus vs melanoma) | met |")
-    assert rows["mean kNN accuracy over the ImageNet start"].endswith("| +0.030 | met |")
-    assert rows["mean retrieval precision@10 over the ImageNet start"].endswith("| +0.010 | missed by 0.010 |")
-    assert rows["Kermany OCT linear probe"].endswith("| 0.786 | missed by 0.014 |")
+    assert rows["worst set, linear probe accuracy"].endswith("| -0.020 (ISIC nevus vs melanoma) | -0.070 to +0.030 | met |")
+    assert rows["mean kNN accuracy over the ImageNet start"].endswith("| +0.030 | -0.020 to +0.080 | met |")
+    assert rows["mean retrieval precision@10 over the ImageNet start"].endswith("| +0.010 | -0.040 to +0.060 | missed by 0.010 |")
+    assert rows["Kermany OCT linear probe"].endswith("| 0.786 | | missed by 0.014 |")
+    assert all(line.count("|") == 6 for line in lines)
+    intervals["Kermany OCT"]["difference"][0] += 1 / 28  # intervals of other images (another cap) are refused
+    with pytest.raises(ValueError, match="Kermany OCT linear probe accuracy: the intervals were measured on other images"):
+        release.lite_targets({"lite": lite, "imagenet": start}, intervals)
     assert evaluate.target_cell(0.051, 0.05, upper=True) == "missed by 0.001"  # a ceiling, as auto's ECE target
     assert evaluate.target_cell(0.05, 0.05, upper=True) == "met"
 
